@@ -1,0 +1,300 @@
+"""Loading, saving and indexing ONNX graphs.
+
+`load_model` reads a file (external data included), `normalize` rewrites exporter quirks into the plain form the
+analysis expects (weights held in `Constant` nodes become initializers, `Identity` nodes on constants are bypassed),
+and `GraphIndex` gives the analysis shapes, constants, producers and consumers in one place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import OnnxPruneError, first_line
+
+log = logging.getLogger("onnxprune")
+
+MIN_OPSET = 11
+Dims = tuple  # tuple of int | str | None per axis
+# Initializers up to this many elements travel into shape inference with their values (shape constants, axes);
+# bigger ones only as typed inputs, so inference never copies the weights.
+_SMALL_CONSTANT = 4096
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, its external data too; raise OnnxPruneError with a one-line reason if it cannot."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxPruneError(f"model not found: {p}")
+    if not p.is_file():
+        raise OnnxPruneError(f"not a file: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as exc:  # protobuf raises several unrelated types on corrupt input
+        raise OnnxPruneError(f"cannot read {p} as an ONNX model: {first_line(exc)}") from None
+    check_loadable(model, str(p))
+    return model
+
+
+def check_loadable(model: onnx.ModelProto, what: str = "model") -> None:
+    """Reject protos that parsed but are not usable models (protobuf parses many random byte strings)."""
+    if not model.graph.node or not model.graph.output:
+        raise OnnxPruneError(f"{what} is not a valid ONNX model (no graph nodes or outputs)")
+    opset = ai_onnx_opset(model)
+    if opset is None:
+        raise OnnxPruneError(f"{what} declares no ai.onnx opset")
+    if opset < MIN_OPSET:
+        raise OnnxPruneError(
+            f"{what} uses opset {opset}; onnxprune needs opset {MIN_OPSET} or newer "
+            f"(convert with onnx.version_converter.convert_version)")
+
+
+def ai_onnx_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the target folder, then rename, so a failure leaves no partial file.
+
+    Models over 2 GB are written with their weights in one external-data file beside the model.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if model.ByteSize() > 2**31 - 2**26:
+            data_name = target.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, before any work, when the output cannot be written."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OnnxPruneError(f"output is a directory: {target}")
+    if not folder.is_dir():
+        raise OnnxPruneError(f"cannot write {target}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OnnxPruneError(f"cannot write {target}: permission denied")
+
+
+# ----------------------------------------------------------------------------------------------- normalisation
+
+def normalize(model: onnx.ModelProto) -> None:
+    """Rewrite exporter quirks in place: Constant nodes -> initializers, Identity on a constant -> bypassed."""
+    graph = model.graph
+    protected = set(o.name for o in graph.output) | subgraph_references(graph)
+    _constants_to_initializers(graph, protected)
+    _bypass_constant_identities(graph, protected)
+
+
+def _constants_to_initializers(graph: onnx.GraphProto, protected: set[str]) -> None:
+    keep = []
+    for node in graph.node:
+        value = constant_node_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is None or node.output[0] in protected:
+            keep.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value, value_string(s): left as they are
+
+
+def _bypass_constant_identities(graph: onnx.GraphProto, protected: set[str]) -> None:
+    """Exporters wrap shared weights in Identity nodes; point the consumers at the initializer itself."""
+    constants = {init.name for init in graph.initializer}
+    rename: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+        if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in constants
+                and node.output[0] not in protected):
+            rename[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    if rename:
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    """Names used inside If/Loop/Scan bodies, outer-scope references included."""
+    names: set[str] = set()
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            for sub_node in sub.node:
+                names.update(sub_node.input)
+            names.update(o.name for o in sub.output)
+            names |= subgraph_references(sub)
+    return names
+
+
+def outer_scope_names(sub: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (or its own subgraphs) reads from an enclosing scope."""
+    defined = {i.name for i in sub.input} | {i.name for i in sub.initializer}
+    used: set[str] = {o.name for o in sub.output}
+    for node in sub.node:
+        used.update(node.input)
+        for nested in subgraphs_of(node):
+            used |= outer_scope_names(nested)
+        defined.update(node.output)
+    return {n for n in used - defined if n}
+
+
+def subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    subs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            subs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            subs.extend(attr.graphs)
+    return subs
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, Dims]:
+    """Shapes of every tensor that ONNX shape inference can reach; None for an unknown dimension."""
+    try:
+        infos = inferred_value_infos(model)
+    except Exception as exc:
+        log.warning("shape inference failed (%s); only declared shapes are used", first_line(exc))
+        g = model.graph
+        infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    shapes: dict[str, Dims] = {}
+    for name, vi in infos.items():
+        dims = _dims_of(vi.type)
+        if dims is not None:
+            shapes[name] = dims
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    return shapes
+
+
+def inferred_value_infos(model: onnx.ModelProto, strict: bool = False) -> dict[str, onnx.ValueInfoProto]:
+    """Run ONNX shape inference on a light copy in which large initializers are typed graph inputs, so the weights
+    are never serialised; small ones keep their values because Reshape, Slice and friends read them."""
+    light = _light_copy(model)
+    inferred = onnx.shape_inference.infer_shapes(light, check_type=strict, strict_mode=strict, data_prop=True)
+    g = inferred.graph
+    return {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    g = model.graph
+    light_graph = onnx.helper.make_graph([], g.name, list(g.input), list(g.output))
+    light_graph.node.extend(g.node)
+    light_graph.value_info.extend(g.value_info)
+    input_names = {i.name for i in g.input}
+    for init in g.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= _SMALL_CONSTANT and init.data_location != onnx.TensorProto.EXTERNAL:
+            light_graph.initializer.append(init)
+        elif init.name not in input_names:
+            light_graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import))
+    light.ir_version = model.ir_version
+    light.functions.extend(model.functions)
+    return light
+
+
+def _dims_of(type_proto: onnx.TypeProto) -> Dims | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+# ----------------------------------------------------------------------------------------------- index
+
+@dataclass
+class GraphIndex:
+    """Read-only lookups over a model's main graph, built once per analysis."""
+
+    model: onnx.ModelProto
+    shapes: dict[str, Dims]
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+    _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> "GraphIndex":
+        g = model.graph
+        index = cls(model=model, shapes=shapes if shapes is not None else infer_shapes(model))
+        index.initializers = {init.name: init for init in g.initializer}
+        index.graph_inputs = {i.name for i in g.input if i.name not in index.initializers}
+        index.graph_outputs = {o.name for o in g.output}
+        for node in g.node:
+            for name in node.output:
+                if name:
+                    index.producer[name] = node
+            for name in node.input:
+                if name:
+                    index.consumers.setdefault(name, []).append(node)
+        return index
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor, or None when the tensor is computed at run time."""
+        if name not in self.initializers:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+
+def node_names(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name: reports and --exclude refer to nodes by name."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)

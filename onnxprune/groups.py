@@ -1,0 +1,325 @@
+"""Dependency analysis: channel spaces, their couplings, and the groups of channels that must go together.
+
+A space is one axis of one tensor (activation or constant), or a node-local pseudo space. Rules relate spaces:
+`Couple` unites them (union-find), `Compose` and `Expand` relate their index sets (see atoms.py). Each leaf atom at the
+end is a `Group`. A group is frozen, with the reasons, when any of its spaces touches a barrier, a graph input or
+output, a dimension of unknown size, or an inconsistency.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .atoms import Atoms
+from .graph import GraphIndex, ai_onnx_opset, outer_scope_names, subgraphs_of
+from .rules import Barrier, NodeView, rule_for
+from .rules.registry import Compose, Couple, Expand, Ref
+
+Space = tuple[str, int]  # (tensor name or "<node>#<pseudo>", axis)
+
+_MAX_REASONS = 5
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a group's channels sit in one space: channel c covers [offset + c*inner, offset + (c+1)*inner)."""
+
+    space: Space
+    offset: int
+    inner: int
+    role: str | None
+    constant: bool
+
+
+@dataclass
+class Group:
+    id: int
+    size: int
+    members: list[Member] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    inexact: list[str] = field(default_factory=list)
+
+    @property
+    def has_weights(self) -> bool:
+        return any(m.constant for m in self.members)
+
+    @property
+    def is_channel_group(self) -> bool:
+        """A group that a layer's weights produce or consume (not a spatial or batch axis)."""
+        return any(m.role in ("w_out", "w_in", "scale") for m in self.members)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.size >= 2 and self.has_weights
+
+    def tensors(self) -> list[str]:
+        return sorted({m.space[0] for m in self.members if "#" not in m.space[0]})
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "channels": self.size, "prunable": self.prunable, "frozen": self.frozen,
+                "inexact": self.inexact, "weights": sorted({m.space[0] for m in self.members if m.constant})}
+
+
+@dataclass
+class Analysis:
+    """The groups of a model, and where each group's channels lie in every space."""
+
+    index: GraphIndex
+    groups: list[Group]
+    layouts: dict[Space, list[tuple[int, int, int]]]  # space -> [(group id, offset, inner)]
+    fixups: list[tuple[NodeView, object]]
+    barriers: list[str]
+
+    @property
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def kept_indices(self, space: Space, keep: dict[int, np.ndarray]) -> np.ndarray | None:
+        """Indices of `space` that survive when group g keeps keep[g]; None when the space is untouched."""
+        segments = self.layouts.get(space, [])
+        if not any(gid in keep for gid, _, _ in segments):
+            return None
+        pieces = []
+        for gid, offset, inner in segments:
+            channels = keep.get(gid)
+            if channels is None:
+                channels = np.arange(self.groups[gid].size)
+            pieces.append(offset + (np.asarray(channels)[:, None] * inner + np.arange(inner)).ravel())
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def analyze(model: onnx.ModelProto, index: GraphIndex | None = None, exclude: tuple[str, ...] = ()) -> Analysis:
+    """Find the channel groups of a (normalised) model."""
+    index = index or GraphIndex.build(model)
+    builder = _Builder(index, ai_onnx_opset(model) or 0)
+    for node in model.graph.node:
+        builder.visit(node)
+    builder.freeze_boundary(model.graph)
+    analysis = builder.finish()
+    if exclude:
+        _apply_exclusions(analysis, builder.touched_by, exclude)
+    return analysis
+
+
+class _Builder:
+    def __init__(self, index: GraphIndex, opset: int):
+        self.index = index
+        self.opset = opset
+        self.parent: dict[Space, Space] = {}
+        self.size: dict[Space, int | None] = {}
+        self.role: dict[Space, str] = {}
+        self.frozen: dict[Space, list[str]] = {}
+        self.frozen_tensors: dict[str, str] = {}
+        self.inexact: dict[Space, str] = {}
+        self.structural: list[tuple[object, str]] = []  # (Compose/Expand over spaces, who)
+        self.fixups: list[tuple[NodeView, object]] = []
+        self.barriers: list[str] = []
+        self.touched_by: dict[str, set[str]] = {}  # tensor -> names of the nodes that touch it
+
+    # ------------------------------------------------------------------ visiting nodes
+    def visit(self, node: onnx.NodeProto) -> None:
+        tensors = [t for t in list(node.input) + list(node.output) if t]
+        for t in tensors:
+            self.touched_by.setdefault(t, set()).add(node.name)
+        who = f"{node.op_type} '{node.name}'"
+        for sub in subgraphs_of(node):
+            self._freeze_outer_references(sub, who)
+        fn = rule_for(node)
+        if fn is None:
+            domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            return self._barrier(tensors, f"{who}: no rule for op {domain}{node.op_type}")
+        view = NodeView(node, self.index, self.opset)
+        try:
+            rule = fn(view)
+            mentioned = self._add_relations(view, rule.relations, who)
+        except Barrier as exc:
+            return self._barrier(tensors, f"{who}: {exc}")
+        self._freeze_unmentioned(tensors, mentioned, who)
+        if rule.fixup is not None:
+            self.fixups.append((view, rule.fixup))
+
+    def _barrier(self, tensors: list[str], reason: str) -> None:
+        self.barriers.append(reason)
+        for t in tensors:
+            self.frozen_tensors.setdefault(t, reason)
+
+    def _freeze_outer_references(self, graph: onnx.GraphProto, who: str) -> None:
+        for name in outer_scope_names(graph):
+            self.frozen_tensors.setdefault(name, f"{who}: used inside a subgraph")
+
+    def _add_relations(self, view: NodeView, relations: list, who: str) -> set[Space]:
+        mentioned: set[Space] = set()
+        resolved = []
+        for rel in relations:  # resolve all first: a Barrier must leave no half-added node behind
+            if isinstance(rel, Couple):
+                resolved.append(("couple", [self._space(view, r) for r in rel.refs], rel))
+            elif isinstance(rel, Compose):
+                resolved.append(("compose", [self._space(view, rel.whole)] +
+                                 [self._space(view, r) for r in rel.parts], rel))
+            else:
+                resolved.append(("expand", [self._space(view, rel.fine), self._space(view, rel.coarse)], rel))
+        for kind, spaces, rel in resolved:
+            mentioned.update(spaces)
+            if kind == "couple":
+                for s in spaces[1:]:
+                    self._union(spaces[0], s)
+                if rel.inexact:
+                    self.inexact[spaces[0]] = f"{who}: {rel.inexact}"
+            else:
+                self.structural.append((kind, spaces, rel, who))
+        return mentioned
+
+    def _space(self, view: NodeView, ref: Ref) -> Space:
+        space, size = resolve(view, ref)
+        self._register(space, size, ref.role)
+        return space
+
+    def _register(self, space: Space, size: int | None, role: str | None) -> None:
+        if space not in self.parent:
+            self.parent[space] = space
+            self.size[space] = size
+        if role and space[0] in self.index.initializers:
+            self.role[space] = role
+
+    def _freeze_unmentioned(self, tensors: list[str], mentioned: set[Space], who: str) -> None:
+        for t in tensors:
+            shape = self.index.shapes.get(t)
+            if shape is None:
+                self.frozen_tensors.setdefault(t, f"{who}: shape unknown")
+                continue
+            for axis in range(len(shape)):
+                if (t, axis) not in mentioned:
+                    self._register((t, axis), shape[axis] if isinstance(shape[axis], int) else None, None)
+                    self._freeze((t, axis), f"{who} does not carry axis {axis} of '{t}'")
+
+    def _freeze(self, space: Space, reason: str) -> None:
+        reasons = self.frozen.setdefault(space, [])
+        if len(reasons) < _MAX_REASONS:
+            reasons.append(reason)
+
+    def freeze_boundary(self, graph: onnx.GraphProto) -> None:
+        for vi, what in [(i, "graph input") for i in graph.input] + [(o, "graph output") for o in graph.output]:
+            if vi.name in self.index.initializers:
+                continue
+            for space in [s for s in self.parent if s[0] == vi.name]:
+                self._freeze(space, f"{what} '{vi.name}'")
+
+    # ------------------------------------------------------------------ union-find over spaces
+    def _find(self, s: Space) -> Space:
+        parent = self.parent
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    def _union(self, a: Space, b: Space) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    # ------------------------------------------------------------------ groups
+    def finish(self) -> Analysis:
+        classes: dict[Space, list[Space]] = {}
+        for s in self.parent:
+            classes.setdefault(self._find(s), []).append(s)
+        class_frozen: dict[Space, list[str]] = {}
+        class_size: dict[Space, int | None] = {}
+        for root, spaces in classes.items():
+            class_size[root] = self._class_size(spaces, class_frozen.setdefault(root, []))
+            for s in spaces:
+                reason = self.frozen_tensors.get(s[0])
+                for r in ([reason] if reason else []) + self.frozen.get(s, []):
+                    _add_reason(class_frozen[root], r)
+        atoms = Atoms()
+        atom_of = {root: atoms.new(size) for root, size in class_size.items() if size is not None}
+        for kind, spaces, rel, who in self.structural:
+            roots = [self._find(s) for s in spaces]
+            if not self._relate(atoms, atom_of, class_size, kind, roots, rel):
+                for r in roots:
+                    _add_reason(class_frozen[r], f"{who}: channel mapping does not line up")
+        return self._collect(atoms, atom_of, classes, class_frozen)
+
+    def _class_size(self, spaces: list[Space], reasons: list[str]) -> int | None:
+        sizes = {self.size[s] for s in spaces}
+        if None in sizes:
+            _add_reason(reasons, f"size of '{_first_tensor(spaces)}' axis is not static")
+            return None
+        if len(sizes) > 1:
+            _add_reason(reasons, f"coupled sizes disagree {sorted(sizes)} at '{_first_tensor(spaces)}'")
+            return None
+        return sizes.pop()
+
+    @staticmethod
+    def _relate(atoms: Atoms, atom_of: dict, class_size: dict, kind: str, roots: list[Space], rel) -> bool:
+        if any(r not in atom_of for r in roots):
+            return False
+        if kind == "compose":
+            whole, parts = roots[0], roots[1:]
+            if class_size[whole] != sum(class_size[p] for p in parts):
+                return False
+            return atoms.equate(atom_of[whole], atoms.concat([atom_of[p] for p in parts]))
+        fine, coarse = roots
+        if class_size[fine] != class_size[coarse] * rel.inner:
+            return False
+        return atoms.equate(atom_of[fine], atoms.expanded(atom_of[coarse], rel.inner))
+
+    def _collect(self, atoms: Atoms, atom_of: dict, classes: dict, class_frozen: dict) -> Analysis:
+        groups: dict[int, Group] = {}
+        layouts: dict[Space, list[tuple[int, int, int]]] = {}
+        for root, spaces in classes.items():
+            if root not in atom_of:
+                continue
+            offset = 0
+            for leaf, inner in atoms.leaves(atom_of[root]):
+                group = groups.get(leaf)
+                if group is None:
+                    group = groups[leaf] = Group(id=len(groups), size=atoms.size[leaf])
+                for reason in class_frozen[root]:
+                    _add_reason(group.frozen, reason)
+                for s in spaces:
+                    if s in self.inexact:
+                        _add_reason(group.inexact, self.inexact[s])
+                    constant = s[0] in self.index.initializers
+                    group.members.append(Member(s, offset, inner, self.role.get(s), constant))
+                    layouts.setdefault(s, []).append((group.id, offset, inner))
+                offset += atoms.size[leaf] * inner
+        ordered = sorted(groups.values(), key=lambda g: g.id)
+        return Analysis(self.index, ordered, layouts, self.fixups, self.barriers)
+
+
+def resolve(view: NodeView, ref: Ref) -> tuple[Space, int | None]:
+    """The space a node's Ref names, and its static size (None when not static)."""
+    if ref.side == "pseudo":
+        return (f"{view.name}#{ref.index}", 0), ref.size
+    name = view.node.input[ref.index] if ref.side == "in" else view.node.output[ref.index]
+    shape = view.in_shape(ref.index) if ref.side == "in" else view.out_shape(ref.index)
+    if not -len(shape) <= ref.axis < len(shape):
+        raise Barrier(f"axis {ref.axis} out of range for '{name}'")
+    axis = ref.axis % len(shape)
+    return (name, axis), shape[axis] if isinstance(shape[axis], int) else None
+
+
+def _add_reason(reasons: list[str], reason: str) -> None:
+    if reason not in reasons and len(reasons) < _MAX_REASONS:
+        reasons.append(reason)
+
+
+def _first_tensor(spaces: list[Space]) -> str:
+    return next((s[0] for s in spaces if "#" not in s[0]), spaces[0][0])
+
+
+def _apply_exclusions(analysis: Analysis, touched_by: dict[str, set[str]], patterns: tuple[str, ...]) -> None:
+    """Freeze groups that touch a node or tensor whose name matches a pattern (glob; plain text matches a part)."""
+    def matches(name: str, pattern: str) -> bool:
+        return fnmatch.fnmatchcase(name, pattern) if any(c in pattern for c in "*?[") else pattern in name
+
+    for group in analysis.groups:
+        names = set(group.tensors())
+        for t in list(names):
+            names |= touched_by.get(t, set())
+        hit = next((p for p in patterns for n in names if matches(n, p)), None)
+        if hit is not None:
+            _add_reason(group.frozen, f"excluded by --exclude '{hit}'")

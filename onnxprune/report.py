@@ -1,0 +1,84 @@
+"""What a prune run did, as data (JSON) and as the summary the CLI prints."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .groups import Analysis
+
+
+@dataclass
+class PruneReport:
+    ratio: float
+    criterion: str
+    round_to: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    bytes_before: int
+    bytes_after: int
+    groups: list[dict] = field(default_factory=list)
+    frozen_reasons: list[dict] = field(default_factory=list)
+    barriers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    evaluation: dict | None = None
+    plan: object = field(default=None, repr=False)  # the allocate.Plan applied; not part of the JSON
+
+    @property
+    def pruned_groups(self) -> list[dict]:
+        return [g for g in self.groups if g["kept"] < g["channels"]]
+
+    @property
+    def frozen_groups(self) -> list[dict]:
+        return [g for g in self.groups if g["frozen"]]
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "plan"}
+        data["summary"] = {"groups": len(self.groups), "pruned": len(self.pruned_groups),
+                           "frozen": len(self.frozen_groups)}
+        return data
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"parameters  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})",
+            f"MACs        {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})",
+            f"file size   {self.bytes_before:>14,} -> {self.bytes_after:>14,}  bytes",
+            f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
+            f"{len(self.frozen_groups)} frozen",
+        ]
+        for item in self.frozen_reasons[:8]:
+            lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
+        if self.evaluation:
+            e = self.evaluation
+            if e.get("accuracy_before") is not None:
+                lines.append(f"top-1 accuracy  {e['accuracy_before']:.4f} -> {e['accuracy_after']:.4f}  "
+                             f"on {e['samples']} samples (agreement {e['agreement']:.4f})")
+            else:
+                lines.append(f"top-1 agreement with the original  {e['agreement']:.4f} on {e['samples']} samples")
+        return lines
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.1%} kept" if before else "n/a"
+
+
+def channel_groups(analysis: Analysis, kept: dict[int, int]) -> list[dict]:
+    """The groups a user cares about: those a layer's weights produce or consume."""
+    rows = []
+    for g in analysis.groups:
+        if g.is_channel_group and g.size >= 2:
+            row = g.to_dict()
+            row["kept"] = kept.get(g.id, g.size)
+            rows.append(row)
+    return rows
+
+
+def frozen_reasons(rows: list[dict]) -> list[dict]:
+    """The first reason of each frozen group, counted, most channels first."""
+    groups, channels = Counter(), Counter()
+    for row in rows:
+        if row["frozen"]:
+            groups[row["frozen"][0]] += 1
+            channels[row["frozen"][0]] += row["channels"]
+    return [{"reason": r, "groups": groups[r], "channels": channels[r]} for r, _ in channels.most_common()]

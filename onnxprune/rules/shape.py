@@ -1,0 +1,261 @@
+"""Ops that move, merge, split or cut axes: Reshape family, Transpose, Concat, Split, Slice, Pad, Resize, Gather."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import Dims
+from .registry import (Barrier, FixContext, In, NodeView, Out, Pseudo, Rule, compose, couple, expand,
+                       identity_couples, is_static, rule)
+
+
+def reshape_relations(src: Dims, dst: Dims) -> list:
+    """Line up the axes of a reshape by products. A 1:1 block couples; several source axes merged into one
+    destination axis make it an expansion of the outermost source axis (Flatten into a linear layer); one source axis
+    split into several makes it an expansion of the outermost destination axis (heads out of a hidden dimension).
+    Inner axes of a merge or split, and many-to-many blocks, are not related, so they stay frozen."""
+    relations = []
+    for src_axes, dst_axes in _reshape_blocks(src, dst):
+        if len(src_axes) == 1 and len(dst_axes) == 1:
+            relations.append(couple(In(0, src_axes[0]), Out(0, dst_axes[0])))
+        elif len(dst_axes) == 1:
+            relations.append(expand(Out(0, dst_axes[0]), In(0, src_axes[0]), _product(src, src_axes[1:])))
+        elif len(src_axes) == 1:
+            relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:])))
+    return relations
+
+
+def _product(shape: Dims, axes: list[int]) -> int:
+    return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+
+
+def _reshape_blocks(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]]:
+    blocks = []
+    i = j = 0
+    while True:
+        while i < len(src) and src[i] == 1:
+            i += 1
+        while j < len(dst) and dst[j] == 1:
+            j += 1
+        if i == len(src) or j == len(dst):
+            if i != len(src) or j != len(dst):
+                raise Barrier("reshape sizes do not line up")
+            return blocks
+        if src[i] == dst[j] and src[i] is not None:
+            blocks.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        src_axes, dst_axes = [i], [j]
+        p, q = _static(src[i]), _static(dst[j])
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q:
+                if i == len(src):
+                    raise Barrier("reshape sizes do not line up")
+                p *= _static(src[i]); src_axes.append(i); i += 1
+            else:
+                if j == len(dst):
+                    raise Barrier("reshape sizes do not line up")
+                q *= _static(dst[j]); dst_axes.append(j); j += 1
+        blocks.append((src_axes, dst_axes))
+
+
+def _static(dim: object) -> int:
+    if not is_static(dim):
+        raise Barrier("reshape of a dimension with run-time size")
+    return int(dim)
+
+
+@rule("Flatten", "Squeeze", "Unsqueeze")
+def reshape_like(n: NodeView) -> Rule:
+    # Their axes attributes or inputs only name size-1 axes or a split point: nothing to fix after pruning.
+    return Rule(*reshape_relations(n.in_shape(0), n.out_shape(0)))
+
+
+@rule("Reshape")
+def reshape(n: NodeView) -> Rule:
+    target = n.const(1)
+    if target is None:
+        raise Barrier("target shape computed at run time")
+    if n.attr("allowzero", 0) and 0 in target:
+        raise Barrier("allowzero with a zero dimension")
+    return Rule(*reshape_relations(n.in_shape(0), n.out_shape(0)), fixup=_fix_reshape_target)
+
+
+def _fix_reshape_target(n: NodeView, ctx: FixContext) -> None:
+    target = n.const(1).astype(np.int64).copy()
+    for j, value in enumerate(target):
+        if value not in (0, -1):  # 0 copies the (already pruned) input dim, -1 is inferred
+            target[j] = ctx.new_size(Out(0, j))
+    ctx.set_const_input(1, target)
+
+
+@rule("Transpose")
+def transpose(n: NodeView) -> Rule:
+    rank = len(n.in_shape(0))
+    perm = n.attr("perm") or list(reversed(range(rank)))
+    return Rule(*[couple(In(0, int(src)), Out(0, dst)) for dst, src in enumerate(perm)])
+
+
+@rule("Concat")
+def concat(n: NodeView) -> Rule:
+    rank = len(n.out_shape(0))
+    axis = int(n.attr("axis")) % rank
+    inputs = [i for i in range(len(n.node.input)) if n.has_input(i) and n.in_shape(i)[axis] != 0]
+    relations = [couple(Out(0, a), *[In(i, a) for i in inputs]) for a in range(rank) if a != axis]
+    relations.append(compose(Out(0, axis), *[In(i, axis) for i in inputs]))
+    return Rule(*relations)
+
+
+@rule("Split")
+def split(n: NodeView) -> Rule:
+    rank = len(n.in_shape(0))
+    axis = int(n.attr("axis", 0)) % rank
+    outputs = [j for j in range(len(n.node.output))]
+    if not all(n.has_output(j) for j in outputs):
+        raise Barrier("an output is omitted")
+    relations = [couple(In(0, a), *[Out(j, a) for j in outputs]) for a in range(rank) if a != axis]
+    relations.append(compose(In(0, axis), *[Out(j, axis) for j in outputs]))
+    return Rule(*relations, fixup=_fix_split_sizes)
+
+
+def _fix_split_sizes(n: NodeView, ctx: FixContext) -> None:
+    """Always write explicit sizes: an equal split may become unequal."""
+    sizes = np.array([ctx.new_size(Out(j, int(n.attr("axis", 0)))) for j in range(len(n.node.output))], np.int64)
+    if n.opset < 13:
+        ctx.set_attr("split", [int(s) for s in sizes])
+        return
+    ctx.remove_attr("num_outputs")
+    ctx.set_const_input(1, sizes)
+
+
+@rule("Slice")
+def slice_(n: NodeView) -> Rule:
+    """A contiguous cut of an axis: the input axis is [before | output | after]; unsliced axes couple."""
+    shape = n.in_shape(0)
+    cuts = {a: (begin, end) for _, a, begin, end in _contiguous_cuts(n)}
+    sliced = _sliced_axes(n)
+    relations = [couple(In(0, a), Out(0, a)) for a in range(len(shape)) if a not in sliced]
+    for a, (begin, end) in cuts.items():
+        parts = ([Pseudo(f"before{a}", begin)] if begin else []) + [Out(0, a)]
+        parts += [Pseudo(f"after{a}", shape[a] - end)] if end < shape[a] else []
+        relations.append(compose(In(0, a), *parts))
+    return Rule(*relations, fixup=_fix_slice_bounds)
+
+
+def _sliced_axes(n: NodeView) -> list[int]:
+    starts = n.const(1)
+    if starts is None or n.const(2) is None:
+        raise Barrier("starts/ends computed at run time")
+    rank = len(n.in_shape(0))
+    return [int(a) % rank for a in (n.ints("axes", 3) or range(starts.size))]
+
+
+def _contiguous_cuts(n: NodeView) -> list[tuple[int, int, int, int]]:
+    """(position in starts, axis, begin, end) for each axis cut with step 1 and a static size; strided or dynamic
+    cuts are left out, so those axes stay whole."""
+    shape = n.in_shape(0)
+    starts, ends = n.const(1).reshape(-1), n.const(2).reshape(-1)
+    steps = n.ints("steps", 4) or [1] * starts.size
+    cuts = []
+    for k, a in enumerate(_sliced_axes(n)):
+        if steps[k] != 1 or not is_static(shape[a]):
+            continue
+        begin, end = _clamp(int(starts[k]), shape[a]), _clamp(int(ends[k]), shape[a])
+        if end > begin:
+            cuts.append((k, a, begin, end))
+    return cuts
+
+
+def _clamp(index: int, size: int) -> int:
+    index = index + size if index < 0 else index
+    return max(0, min(index, size))
+
+
+def _fix_slice_bounds(n: NodeView, ctx: FixContext) -> None:
+    starts, ends = n.const(1).copy().reshape(-1), n.const(2).copy().reshape(-1)
+    for k, a, begin, _ in _contiguous_cuts(n):
+        new_begin = ctx.new_size(Pseudo(f"before{a}")) if begin else 0
+        starts[k], ends[k] = new_begin, new_begin + ctx.new_size(Out(0, a))
+    ctx.set_const_input(1, starts)
+    ctx.set_const_input(2, ends)
+
+
+@rule("Pad")
+def pad(n: NodeView) -> Rule:
+    rank = len(n.in_shape(0))
+    pads = n.ints("pads", 1)
+    if pads is None:
+        raise Barrier("no pads")
+    axes = n.ints("axes", 3) if n.opset >= 18 else None
+    axes = [int(a) % rank for a in axes] if axes else list(range(rank))
+    padded = {a for k, a in enumerate(axes) if pads[k] or pads[k + len(axes)]}
+    return Rule(*[couple(In(0, a), Out(0, a)) for a in range(rank) if a not in padded])
+
+
+@rule("Resize")
+def resize(n: NodeView) -> Rule:
+    src, dst = n.in_shape(0), n.out_shape(0)
+    if n.has_input(3) and n.const(3) is None or n.has_input(2) and n.const(2) is None:
+        raise Barrier("scales/sizes computed at run time")
+    unchanged = [a for a in range(len(src)) if src[a] == dst[a] and is_static(src[a])]
+    relations = [couple(In(0, a), Out(0, a)) for a in unchanged]
+    return Rule(*relations, fixup=_fix_resize_sizes if n.has_input(3) and n.const(3).size else None)
+
+
+def _fix_resize_sizes(n: NodeView, ctx: FixContext) -> None:
+    sizes = n.const(3).astype(np.int64).copy()
+    axes = n.attr("axes") or list(range(len(n.in_shape(0))))
+    for k, a in enumerate(axes):
+        sizes[k] = ctx.new_size(Out(0, int(a)))
+    ctx.set_const_input(3, sizes)
+
+
+@rule("Gather")
+def gather(n: NodeView) -> Rule:
+    """Output = data[:axis] + indices.shape + data[axis+1:]: every data axis but the gathered one keeps its place."""
+    data_rank, idx_rank = len(n.in_shape(0)), len(n.in_shape(1))
+    axis = int(n.attr("axis", 0)) % data_rank
+    relations = [couple(In(0, a), Out(0, a)) for a in range(axis)]
+    relations += [couple(In(1, k), Out(0, axis + k)) for k in range(idx_rank)]
+    relations += [couple(In(0, a), Out(0, a - 1 + idx_rank)) for a in range(axis + 1, data_rank)]
+    return Rule(*relations)
+
+
+REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+@rule(*REDUCE)
+def reduce(n: NodeView) -> Rule:
+    rank = len(n.in_shape(0))
+    axes = n.ints("axes", 1)
+    if not axes:
+        if n.attr("noop_with_empty_axes", 0):
+            return Rule(*identity_couples(n))
+        return Rule()  # reduces everything
+    return Rule(*_kept_axes(rank, {a % rank for a in axes}, bool(n.attr("keepdims", 1))))
+
+
+def _kept_axes(rank: int, reduced: set[int], keepdims: bool) -> list:
+    relations, out_axis = [], 0
+    for a in range(rank):
+        if a not in reduced:
+            relations.append(couple(In(0, a), Out(0, out_axis)))
+        if a not in reduced or keepdims:
+            out_axis += 1
+    return relations
+
+
+@rule("ArgMax", "ArgMin")
+def arg_reduce(n: NodeView) -> Rule:
+    rank = len(n.in_shape(0))
+    return Rule(*_kept_axes(rank, {int(n.attr("axis", 0)) % rank}, bool(n.attr("keepdims", 1))))
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(n: NodeView) -> Rule:
+    rank = len(n.in_shape(0))
+    axis = int(n.attr("axis", -1 if n.opset >= 13 else 1)) % rank
+    # Before opset 13 the op flattens every axis from `axis` on into one.
+    normalised = {axis} if n.opset >= 13 else set(range(axis, rank))
+    return Rule(*[couple(In(0, a), Out(0, a)) for a in range(rank) if a not in normalised])

@@ -1,0 +1,205 @@
+"""Verification and measurement: validity checks, parameter and MAC counts, onnxruntime runs, the exactness
+harness (zero the channels a plan removes, so the original and pruned models must agree)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .allocate import Plan
+from .errors import OnnxPruneError, first_line
+from .graph import Dims, infer_shapes
+from .groups import Analysis
+
+# Roles whose removed channels are zeroed so that the channel's activation is exactly zero (see elementwise._ROLES).
+PRODUCER_ROLES = ("w_out", "bias", "scale", "shift", "const")
+
+
+def check_valid(model: onnx.ModelProto) -> None:
+    """The pruned model passes the full checker (strict shape inference included)."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise OnnxPruneError(f"internal error: pruned model fails the ONNX checker: {first_line(exc)}") from None
+
+
+def io_signature(model: onnx.ModelProto) -> list[tuple[str, str, int, tuple]]:
+    inits = {i.name for i in model.graph.initializer}
+    sig = []
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in values:
+            if vi.name not in inits:
+                t = vi.type.tensor_type
+                dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+                sig.append((kind, vi.name, t.elem_type, dims))
+    return sig
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(init.dims, dtype=np.int64) for init in model.graph.initializer))
+
+
+def count_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> int:
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at batch 1, from inferred shapes.
+
+    A leading symbolic dimension counts as the batch (1); a node with any other unknown size counts 0."""
+    shapes = shapes if shapes is not None else infer_shapes(model)
+    total = 0
+    for node in model.graph.node:
+        counter = _MAC_COUNTERS.get(node.op_type)
+        if counter is None:
+            continue
+        try:
+            total += counter(node, lambda name: _batch1(shapes.get(name)))
+        except (TypeError, KeyError, IndexError):
+            continue
+    return int(total)
+
+
+def _batch1(dims: Dims | None) -> tuple[int, ...]:
+    if dims is None:
+        raise KeyError("unknown shape")
+    dims = tuple(1 if (k == 0 and not isinstance(d, int)) else d for k, d in enumerate(dims))
+    if not all(isinstance(d, int) for d in dims):
+        raise TypeError("symbolic shape")
+    return dims
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _conv_macs(node, shape) -> int:
+    weight = shape(node.input[1])  # (O, I/g, k...)
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+
+
+def _conv_transpose_macs(node, shape) -> int:
+    weight = shape(node.input[1])  # (I, O/g, k...)
+    return int(np.prod(shape(node.input[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+
+
+def _gemm_macs(node, shape) -> int:
+    a = shape(node.input[0])
+    k = a[0] if _attr(node, "transA", 0) else a[1]
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
+
+
+def _matmul_macs(node, shape) -> int:
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * shape(node.input[0])[-1])
+
+
+_MAC_COUNTERS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _gemm_macs,
+                 "MatMul": _matmul_macs}
+
+
+def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    """A copy of the analysed model in which every channel the plan removes is exactly zero where it is produced
+    (weights, bias, norm scale and shift, per-channel constants). Pruning this copy must not change its outputs."""
+    zeroed = copy.deepcopy(model)
+    removed = {gid: np.setdiff1d(np.arange(analysis.groups[gid].size), keep) for gid, keep in plan.keep.items()}
+    arrays: dict[str, np.ndarray] = {}
+    for gid, channels in removed.items():
+        for m in analysis.groups[gid].members:
+            if not m.constant or m.role not in PRODUCER_ROLES:
+                continue
+            name, axis = m.space
+            array = arrays.setdefault(name, analysis.index.array(name).copy())
+            idx = m.offset + (channels[:, None] * m.inner + np.arange(m.inner)).ravel()
+            index = [slice(None)] * array.ndim
+            index[axis] = idx
+            array[tuple(index)] = 0
+    for init in zeroed.graph.initializer:
+        if init.name in arrays:
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+    return zeroed
+
+
+# ------------------------------------------------------------------------------------------------ onnxruntime
+
+def session(model: onnx.ModelProto, threads: int = 1):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(model).run(None, feeds)
+
+
+_NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+             onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+             onnx.TensorProto.BOOL: np.bool_}
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input; symbolic dimensions become `batch` (first axis) or 1."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (batch if k == 0 else 1) for k, d in enumerate(t.shape.dim)]
+        dtype = _NP_TYPES.get(t.elem_type, np.float32)
+        if np.issubdtype(dtype, np.integer):
+            feeds[vi.name] = rng.integers(0, 2, size=dims).astype(dtype)
+        else:
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+@dataclass
+class Evaluation:
+    samples: int
+    accuracy_before: float | None
+    accuracy_after: float | None
+    agreement: float
+    max_abs_diff: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_eval_data(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs named after the graph inputs (a single unnamed array for a one-input model), labels under 'label'."""
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as exc:
+        raise OnnxPruneError(f"cannot read data {path}: {first_line(exc)}") from None
+    labels = next((data.pop(k) for k in ("label", "labels", "y") if k in data), None)
+    inits = {i.name for i in model.graph.initializer}
+    names = [vi.name for vi in model.graph.input if vi.name not in inits]
+    if len(names) == 1 and names[0] not in data and len(data) == 1:
+        data = {names[0]: next(iter(data.values()))}
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise OnnxPruneError(f"data {path} has no array for input '{missing[0]}' (has: {', '.join(sorted(data))})")
+    return {n: data[n] for n in names}, labels
+
+
+def evaluate(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
+             labels: np.ndarray | None, batch: int = 64) -> Evaluation:
+    """Top-1 agreement of the first output (and accuracy with labels), original vs pruned, in onnxruntime."""
+    count = len(next(iter(feeds.values())))
+    first, second = session(original), session(pruned)
+    before, after, max_diff = [], [], 0.0
+    for start in range(0, count, batch):
+        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+        try:
+            a, b = first.run(None, chunk)[0], second.run(None, chunk)[0]
+        except Exception as exc:
+            raise OnnxPruneError(f"cannot run the model on the data: {first_line(exc)}") from None
+        max_diff = max(max_diff, float(np.max(np.abs(a - b))))
+        before.append(a.reshape(len(a), -1).argmax(1))
+        after.append(b.reshape(len(b), -1).argmax(1))
+    top_a, top_b = np.concatenate(before), np.concatenate(after)
+    acc = (lambda top: float(np.mean(top == labels.reshape(-1)))) if labels is not None else (lambda top: None)
+    return Evaluation(count, acc(top_a), acc(top_b), float(np.mean(top_a == top_b)), max_diff)
