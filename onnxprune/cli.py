@@ -1,0 +1,146 @@
+"""Command line: `onnxprune IN.onnx --ratio 0.5` prunes; `onnxprune analyze IN.onnx` only reports.
+
+The CLI parses options and calls the library. Every error is one line on stderr: exit 2 for usage, 1 otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import api
+from .criteria import CRITERIA
+from .errors import OnnxPruneError, UsageError, first_line
+from .graph import check_writable, load_model, save_model
+from .verify import evaluate, load_eval_data
+
+
+class _DefaultToPrune(click.Group):
+    """`onnxprune IN.onnx ...` means `onnxprune prune IN.onnx ...`; errors become one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["prune", *args]
+        return super().parse_args(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name or "onnxprune", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), 2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+        except OnnxPruneError as exc:
+            _fail(str(exc), exc.exit_code)
+        except MemoryError:
+            _fail("out of memory", 1)
+        except Exception as exc:  # a bug: still one line, and the exit code says failure
+            _fail(f"internal error ({type(exc).__name__}): {first_line(exc)}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"onnxprune: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=_DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxprune")
+def cli() -> None:
+    """Prune channels of an ONNX model: `onnxprune model.onnx --ratio 0.5`."""
+    logging.basicConfig(format="onnxprune: %(levelname)s: %(message)s", level=logging.WARNING)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ratio", "-r", type=float, required=True, help="Fraction of channels to remove from every group, in [0, 1).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default: IN.pruned.onnx beside the input).")
+@click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
+              help="How channels are ranked.")
+@click.option("--round-to", type=int, default=api.DEFAULT_ROUND_TO, show_default=True,
+              help="Keep a multiple of N channels per group (ORT CPU kernels are faster on aligned widths).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Freeze groups touching nodes or tensors whose name matches (glob; plain text matches a part).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help=".npz with arrays named after the inputs (and 'label'): top-1 accuracy before and after.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
+          report: Path | None, data: Path | None, seed: int, quiet: bool) -> None:
+    """Prune MODEL and write the smaller model."""
+    api.validate_options(ratio, round_to)
+    output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
+                                       else model.name + ".pruned.onnx")
+    _check_paths(model, output, report)
+    original = load_model(model)
+    eval_data = load_eval_data(str(data), original) if data else None
+    pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to,
+                               exclude=exclude, seed=seed)
+    if eval_data is not None:
+        result.evaluation = evaluate(original, pruned, *eval_data).to_dict()
+    save_model(pruned, output)
+    if report:
+        _write_json(report, result.to_dict())
+    if not quiet:
+        for line in result.summary_lines():
+            click.echo(line)
+        click.echo(f"wrote {output}")
+
+
+def _check_paths(model: Path, output: Path, report: Path | None) -> None:
+    if not model.exists():
+        raise OnnxPruneError(f"model not found: {model}")
+    for path, what in ((output, "-o"), (report, "--report")):
+        if path is not None and os.path.realpath(path) == os.path.realpath(model):
+            raise UsageError(f"{what} must not be the input model")
+        if path is not None:
+            check_writable(path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(value: object) -> object:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Freeze groups touching matching names.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the groups as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="List every group, not only channel groups.")
+def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_all: bool) -> None:
+    """Print MODEL's channel groups (what would be pruned together, and what is frozen and why); change nothing."""
+    if json_path is not None:
+        check_writable(json_path)
+    analysis = api.analyze(load_model(model), exclude)
+    groups = [g for g in analysis.groups if show_all or (g.is_channel_group and g.size >= 2)]
+    for g in groups:
+        state = "prunable" if g.prunable else f"frozen: {g.frozen[0]}" if g.frozen else "no weights"
+        weights = ", ".join(sorted({m.space[0] for m in g.members if m.constant})[:4])
+        extra = f"  [inexact: {g.inexact[0]}]" if g.inexact else ""
+        click.echo(f"group {g.id:>4}  {g.size:>5} ch  {state}{extra}\n            weights: {weights}")
+    prunable = sum(g.prunable for g in groups)
+    click.echo(f"{len(groups)} channel groups: {prunable} prunable, {len(groups) - prunable} frozen")
+    if json_path is not None:
+        _write_json(json_path, {"groups": [g.to_dict() for g in groups], "barriers": analysis.barriers})
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

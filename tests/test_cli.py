@@ -1,0 +1,126 @@
+"""The CLI through click's CliRunner: the happy path, the report, and every bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+DIGITS_DATA = ROOT / "models" / "digits_cnn.test.npz"
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    shutil.copy(DIGITS, tmp_path / "m.onnx")
+    return tmp_path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_prune_writes_beside_the_input_and_reports(workdir):
+    result = invoke(workdir / "m.onnx", "--ratio", "0.5", "--report", workdir / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "parameters" in result.output and "MACs" in result.output and "wrote" in result.output
+    pruned = onnx.load(workdir / "m.pruned.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    report = json.loads((workdir / "r.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert report["macs_after"] < report["macs_before"]
+    assert report["summary"]["pruned"] == 5 and report["summary"]["frozen"] == 1
+    assert {"groups", "frozen_reasons", "bytes_before", "bytes_after"} <= set(report)
+
+
+def test_prune_with_data_reports_accuracy(workdir):
+    result = invoke(workdir / "m.onnx", "--ratio", "0.25", "--data", DIGITS_DATA, "-o", workdir / "out.onnx")
+    assert result.exit_code == 0, result.output
+    assert "top-1 accuracy  0.9963 ->" in result.output
+
+
+def test_analyze_changes_nothing(workdir):
+    before = files(workdir)
+    result = invoke("analyze", workdir / "m.onnx", "--json", workdir / "g.json")
+    assert result.exit_code == 0, result.output
+    assert "6 channel groups: 5 prunable, 1 frozen" in result.output
+    assert files(workdir) == before | {"g.json"}
+
+
+def test_exclude_freezes_matching_groups(workdir):
+    result = invoke(workdir / "m.onnx", "--ratio", "0.5", "--exclude", "fc1*", "--report", workdir / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "r.json").read_text())
+    excluded = [g for g in report["groups"] if any("--exclude" in r for r in g["frozen"])]
+    assert excluded and all(g["kept"] == g["channels"] for g in excluded)
+
+
+def one_line_error(result, code: int, text: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), result.output
+    assert text in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_missing_model(workdir):
+    before = files(workdir)
+    one_line_error(invoke(workdir / "nope.onnx", "--ratio", "0.5"), 1, "model not found")
+    assert files(workdir) == before
+
+
+def test_not_an_onnx_file(workdir):
+    (workdir / "text.onnx").write_text("this is not a model\n" * 10)
+    before = files(workdir)
+    one_line_error(invoke(workdir / "text.onnx", "--ratio", "0.5"), 1, "text.onnx")
+    assert files(workdir) == before
+
+
+def test_truncated_model(workdir):
+    data = (workdir / "m.onnx").read_bytes()
+    (workdir / "cut.onnx").write_bytes(data[: len(data) // 2])
+    before = files(workdir)
+    one_line_error(invoke(workdir / "cut.onnx", "--ratio", "0.5"), 1, "cut.onnx")
+    assert files(workdir) == before
+
+
+@pytest.mark.parametrize("ratio", ["1", "1.5", "-0.1", "abc"])
+def test_ratio_out_of_range(workdir, ratio):
+    before = files(workdir)
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", ratio), 2, "ratio")
+    assert files(workdir) == before
+
+
+def test_output_equal_to_input(workdir):
+    original = (workdir / "m.onnx").read_bytes()
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "-o", workdir / "m.onnx"), 2, "input")
+    assert (workdir / "m.onnx").read_bytes() == original
+
+
+def test_unwritable_output(workdir):
+    before = files(workdir)
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "-o", workdir / "no" / "dir" / "x.onnx"), 1,
+                   "cannot write")
+    (workdir / "adir").mkdir()
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "-o", workdir / "adir"), 2, "directory")
+    assert files(workdir) == before | {"adir"}
+
+
+def test_existing_output_survives_a_failed_run(workdir):
+    (workdir / "out.onnx").write_bytes(b"keep me")
+    (workdir / "bad.npz").write_bytes(b"not an npz")
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "-o", workdir / "out.onnx",
+                          "--data", workdir / "bad.npz"), 1, "bad.npz")
+    assert (workdir / "out.onnx").read_bytes() == b"keep me"
+
+
+def test_unknown_criterion_is_a_usage_error(workdir):
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "--criterion", "nope"), 2, "criterion")
