@@ -72,6 +72,7 @@ class Analysis:
     layouts: dict[Space, list[tuple[int, int, int]]]  # space -> [(group id, offset, inner)]
     fixups: list[tuple[NodeView, object]]
     barriers: list[str]
+    sizes: dict[Space, int | None] = field(default_factory=dict)
 
     @property
     def prunable(self) -> list[Group]:
@@ -287,7 +288,7 @@ class _Builder:
                     layouts.setdefault(s, []).append((group.id, offset, inner))
                 offset += atoms.size[leaf] * inner
         ordered = sorted(groups.values(), key=lambda g: g.id)
-        return Analysis(self.index, ordered, layouts, self.fixups, self.barriers)
+        return Analysis(self.index, ordered, layouts, self.fixups, self.barriers, self.size)
 
 
 def resolve(view: NodeView, ref: Ref) -> tuple[Space, int | None]:

@@ -58,6 +58,7 @@ class _FixContext:
         kept = self.analysis.kept_indices(space, self.plan.keep)
         if kept is not None:
             return int(kept.size)
+        size = self.analysis.sizes.get(space, size)
         if size is None:
             raise OnnxPruneError(f"internal error: size of {space} unknown in fixup of '{self.view.name}'")
         return size

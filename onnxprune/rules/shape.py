@@ -40,7 +40,7 @@ def _reshape_blocks(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]]:
             if i != len(src) or j != len(dst):
                 raise Barrier("reshape sizes do not line up")
             return blocks
-        if src[i] == dst[j] and src[i] is not None:
+        if src[i] == dst[j] and src[i] is not None or _only_dynamic_left(src, i, dst, j):
             blocks.append(([i], [j]))
             i, j = i + 1, j + 1
             continue
@@ -57,6 +57,17 @@ def _reshape_blocks(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]]:
                     raise Barrier("reshape sizes do not line up")
                 q *= _static(dst[j]); dst_axes.append(j); j += 1
         blocks.append((src_axes, dst_axes))
+
+
+def _only_dynamic_left(src: Dims, i: int, dst: Dims, j: int) -> bool:
+    """Two run-time sizes face each other and are the last on both sides (a batch axis reshaped with -1): they must
+    be equal when the static sizes multiply to the same total."""
+    if is_static(src[i]) or is_static(dst[j]):
+        return False
+    if any(not is_static(d) for d in list(src[i + 1:]) + list(dst[j + 1:])):
+        return False
+    statics = [int(np.prod([d for d in shape if is_static(d)], dtype=np.int64)) for shape in (src, dst)]
+    return sum(not is_static(d) for d in src) == sum(not is_static(d) for d in dst) == 1 and statics[0] == statics[1]
 
 
 def _static(dim: object) -> int:
