@@ -1,0 +1,165 @@
+"""Real exports are messier than hand-built graphs: Constant-node weights, Identity chains, shared weights, symbolic
+dimensions, unknown ops, subgraphs, external data, older opsets."""
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, conv_bn_relu_chain, residual_block
+from exactness import params, prune_exact
+from onnx import helper, numpy_helper
+
+import onnxprune
+from onnxprune.api import prepare
+from onnxprune.errors import OnnxPruneError
+from onnxprune.verify import count_macs
+
+
+def weights_as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What PaddlePaddle's converter emits: every weight a Constant node, no initializers."""
+    constants = [helper.make_node("Constant", [], [i.name], value=i) for i in model.graph.initializer]
+    model.graph.ClearField("initializer")
+    nodes = constants + list(model.graph.node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_weights_in_constant_nodes():
+    reference = params(prune_exact(residual_block())[0])
+    pruned, _, _ = prune_exact(weights_as_constant_nodes(residual_block()))
+    assert params(pruned) == reference
+
+
+def test_identity_chains_on_weights_and_activations():
+    model = conv_bn_relu_chain()
+    g = model.graph
+    conv = g.node[0]
+    g.node.insert(0, helper.make_node("Identity", [conv.input[1]], ["w_id1"], name="id1"))
+    g.node.insert(1, helper.make_node("Identity", ["w_id1"], ["w_id2"], name="id2"))
+    conv.input[1] = "w_id2"
+    relu = next(n for n in g.node if n.op_type == "Relu")
+    consumer = next(n for n in g.node if relu.output[0] in n.input)
+    g.node.insert(list(g.node).index(consumer), helper.make_node("Identity", [relu.output[0]], ["act_id"], name="id3"))
+    consumer.input[0] = "act_id"
+    pruned, _, _ = prune_exact(model)
+    assert params(pruned) == params(prune_exact(conv_bn_relu_chain())[0])
+
+
+def test_shared_weight_couples_its_users():
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input(["N", 3, 8, 8]), 3, 16)])
+    w = b.weight(16, 16, 3, 3)
+    y1 = b.op("Conv", [x, w], kernel_shape=[3, 3], pads=[1] * 4)
+    y2 = b.op("Conv", [b.op("Relu", [y1]), w], kernel_shape=[3, 3], pads=[1] * 4)
+    model = b.model(b.conv(y2, 16, 4))
+    pruned, analysis, plan = prune_exact(model)
+    # The shared weight ties conv input channels to its output channels: one group of 16 -> 8.
+    shared = [g for g in analysis.groups if g.size == 16 and any(m.space[0] == w for m in g.members)]
+    assert len(shared) == 1 and shared[0].size == 16
+    assert [list(i.dims) for i in pruned.graph.initializer if i.name == w] == [[8, 8, 3, 3]]
+
+
+def test_symbolic_batch_and_spatial_dimensions():
+    b = GraphBuilder()
+    x = b.conv_bn_relu(b.input(["batch", 3, "height", "width"]), 3, 16)
+    x = b.conv_bn_relu(x, 16, 32)
+    model = b.model(b.op("GlobalAveragePool", [b.conv(x, 32, 8)]))
+    prune_exact(model)
+
+
+def test_unknown_op_freezes_what_it_touches_and_says_so():
+    model = residual_block()
+    g = model.graph
+    relu = [n for n in g.node if n.op_type == "Relu"][-1]  # after the residual Add
+    relu.op_type, relu.domain = "MyRelu", "custom.domain"
+    model.opset_import.append(helper.make_opsetid("custom.domain", 1))
+    analysis = prepare(model).analysis
+    frozen = [g for g in analysis.groups if g.frozen and g.is_channel_group]
+    assert any("no rule for op custom.domain.MyRelu" in r for g in frozen for r in g.frozen)
+    assert analysis.prunable  # the rest still prunes
+
+
+def test_shapes_not_inferable_downstream_of_a_custom_op_are_frozen_not_guessed():
+    b = GraphBuilder()
+    x = b.conv_bn_relu(b.input(["N", 3, 8, 8]), 3, 16)
+    mystery = b.op("Mystery", [x])
+    b.nodes[-1].domain = "vendor"
+    out = b.conv(b.conv_bn_relu(mystery, 16, 32), 32, 4)
+    graph = helper.make_graph(b.nodes, "g", b.inputs, [helper.make_tensor_value_info(out, 1, ["N", 4, 8, 8])],
+                              b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("vendor", 1)])
+    analysis = prepare(model).analysis
+    assert all(not g.prunable for g in analysis.groups if g.size == 16)
+    pruned, report = onnxprune.prune(model, 0.5, round_to=1)
+    onnx.checker.check_model(pruned)  # no ORT run: the custom op has no kernel
+    assert report.params_after <= report.params_before
+
+
+def test_tensor_used_inside_a_subgraph_is_frozen():
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input(["N", 3, 8, 8]), 3, 16)])
+    y = b.op("Relu", [b.conv(x, 16, 16)])
+    then_out = helper.make_tensor_value_info("then_y", onnx.TensorProto.FLOAT, None)
+    then_graph = helper.make_graph([helper.make_node("Identity", [y], ["then_y"])], "then", [], [then_out])
+    else_graph = helper.make_graph([helper.make_node("Neg", [y], ["then_y"])], "else", [], [then_out])
+    cond = b.const(np.array(True))
+    branch = b.op("If", [cond], then_branch=then_graph, else_branch=else_graph)
+    model = b.model(b.conv(branch, 16, 4))
+    analysis = prepare(model).analysis
+    inner = [g for g in analysis.groups if any(m.space[0] == y for m in g.members)]
+    assert inner and not inner[0].prunable and any("subgraph" in r for r in inner[0].frozen)
+    prune_exact(model)
+
+
+def test_external_data_round_trip(tmp_path):
+    model = residual_block()
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    pruned, report = onnxprune.prune(tmp_path / "ext.onnx", 0.5, round_to=1)
+    assert report.params_after < report.params_before
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_opset_11_graph():
+    b = GraphBuilder(opset=11)
+    x = b.conv_bn_relu(b.input(["N", 3, 8, 8]), 3, 16)
+    parts = b.op("Split", [x], n_out=2, axis=1, split=[8, 8])
+    g = b.op("ReduceMean", [b.op("Add", parts)], axes=[2, 3], keepdims=0)
+    u = b.op("Unsqueeze", [g], axes=[2])
+    s = b.op("Squeeze", [u], axes=[2])
+    model = b.model(b.gemm(s, 8, 4))
+    prune_exact(model)
+
+
+def test_opset_below_11_is_refused():
+    model = residual_block()
+    model.opset_import[0].version = 9
+    with pytest.raises(OnnxPruneError, match="opset 9"):
+        onnxprune.prune(model, 0.5)
+
+
+def test_input_model_is_not_modified():
+    model = residual_block()
+    before = model.SerializeToString()
+    onnxprune.prune(model, 0.5)
+    assert model.SerializeToString() == before
+
+
+def test_macs_match_hand_counts():
+    b = GraphBuilder()
+    x = b.input([1, 3, 8, 8])
+    c1 = b.conv(x, 3, 16)                                  # 8*8*16 outputs, 3*3*3 each
+    c2 = b.conv(c1, 16, 16, group=4, stride=2)             # 4*4*16 outputs, 4*3*3 each
+    t = b.op("ConvTranspose", [c2, b.weight(16, 8, 2, 2)], kernel_shape=[2, 2], strides=[2, 2])  # 16*4*4 in, 8*2*2
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [t])])
+    g = b.gemm(f, 8, 10)                                   # 8*10
+    m = b.op("MatMul", [b.op("Unsqueeze", [g, b.const(np.array([2], np.int64))]),
+                        b.const(np.ones((1, 5), np.float32))])  # (1,10,1)x(1,5): 10*5*1
+    model = b.model(m)
+    expected = 8 * 8 * 16 * 27 + 4 * 4 * 16 * 36 + 16 * 4 * 4 * 8 * 4 + 80 + 50
+    assert count_macs(model) == expected
+
+
+def test_macs_count_a_symbolic_batch_as_one():
+    b = GraphBuilder()
+    model = b.model(b.gemm(b.input(["N", 32]), 32, 16))
+    assert count_macs(model) == 32 * 16
