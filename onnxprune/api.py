@@ -27,7 +27,7 @@ class Prepared:
 
     model: onnx.ModelProto
     analysis: Analysis
-    bytes_before: int
+    weight_bytes: int
 
 
 def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[str, ...] = ()) -> Prepared:
@@ -36,7 +36,7 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[s
         model = copy.deepcopy(model_or_path)
     else:
         model = graph_mod.load_model(model_or_path)
-    size = model.ByteSize()
+    size = graph_mod.tensor_bytes(model)
     graph_mod.node_names(model)
     graph_mod.normalize(model)
     index = GraphIndex.build(model)
@@ -66,7 +66,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         ratio=ratio, criterion=criterion, round_to=round_to,
         params_before=params_before, params_after=count_params(pruned),
         macs_before=macs_before, macs_after=count_macs(pruned),
-        bytes_before=prepared.bytes_before, bytes_after=pruned.ByteSize(),
+        weight_bytes_before=prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan)
     return pruned, report

@@ -86,6 +86,7 @@ def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_
     if eval_data is not None:
         result.evaluation = evaluate(original, pruned, *eval_data).to_dict()
     save_model(pruned, output)
+    result.file_bytes_before, result.file_bytes_after = model.stat().st_size, output.stat().st_size
     if report:
         _write_json(report, result.to_dict())
     if not quiet:

@@ -42,13 +42,22 @@ def get_criterion(name: str) -> Criterion:
     return CRITERIA[name]
 
 
-def member_channels(group: Group, member: Member, index: GraphIndex) -> np.ndarray:
-    """The member's weights as (channels, values-per-channel)."""
-    array = index.array(member.space[0])
-    axis = member.space[1]
-    span = np.take(array, np.arange(member.offset, member.offset + group.size * member.inner), axis=axis)
-    span = np.moveaxis(span, axis, 0).astype(np.float64)
-    return span.reshape(group.size, -1)
+def member_norms(group: Group, member: Member, ctx: ScoringContext, order: int) -> np.ndarray:
+    """Per-channel L1 or L2 norm of one member's weights. The norms along each (tensor, axis) are computed once and
+    shared by every group that has a part of that axis."""
+    key = ("norms", order, member.space)
+    if key not in ctx.extras:
+        array = ctx.index.array(member.space[0])
+        axis = member.space[1]
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        if order == 1:
+            norms = np.add.reduce(np.abs(array), axis=others, dtype=np.float64)
+        else:
+            norms = np.sqrt(np.add.reduce(np.square(array), axis=others, dtype=np.float64))
+        ctx.extras[key] = np.asarray(norms, dtype=np.float64).reshape(-1)
+    span = ctx.extras[key][member.offset: member.offset + group.size * member.inner]
+    per_channel = span.reshape(group.size, member.inner)
+    return per_channel.sum(1) if order == 1 else np.sqrt((per_channel ** 2).sum(1))
 
 
 def _norm_criterion(order: int) -> Criterion:
@@ -57,8 +66,7 @@ def _norm_criterion(order: int) -> Criterion:
         members = members or [m for m in group.members if m.constant]
         total = np.zeros(group.size)
         for m in members:
-            values = member_channels(group, m, ctx.index)
-            norms = np.abs(values).sum(1) if order == 1 else np.sqrt((values ** 2).sum(1))
+            norms = member_norms(group, m, ctx, order)
             # Normalise each member so one wide layer does not dominate the group's ranking.
             mean = norms.mean()
             total += norms / mean if mean > 0 else norms

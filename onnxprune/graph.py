@@ -72,7 +72,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        if model.ByteSize() > 2**31 - 2**26:
+        if tensor_bytes(model) > 2**31 - 2**28:
             data_name = target.name + ".data"
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
@@ -84,6 +84,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers' data: cheap, unlike ModelProto.ByteSize() which walks the whole message."""
+    total = 0
+    for init in model.graph.initializer:  # never touch raw_data: reading it copies the bytes
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
+    return total
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -16,8 +16,10 @@ class PruneReport:
     params_after: int
     macs_before: int
     macs_after: int
-    bytes_before: int
-    bytes_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    file_bytes_before: int | None = None  # set when the model came from and went to files (the CLI)
+    file_bytes_after: int | None = None
     groups: list[dict] = field(default_factory=list)
     frozen_reasons: list[dict] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
@@ -39,11 +41,16 @@ class PruneReport:
                            "frozen": len(self.frozen_groups)}
         return data
 
+    def _size_line(self) -> str:
+        if self.file_bytes_before is not None and self.file_bytes_after is not None:
+            return f"file size   {self.file_bytes_before:>14,} -> {self.file_bytes_after:>14,}  bytes"
+        return f"weights     {self.weight_bytes_before:>14,} -> {self.weight_bytes_after:>14,}  bytes"
+
     def summary_lines(self) -> list[str]:
         lines = [
             f"parameters  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})",
             f"MACs        {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})",
-            f"file size   {self.bytes_before:>14,} -> {self.bytes_after:>14,}  bytes",
+            self._size_line(),
             f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
             f"{len(self.frozen_groups)} frozen",
         ]

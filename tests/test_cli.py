@@ -37,8 +37,9 @@ def test_prune_writes_beside_the_input_and_reports(workdir):
     report = json.loads((workdir / "r.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert report["macs_after"] < report["macs_before"]
+    assert report["file_bytes_after"] == (workdir / "m.pruned.onnx").stat().st_size
     assert report["summary"]["pruned"] == 5 and report["summary"]["frozen"] == 1
-    assert {"groups", "frozen_reasons", "bytes_before", "bytes_after"} <= set(report)
+    assert {"groups", "frozen_reasons", "file_bytes_before", "file_bytes_after"} <= set(report)
 
 
 def test_prune_with_data_reports_accuracy(workdir):
