@@ -18,7 +18,7 @@ from .report import PruneReport, channel_groups, frozen_reasons
 from .surgery import apply_plan
 from .verify import count_macs, count_params
 
-DEFAULT_ROUND_TO = 8
+DEFAULT_ROUND_TO = 16  # ORT's NCHWc convolution blocks (see BENCHMARKS.md, channel alignment)
 
 
 @dataclass

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 METADATA_KEY = "onnxprune.skeleton"
+# Kaiming std multiplier for weights closing a residual branch (see materialize).
+RESIDUAL_GAIN = 0.5
 
 _FLOAT_TYPES = {
     TensorProto.FLOAT: np.float32,
@@ -166,56 +168,98 @@ def _role(
     dims: List[int],
     consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]],
     depth: int = 0,
-) -> Tuple[str, float]:
+) -> Tuple[str, float, Optional[onnx.NodeProto]]:
     """Classify a tensor by its first meaningful consumer.
 
-    Returns (kind, fan_in) with kind in {"he", "bn_scale", "bn_bias", "bn_mean",
-    "bn_var", "ln_scale", "ln_bias", "small"}.
+    Returns (kind, fan_in, weight_node) with kind in {"he", "bn_scale",
+    "bn_bias", "bn_mean", "bn_var", "ln_scale", "ln_bias", "small"};
+    weight_node is the Conv/Gemm/MatMul consuming an "he" tensor.
     """
     for node, idx in consumers.get(name, []):
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             continue
         if op in ("Conv", "ConvInteger") and idx == 1 and len(dims) >= 2:
-            return "he", dims[1] * _numel(dims[2:])
+            return "he", dims[1] * _numel(dims[2:]), node
         if op == "ConvTranspose" and idx == 1 and len(dims) >= 2:
             group = int(_attr(node, "group", 1) or 1)
             strides = _attr(node, "strides", None) or [1] * (len(dims) - 2)
             fan = (dims[0] / max(group, 1)) * _numel(dims[2:]) / max(_numel(strides), 1)
-            return "he", max(fan, 1.0)
+            return "he", max(fan, 1.0), node
         if op == "Gemm" and idx in (0, 1) and len(dims) == 2:
             if idx == 1:
                 fan = dims[1] if _attr(node, "transB", 0) else dims[0]
             else:
                 fan = dims[0] if _attr(node, "transA", 0) else dims[1]
-            return "he", fan
+            return "he", fan, node
         if op == "MatMul" and idx in (0, 1) and len(dims) >= 1:
             if len(dims) == 1:
-                return "he", dims[0]
-            return "he", dims[-2] if idx == 1 else dims[-1]
+                return "he", dims[0], node
+            return "he", (dims[-2] if idx == 1 else dims[-1]), node
         if op == "BatchNormalization" and idx in (1, 2, 3, 4):
-            return ["", "bn_scale", "bn_bias", "bn_mean", "bn_var"][idx], 0
+            return ["", "bn_scale", "bn_bias", "bn_mean", "bn_var"][idx], 0, None
         if op in ("LayerNormalization", "InstanceNormalization", "GroupNormalization") and idx in (1, 2):
-            return ("ln_scale" if idx == 1 else "ln_bias"), 0
+            return ("ln_scale" if idx == 1 else "ln_bias"), 0, None
         if op in _PASSTHROUGH and idx == 0 and depth < 8:
             new_dims = list(dims)
             if op == "Transpose":
                 perm = _attr(node, "perm", None) or list(reversed(range(len(dims))))
                 new_dims = [dims[p] for p in perm]
-            kind, fan = _role(node.output[0], new_dims, consumers, depth + 1)
-            if kind != "small":
-                return kind, fan
-    return "small", 0
+            found = _role(node.output[0], new_dims, consumers, depth + 1)
+            if found[0] != "small":
+                return found
+    return "small", 0, None
+
+
+# Single-consumer ops a residual branch may pass through between its last
+# weight op and the residual Add (with a constant other operand where binary).
+_BRANCH_TAIL = {"BatchNormalization", "Identity", "Dropout", "Reshape", "Transpose",
+                "Squeeze", "Unsqueeze", "Flatten"}
+_BRANCH_TAIL_BINARY = {"Add", "Sub", "Mul", "Div"}
+
+
+def _feeds_residual(
+    node: onnx.NodeProto,
+    consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]],
+    const_names: set,
+    hops: int = 8,
+) -> bool:
+    """True if ``node``'s output reaches, through a chain of single-consumer
+    linear ops, one operand of an Add/Sum whose other operand is computed (a
+    residual connection)."""
+    if not node.output:
+        return False
+    out = node.output[0]
+    for _ in range(hops):
+        cons = consumers.get(out, [])
+        if len(cons) != 1:
+            return False
+        nxt, idx = cons[0]
+        if nxt.domain not in ("", "ai.onnx") or not nxt.output:
+            return False
+        op = nxt.op_type
+        others = [x for j, x in enumerate(nxt.input) if j != idx and x]
+        if op in ("Add", "Sum"):
+            if others and all(o in const_names for o in others):
+                out = nxt.output[0]  # bias add
+                continue
+            return True
+        if op in _BRANCH_TAIL or (op in _BRANCH_TAIL_BINARY and all(o in const_names for o in others)):
+            out = nxt.output[0]
+            continue
+        return False
+    return False
 
 
 def _tensor_seed(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode("utf-8"))])
 
 
-def _sample(kind: str, fan_in: float, dims: List[int], rng: np.random.Generator) -> np.ndarray:
+def _sample(kind: str, fan_in: float, dims: List[int], rng: np.random.Generator,
+            gain: float = 1.0) -> np.ndarray:
     shape = tuple(int(d) for d in dims)
     if kind == "he":
-        return rng.normal(0.0, math.sqrt(2.0 / max(float(fan_in), 1.0)), shape)
+        return rng.normal(0.0, gain * math.sqrt(2.0 / max(float(fan_in), 1.0)), shape)
     if kind in ("bn_scale", "bn_var", "ln_scale"):
         return rng.uniform(0.5, 1.5, shape)
     if kind in ("bn_bias", "bn_mean"):
@@ -238,15 +282,16 @@ def _to_tensor(name: str, values: np.ndarray, dtype: int) -> TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np_dtype), name=name)
 
 
-def materialize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+def materialize(model: onnx.ModelProto, seed: int = 0, residual_gain: float = RESIDUAL_GAIN) -> onnx.ModelProto:
     """Return a runnable copy of a skeleton with seeded random weights.
 
     Every recorded tensor becomes an initializer (appended to
     ``graph.initializer``) with values drawn from a generator seeded by
     ``(seed, crc32(name))`` -- deterministic and independent of initializer
     order. The distribution depends on how the tensor is consumed (see module
-    docstring). The metadata record is removed. Non-skeletons are returned as a
-    plain copy.
+    docstring); weights of the last op of a residual branch get their
+    Kaiming std multiplied by ``residual_gain`` (1.0 disables that). The
+    metadata record is removed. Non-skeletons are returned as a plain copy.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -260,10 +305,16 @@ def materialize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
             if inp:
                 consumers.setdefault(inp, []).append((node, i))
 
+    const_names = {t.name for t in out.graph.initializer} | set(records)
+    const_names |= {n.output[0] for n in out.graph.node if n.op_type == "Constant" and n.output}
+
     new_inits = []
     for name, (dtype, dims) in records.items():
-        kind, fan_in = _role(name, dims, consumers)
-        values = _sample(kind, fan_in, dims, _tensor_seed(seed, name))
+        kind, fan_in, wnode = _role(name, dims, consumers)
+        gain = 1.0
+        if wnode is not None and residual_gain != 1.0 and _feeds_residual(wnode, consumers, const_names):
+            gain = residual_gain
+        values = _sample(kind, fan_in, dims, _tensor_seed(seed, name), gain)
         new_inits.append(_to_tensor(name, values, dtype))
     out.graph.initializer.extend(new_inits)
     _set_records(out, {})

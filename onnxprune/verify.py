@@ -103,8 +103,11 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
     removed = {gid: np.setdiff1d(np.arange(analysis.groups[gid].size), keep) for gid, keep in plan.keep.items()}
     arrays: dict[str, np.ndarray] = {}
     for gid, channels in removed.items():
-        for m in analysis.groups[gid].members:
-            if not m.constant or m.role not in PRODUCER_ROLES:
+        members = analysis.groups[gid].members
+        # A group no weight produces (channels gathered from a frozen tensor) is silenced where it is consumed.
+        roles = PRODUCER_ROLES if any(m.role in PRODUCER_ROLES for m in members) else PRODUCER_ROLES + ("w_in",)
+        for m in members:
+            if not m.constant or m.role not in roles:
                 continue
             name, axis = m.space
             array = arrays.setdefault(name, analysis.index.array(name).copy())

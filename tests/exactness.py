@@ -10,13 +10,16 @@ from onnxprune.verify import check_valid, io_signature, random_feeds, run, zero_
 
 
 def prune_exact(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1", round_to: int = 1,
-                atol: float = 1e-5, batch: int = 2, exclude: tuple[str, ...] = ()):
+                atol: float = 1e-5, batch: int = 2, exclude: tuple[str, ...] = (), exact_groups_only: bool = False):
     """Zero the channels the plan removes in the original, prune that model with the same plan, and require the
     same onnxruntime outputs; also require a valid model with unchanged inputs and outputs.
 
-    Returns (pruned model, analysis, plan)."""
+    `exact_groups_only` leaves out groups marked inexact (a LayerNorm over the channels), whose removal changes the
+    outputs by design. Returns (pruned model, analysis, plan)."""
     prepared = prepare(model, exclude)
     plan = make_plan(prepared.analysis, ratio, criterion, round_to)
+    if exact_groups_only:
+        plan.keep = {g: k for g, k in plan.keep.items() if not prepared.analysis.groups[g].inexact}
     zeroed = zero_removed_channels(prepared.model, prepared.analysis, plan)
     again = prepare(zeroed, exclude)
     pruned = apply_plan(again.model, again.analysis, plan)

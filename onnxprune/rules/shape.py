@@ -165,10 +165,11 @@ def _contiguous_cuts(n: NodeView) -> list[tuple[int, int, int, int]]:
     """(position in starts, axis, begin, end) for each axis cut with step 1 and a static size; strided or dynamic
     cuts are left out, so those axes stay whole."""
     shape = n.in_shape(0)
+    axes = _sliced_axes(n)
     starts, ends = n.const(1).reshape(-1), n.const(2).reshape(-1)
     steps = n.ints("steps", 4) or [1] * starts.size
     cuts = []
-    for k, a in enumerate(_sliced_axes(n)):
+    for k, a in enumerate(axes):
         if steps[k] != 1 or not is_static(shape[a]):
             continue
         begin, end = _clamp(int(starts[k]), shape[a]), _clamp(int(ends[k]), shape[a])
