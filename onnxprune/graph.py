@@ -115,6 +115,19 @@ def normalize(model: onnx.ModelProto) -> None:
     protected = set(o.name for o in graph.output) | subgraph_references(graph)
     _constants_to_initializers(graph, protected)
     _bypass_constant_identities(graph, protected)
+    if model.ir_version >= 4:
+        _initializers_out_of_inputs(graph)
+
+
+def _initializers_out_of_inputs(graph: onnx.GraphProto) -> None:
+    """Older exporters also list every weight as a graph input (an overridable default). Weights are what pruning
+    slices, so they become plain constants; the data inputs are untouched."""
+    weights = {init.name for init in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in weights]
+    if len(inputs) != len(graph.input):
+        log.info("%d weights listed as graph inputs are treated as constants", len(graph.input) - len(inputs))
+        del graph.input[:]
+        graph.input.extend(inputs)
 
 
 def _constants_to_initializers(graph: onnx.GraphProto, protected: set[str]) -> None:

@@ -110,6 +110,16 @@ def test_tensor_used_inside_a_subgraph_is_frozen():
     prune_exact(model)
 
 
+def test_weights_listed_as_graph_inputs_are_pruned_as_constants():
+    model = residual_block()
+    model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in model.graph.initializer)
+    pruned, report = onnxprune.prune(model, 0.5, round_to=1)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == ["x"]
+    assert report.params_after == params(prune_exact(residual_block())[0])
+
+
 def test_external_data_round_trip(tmp_path):
     model = residual_block()
     onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
