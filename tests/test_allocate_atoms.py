@@ -1,0 +1,72 @@
+"""Channel counts per group, and the index-set algebra behind the groups."""
+import builders
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.allocate import keep_count
+from onnxprune.atoms import Atoms
+from onnxprune.groups import Group, Member
+
+
+def group(size: int, inner: int = 1) -> Group:
+    return Group(0, size, [Member(("t", 1), 0, inner, "w_out", True)])
+
+
+@pytest.mark.parametrize("size,ratio,round_to,expected", [
+    (64, 0.5, 1, 32), (10, 0.25, 1, 8), (3, 0.9, 1, 1),       # round(r*C) removed, at least one kept
+    (64, 0.5, 16, 32), (64, 0.3, 16, 48), (96, 0.5, 16, 48),  # a multiple of 16
+    (24, 0.5, 16, 16), (12, 0.5, 16, 12),                     # never below one step; small groups stay whole
+    (100, 0.5, 16, 48),                                       # nearest multiple
+])
+def test_keep_count(size, ratio, round_to, expected):
+    assert keep_count(group(size), ratio, round_to) == expected
+
+
+def test_keep_count_rounds_blocks_of_grouped_convs():
+    # 32 groups of 4 channels: a multiple of 16 channels is a multiple of 4 groups.
+    assert keep_count(group(32, inner=4), 0.5, 16) == 16
+    assert keep_count(group(32, inner=4), 0.3, 16) * 4 % 16 == 0
+
+
+def test_ratio_zero_keeps_everything():
+    model = builders.residual_block()
+    pruned, report = onnxprune.prune(model, 0.0)
+    assert report.params_after == report.params_before and not report.pruned_groups
+
+
+def test_round_to_keeps_multiples():
+    _, report = onnxprune.prune(builders.conv_bn_relu_chain(), 0.4, round_to=8)
+    assert all(g["kept"] % 8 == 0 for g in report.pruned_groups)
+
+
+def test_atoms_concat_then_split_differently():
+    atoms = Atoms()
+    a, b, whole = atoms.new(4), atoms.new(6), atoms.new(10)
+    assert atoms.equate(whole, atoms.concat([a, b]))
+    c, d = atoms.new(5), atoms.new(5)
+    assert atoms.equate(whole, atoms.concat([c, d]))  # boundaries at 4 and 5 refine into 4 | 1 | 5
+    sizes = [atoms.size[leaf] for leaf, _ in atoms.leaves(whole)]
+    assert sizes == [4, 1, 5]
+    assert [atoms.size[leaf] for leaf, _ in atoms.leaves(b)] == [1, 5]
+
+
+def test_atoms_expansion_and_contradiction():
+    atoms = Atoms()
+    channels, features = atoms.new(8), atoms.new(32)
+    assert atoms.equate(features, atoms.expanded(channels, 4))
+    assert atoms.leaves(features) == [(atoms.find(channels), 4)]
+    # a boundary inside a block cannot be honoured
+    assert not atoms.equate(features, atoms.concat([atoms.new(3), atoms.new(29)]))
+
+
+def test_kept_indices_follow_offsets_and_blocks():
+    model = builders.flatten_gemm_head()
+    from onnxprune.api import make_plan, prepare
+    prepared = prepare(model)
+    plan = make_plan(prepared.analysis, 0.5, round_to=1)
+    conv_group = next(g for g in prepared.analysis.groups if g.size == 16 and any(m.inner == 16 for m in g.members))
+    gemm_weight = next(m for m in conv_group.members if m.role == "w_in")
+    kept = prepared.analysis.kept_indices(gemm_weight.space, plan.keep)
+    channels = plan.keep[conv_group.id]
+    assert np.array_equal(kept, (channels[:, None] * 16 + np.arange(16)).ravel())
