@@ -64,7 +64,7 @@ def cli() -> None:
 @click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
               help="How channels are ranked.")
 @click.option("--round-to", type=int, default=api.DEFAULT_ROUND_TO, show_default=True,
-              help="Keep a multiple of N channels per group (ORT CPU kernels are faster on aligned widths).")
+              help="Keep a multiple of N channels per group (onnxruntime's CPU convolutions are fastest on multiples of 16).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Freeze groups touching nodes or tensors whose name matches (glob; plain text matches a part).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")

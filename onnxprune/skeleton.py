@@ -10,11 +10,15 @@ topology and every non-weight value is exact.
 
 Why: the test zoo of real exported models lives in git as KBs instead of
 hundreds of MB, and tests need no torch. ``materialize`` turns a skeleton back
-into a runnable model with seeded random weights (Kaiming-normal for
-Conv/ConvTranspose/Gemm/MatMul weights, well-conditioned normalization
-parameters, small values elsewhere) so activations stay finite and sane through
-deep networks. Random weights are right for structure and exactness tests
-(pruned vs. reference outputs); they are not for accuracy tests.
+into a runnable model with seeded random weights, each tensor drawn from a
+generator seeded by (seed, crc32(name)) so values do not depend on initializer
+order: Kaiming-normal for Conv/ConvTranspose/Gemm/MatMul weights (fan-in from
+the op and layout), well-conditioned BatchNorm/LayerNorm parameters (positive
+variances), N(0, 0.02) elsewhere. The weight closing a residual branch (last
+weight op before an Add whose other operand is computed) gets its Kaiming std
+halved (``residual_gain``); otherwise the variance about doubles per block
+(efficientnet_v2_s outputs ~1e6 instead of ~1e2). Random weights are right for
+structure and exactness tests (pruned vs. reference outputs), not for accuracy.
 
 Note: a skeleton is not runnable (and ``onnx.checker`` reports the missing
 initializers as undefined inputs); call ``materialize`` first. Large float

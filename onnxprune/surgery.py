@@ -74,10 +74,11 @@ class _FixContext:
                 del node.attribute[position]
                 return
 
-    def set_const_input(self, index: int, value: np.ndarray) -> None:
-        """Set a constant input; a constant shared with other nodes is copied under a new name, not changed."""
-        node, graph = self.view.node, self.model.graph
-        current = self.view.const(index)
+    def set_const_input(self, index: int, value: np.ndarray, node: onnx.NodeProto | None = None) -> None:
+        """Set a constant input of this node (or of `node`, e.g. the Concat that builds a Reshape target); a
+        constant shared with other nodes is copied under a new name, not changed."""
+        node, graph = node or self.view.node, self.model.graph
+        current = self.analysis.index.array(node.input[index]) if index < len(node.input) else None
         if current is not None and current.dtype == value.dtype and np.array_equal(current, value):
             return
         if current is not None and self._owned(node.input[index]):

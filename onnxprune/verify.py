@@ -83,13 +83,15 @@ def _conv_transpose_macs(node, shape) -> int:
 
 
 def _gemm_macs(node, shape) -> int:
-    a = shape(node.input[0])
-    k = a[0] if _attr(node, "transA", 0) else a[1]
+    b = shape(node.input[1])  # the weight's shape is known even where a run-time reshape hides the input's
+    k = b[1] if _attr(node, "transB", 0) else b[0]
     return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
 
 
 def _matmul_macs(node, shape) -> int:
-    return int(np.prod(shape(node.output[0]), dtype=np.int64) * shape(node.input[0])[-1])
+    b = shape(node.input[1])
+    k = b[-2] if len(b) >= 2 else b[0]
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
 
 
 _MAC_COUNTERS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _gemm_macs,

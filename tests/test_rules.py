@@ -257,3 +257,35 @@ def test_layer_norm_over_channels_is_marked_inexact():
     pruned, report = onnxprune.prune(model, 0.5)
     onnx.checker.check_model(pruned, full_check=True)
     assert any(g["inexact"] for g in report.groups)
+
+
+def _batch_of(b, x):
+    """What `x.size(0)` exports to: Shape -> Gather(0) -> Unsqueeze."""
+    size = b.op("Gather", [b.op("Shape", [x]), b.const(np.array(0, np.int64))], axis=0)
+    return b.op("Unsqueeze", [size, b.const(np.array([0], np.int64))])
+
+
+def test_flatten_with_a_run_time_batch_view():
+    def body(b, x):  # x.view(x.size(0), -1)
+        target = b.op("Concat", [_batch_of(b, x), b.const(np.array([-1], np.int64))], axis=0)
+        return b.gemm(b.op("Reshape", [x, target]), C * 64, 10)
+    check(sandwich(body, consumer="none"))
+
+
+def test_reshape_target_built_with_concat_is_fixed():
+    def body(b, x):  # x.view(x.size(0), C * 64): the constant entry must follow the pruned channels
+        target = b.op("Concat", [_batch_of(b, x), b.const(np.array([C * 64], np.int64))], axis=0)
+        return b.gemm(b.op("Reshape", [x, target]), C * 64, 10)
+    pruned, _, _ = check(sandwich(body, consumer="none"))
+    assert any(list(onnx.numpy_helper.to_array(i)) == [C // 2 * 64] for i in pruned.graph.initializer
+               if list(i.dims) == [1])
+
+
+def test_shape_reading_the_channel_axis_freezes_it():
+    def body(b, x):
+        channels = b.op("Gather", [b.op("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)
+        return b.op("Reshape", [x, b.op("Concat", [b.const(np.array([0], np.int64)), channels,
+                                                   b.const(np.array([-1], np.int64))], axis=0)])
+    model = sandwich(body, consumer="none")
+    stem = next(g for g in prepare(model).analysis.groups if g.size == C)
+    assert not stem.prunable and any("Shape" in r for r in stem.frozen)

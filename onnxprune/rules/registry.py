@@ -90,7 +90,7 @@ class FixContext(Protocol):
 
     def new_size(self, ref: Ref) -> int: ...  # the size after pruning (the old one where nothing changed)
     def set_attr(self, name: str, value: object) -> None: ...
-    def set_const_input(self, index: int, value: np.ndarray) -> None: ...  # a no-op when the value is unchanged
+    def set_const_input(self, index: int, value: np.ndarray, node: onnx.NodeProto | None = None) -> None: ...
     def remove_attr(self, name: str) -> None: ...
 
 
@@ -172,6 +172,14 @@ class NodeView:
         if shape is None:
             raise Barrier(f"shape of {what} unknown")
         return shape
+
+    def refine_out_shape(self, i: int, shape: Dims) -> None:
+        """Record sizes a rule worked out that shape inference left unknown (later nodes and surgery read them)."""
+        name = self.node.output[i]
+        old = self.index.shapes.get(name)
+        if old is not None and len(old) == len(shape) and all(
+                not is_static(o) or o == s for o, s in zip(old, shape)):
+            self.index.shapes[name] = tuple(shape)
 
     def const(self, i: int) -> np.ndarray | None:
         return self.index.array(self.node.input[i]) if self.has_input(i) else None

@@ -1,10 +1,13 @@
 """Ops that move, merge, split or cut axes: Reshape family, Transpose, Concat, Split, Slice, Pad, Resize, Gather."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import onnx
 
 from ..graph import Dims
-from .registry import (Barrier, FixContext, In, NodeView, Out, Pseudo, Rule, compose, couple, expand,
+from .registry import (Barrier, Couple, Expand, FixContext, In, NodeView, Out, Pseudo, Rule, compose, couple, expand,
                        identity_couples, is_static, rule)
 
 
@@ -14,6 +17,7 @@ def reshape_relations(src: Dims, dst: Dims) -> list:
     split into several makes it an expansion of the outermost destination axis (heads out of a hidden dimension).
     Inner axes of a merge or split, and many-to-many blocks, are not related, so they stay frozen."""
     relations = []
+    src, dst = _complete(src, dst), _complete(dst, src)
     for src_axes, dst_axes in _reshape_blocks(src, dst):
         if len(src_axes) == 1 and len(dst_axes) == 1:
             relations.append(couple(In(0, src_axes[0]), Out(0, dst_axes[0])))
@@ -59,6 +63,29 @@ def _reshape_blocks(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]]:
         blocks.append((src_axes, dst_axes))
 
 
+def _complete(shape: Dims, other: Dims) -> Dims:
+    """Fill the one unknown size of `shape` from the element count of `other` (a -1 beside a run-time batch, which
+    shape inference leaves unnamed). Run-time sizes named the same on both sides cancel out."""
+    unmatched = list(other)
+    unknown = []
+    for k, d in enumerate(shape):
+        if is_static(d):
+            continue
+        if d is not None and d in unmatched:
+            unmatched.remove(d)
+        else:
+            unknown.append(k)
+    if len(unknown) != 1 or not all(is_static(d) for d in unmatched):
+        return shape
+    known = int(np.prod([d for d in shape if is_static(d)], dtype=np.int64))
+    total = int(np.prod(unmatched, dtype=np.int64))
+    if known == 0 or total % known:
+        return shape
+    completed = list(shape)
+    completed[unknown[0]] = total // known
+    return tuple(completed)
+
+
 def _only_dynamic_left(src: Dims, i: int, dst: Dims, j: int) -> bool:
     """Two run-time sizes face each other and are the last on both sides (a batch axis reshaped with -1): they must
     be equal when the static sizes multiply to the same total."""
@@ -79,25 +106,112 @@ def _static(dim: object) -> int:
 @rule("Flatten", "Squeeze", "Unsqueeze")
 def reshape_like(n: NodeView) -> Rule:
     # Their axes attributes or inputs only name size-1 axes or a split point: nothing to fix after pruning.
-    return Rule(*reshape_relations(n.in_shape(0), n.out_shape(0)))
+    return Rule(*reshape_relations(n.in_shape(0), _completed_out_shape(n)))
+
+
+def _completed_out_shape(n: NodeView) -> Dims:
+    out = _complete(n.out_shape(0), n.in_shape(0))
+    n.refine_out_shape(0, out)
+    return out
 
 
 @rule("Reshape")
 def reshape(n: NodeView) -> Rule:
-    target = n.const(1)
-    if target is None:
+    entries = _target_entries(n)
+    if entries is None:
         raise Barrier("target shape computed at run time")
-    if n.attr("allowzero", 0) and 0 in target:
+    if n.attr("allowzero", 0) and any(e.value == 0 for e in entries):
         raise Barrier("allowzero with a zero dimension")
-    return Rule(*reshape_relations(n.in_shape(0), n.out_shape(0)), fixup=_fix_reshape_target)
+    relations = reshape_relations(n.in_shape(0), _completed_out_shape(n))
+    # An output axis whose size is computed at run time must keep its size: leave it (and its block) frozen.
+    dynamic = {j for j, e in enumerate(entries) if e.value is None}
+    relations = [r for r in relations if not any(ref.side == "out" and ref.axis in dynamic for ref in _refs(r))]
+    return Rule(*relations, fixup=_fix_reshape_target)
+
+
+@dataclass(frozen=True)
+class _TargetEntry:
+    """One entry of a Reshape target: its value (None when computed at run time) and the constant that holds it."""
+
+    value: int | None
+    node: onnx.NodeProto
+    input_index: int
+    position: int
+
+
+def _target_entries(n: NodeView) -> list[_TargetEntry] | None:
+    """The target as constants, also when exporters build it with Concat (`x.view(x.size(0), -1)`); None when it
+    cannot be read. A Concat shared with other nodes is not editable, so its constants count as run-time values."""
+    target = n.const(1)
+    if target is not None:
+        return [_TargetEntry(int(v), n.node, 1, k) for k, v in enumerate(target.reshape(-1))]
+    concat = n.index.producer.get(n.node.input[1])
+    if concat is None or concat.op_type != "Concat":
+        return None
+    shared = len(n.index.consumers.get(n.node.input[1], [])) > 1
+    entries: list[_TargetEntry] = []
+    for i, name in enumerate(concat.input):
+        piece, shape = n.index.array(name), n.index.shapes.get(name)
+        if piece is not None:
+            entries += [_TargetEntry(None if shared else int(v), concat, i, k) for k, v in enumerate(piece.reshape(-1))]
+        elif shape is not None and len(shape) == 1 and is_static(shape[0]):
+            entries += [_TargetEntry(None, concat, i, k) for k in range(shape[0])]
+        else:
+            return None
+    return entries
+
+
+def _refs(relation) -> tuple:
+    if isinstance(relation, Couple):
+        return relation.refs
+    if isinstance(relation, Expand):
+        return relation.fine, relation.coarse
+    return (relation.whole, *relation.parts)
 
 
 def _fix_reshape_target(n: NodeView, ctx: FixContext) -> None:
-    target = n.const(1).astype(np.int64).copy()
-    for j, value in enumerate(target):
-        if value not in (0, -1):  # 0 copies the (already pruned) input dim, -1 is inferred
-            target[j] = ctx.new_size(Out(0, j))
-    ctx.set_const_input(1, target)
+    pieces: dict[tuple[str, int], tuple[onnx.NodeProto, np.ndarray]] = {}
+    for j, entry in enumerate(_target_entries(n)):
+        if entry.value is None or entry.value in (0, -1):  # 0 copies the (pruned) input dim, -1 is inferred
+            continue
+        key = (entry.node.name, entry.input_index)
+        if key not in pieces:
+            pieces[key] = (entry.node, n.index.array(entry.node.input[entry.input_index]).astype(np.int64).copy())
+        pieces[key][1].reshape(-1)[entry.position] = ctx.new_size(Out(0, j))
+    for (_, input_index), (node, value) in pieces.items():
+        ctx.set_const_input(input_index, value, node=node)
+
+
+@rule("Shape")
+def shape_of(n: NodeView) -> Rule:
+    """Shape's output values are the sizes of the axes it reads: those stay as they are; the others are free."""
+    rank = len(n.in_shape(0))
+    start = _clamp(int(n.attr("start", 0)), rank)
+    end = _clamp(int(n.attr("end", rank)), rank) if n.attr("end") is not None else rank
+    read = {start + p for p in _read_positions(n, end - start)}
+    return Rule(*[couple(In(0, a)) for a in range(rank) if a not in read])
+
+
+def _read_positions(n: NodeView, length: int) -> set[int]:
+    """Which entries of a Shape output its consumers read: Gather and Slice with constant indices read a few."""
+    read: set[int] = set()
+    everything = set(range(length))
+    for consumer in n.index.consumers.get(n.node.output[0], []):
+        inputs = [n.index.array(i) if i else None for i in consumer.input]
+        if consumer.op_type == "Gather" and inputs[1] is not None and _attr(consumer, "axis", 0) == 0:
+            read |= {int(i) % length for i in inputs[1].reshape(-1)}
+        elif (consumer.op_type == "Slice" and len(inputs) >= 3 and inputs[1] is not None and inputs[2] is not None
+              and all(x is None or list(x.reshape(-1)) in ([0], [1]) for x in inputs[3:5])):
+            read |= set(range(_clamp(int(inputs[1][0]), length), _clamp(int(inputs[2][0]), length)))
+        else:
+            return everything
+    if n.node.output[0] in n.index.graph_outputs:
+        return everything
+    return read
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 @rule("Transpose")
