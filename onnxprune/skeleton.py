@@ -5,8 +5,9 @@ dropped: every float initializer (and every ``Constant`` node holding a float
 tensor) with at least ``min_elements`` elements is removed and replaced by a
 shape/dtype record in ``model.metadata_props["onnxprune.skeleton"]``, a compact
 JSON object ``{name: [onnx_dtype_int, [dims...]]}``. Small tensors (shape
-constants, integer tensors, tiny floats) stay as real data, so the graph
-topology and every non-weight value is exact.
+constants, integer tensors, tiny floats) and float tensors with at most 16
+distinct values (masks, fills) stay as real data, so the graph topology and
+every non-weight value is exact.
 
 Why: the test zoo of real exported models lives in git as KBs instead of
 hundreds of MB, and tests need no torch. ``materialize`` turns a skeleton back
@@ -101,14 +102,32 @@ def _set_records(model: onnx.ModelProto, records: Dict[str, Tuple[int, List[int]
 # --------------------------------------------------------------------------- #
 # strip
 # --------------------------------------------------------------------------- #
-def strip_weights(model: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelProto:
+def _few_distinct(t: TensorProto, max_distinct: int) -> bool:
+    """True if the tensor's values take at most ``max_distinct`` distinct values
+    (masks, index-like or fill constants folded by the exporter, e.g. Swin's
+    shifted-window mask)."""
+    if max_distinct <= 0 or t.data_location == TensorProto.EXTERNAL:
+        return False
+    try:
+        arr = numpy_helper.to_array(t).ravel()
+    except Exception:  # noqa: BLE001 - unreadable data: treat as a weight
+        return False
+    if np.unique(arr[:4096]).size > max_distinct:
+        return False
+    return np.unique(arr).size <= max_distinct
+
+
+def strip_weights(model: onnx.ModelProto, min_elements: int = 64, max_distinct: int = 16) -> onnx.ModelProto:
     """Return a copy of ``model`` with large float tensors replaced by records.
 
     Every float initializer of the main graph with ``>= min_elements`` elements
     is removed from ``graph.initializer``; every ``Constant`` node whose
     ``value`` is such a tensor is removed. Both are recorded (name, dtype, dims)
-    under ``metadata_props["onnxprune.skeleton"]``. Stripping a skeleton again
-    merges the records. The input is not modified.
+    under ``metadata_props["onnxprune.skeleton"]``. Float tensors whose values
+    take at most ``max_distinct`` distinct values (masks, fills, index-like
+    constants, never real weights) are kept as data so they stay exact; 0
+    disables that. Stripping a skeleton again merges the records. The input is
+    not modified.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -116,7 +135,11 @@ def strip_weights(model: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelP
     records = dict(skeleton_records(out))
 
     def big_float(t: TensorProto) -> bool:
-        return t.data_type in _FLOAT_TYPES and _numel(t.dims) >= min_elements
+        return (
+            t.data_type in _FLOAT_TYPES
+            and _numel(t.dims) >= min_elements
+            and not _few_distinct(t, max_distinct)
+        )
 
     kept = []
     for init in g.initializer:

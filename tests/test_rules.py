@@ -289,3 +289,15 @@ def test_shape_reading_the_channel_axis_freezes_it():
     model = sandwich(body, consumer="none")
     stem = next(g for g in prepare(model).analysis.groups if g.size == C)
     assert not stem.prunable and any("Shape" in r for r in stem.frozen)
+
+
+def test_channel_shuffle_prunes_the_same_channels_in_every_group():
+    def body(b, x):
+        other = b.op("Relu", [b.conv(x, C, C)])
+        cat = b.op("Concat", [x, other], axis=1)                       # 2C channels in 2 groups
+        r = b.op("Reshape", [cat, b.const(np.array([0, 2, C, 8, 8], np.int64))])
+        t = b.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
+        return b.op("Reshape", [t, b.const(np.array([0, 2 * C, 8, 8], np.int64))])
+    pruned, analysis, plan = check(sandwich(body, channels_out=2 * C))
+    # x and the branch are tied channel for channel by the shuffle: one group, pruned once.
+    assert len(plan.keep) == 1
