@@ -301,3 +301,14 @@ def test_channel_shuffle_prunes_the_same_channels_in_every_group():
     pruned, analysis, plan = check(sandwich(body, channels_out=2 * C))
     # x and the branch are tied channel for channel by the shuffle: one group, pruned once.
     assert len(plan.keep) == 1
+
+
+def test_einsum_contraction_and_batch_letters():
+    b = GraphBuilder()
+    x = b.input(["N", 6, 16])
+    q, k = b.matmul(x, 16, 32), b.matmul(x, 16, 32)
+    scores = b.op("Einsum", [q, k], equation="bid,bjd->bij")
+    v = b.matmul(x, 16, 24)
+    out = b.op("Einsum", [b.op("Softmax", [scores], axis=-1), v], equation="bij,bjd->bid")
+    pruned, analysis, plan = check(b.model(b.matmul(out, 24, 16)))
+    assert sorted(len(k) for k in plan.keep.values()) == [12, 16]

@@ -84,3 +84,29 @@ def pool(n: NodeView) -> Rule:
     if n.used_output(1):
         raise Barrier("MaxPool indices output is used (indices depend on the channel count)")
     return Rule(couple(In(0, 0), Out(0, 0)), couple(In(0, 1), Out(0, 1)))
+
+
+@rule("Einsum")
+def einsum(n: NodeView) -> Rule:
+    """Each letter is one index: its axes couple across inputs and output (a contracted letter couples the inputs
+    only). Letters repeated within one operand (diagonals) and ellipses are left out, so they stay frozen."""
+    equation = n.attr("equation", b"")
+    equation = (equation.decode() if isinstance(equation, bytes) else str(equation)).replace(" ", "")
+    if "->" not in equation or "." in equation:
+        raise Barrier("implicit output or ellipsis in the equation")
+    lhs, out = equation.split("->")
+    operands = lhs.split(",")
+    if len(operands) != len([i for i in range(len(n.node.input)) if n.has_input(i)]):
+        raise Barrier("equation does not match the inputs")
+    refs: dict[str, list] = {}
+    for i, term in enumerate(operands):
+        for axis, letter in enumerate(term):
+            if term.count(letter) == 1:
+                refs.setdefault(letter, []).append(In(i, axis))
+    relations = []
+    for letter, letter_refs in refs.items():
+        if out.count(letter) > 1:
+            continue
+        out_ref = [Out(0, out.index(letter))] if letter in out else []
+        relations.append(couple(*letter_refs, *out_ref))
+    return Rule(*relations)
