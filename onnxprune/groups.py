@@ -93,22 +93,69 @@ class Analysis:
 
 
 def analyze(model: onnx.ModelProto, index: GraphIndex | None = None, exclude: tuple[str, ...] = ()) -> Analysis:
-    """Find the channel groups of a (normalised) model."""
+    """Find the channel groups of a (normalised) model.
+
+    An axis split in two by a reshape is read as an expansion of the outer part (heads out of a hidden dimension) or
+    as the inner part repeated (q/k/v packed in one projection, channel shuffle). The first reading is tried first;
+    reshapes whose outer part ends up frozen while the inner part is frozen only by that reading are switched, and
+    the switch is kept when it makes more weights prunable."""
     index = index or GraphIndex.build(model)
-    builder = _Builder(index, ai_onnx_opset(model) or 0)
-    for node in model.graph.node:
-        builder.visit(node)
-    builder.freeze_boundary(model.graph)
-    analysis = builder.finish()
+    tiled: set[str] = set()
+    best = _analyze_once(model, index, tiled)
+    for _ in range(3):
+        flips = _tiling_candidates(*best) - tiled
+        if not flips:
+            break
+        trial = _analyze_once(model, index, tiled | flips)
+        if _prunable_weights(trial[0]) <= _prunable_weights(best[0]):
+            break
+        best, tiled = trial, tiled | flips
+    analysis, builder = best
     if exclude:
         _apply_exclusions(analysis, builder.touched_by, exclude)
     return analysis
 
 
+def _analyze_once(model: onnx.ModelProto, index: GraphIndex, tiled: set[str]) -> tuple[Analysis, "_Builder"]:
+    builder = _Builder(index, ai_onnx_opset(model) or 0, tiled)
+    for node in model.graph.node:
+        builder.visit(node)
+    builder.freeze_boundary(model.graph)
+    return builder.finish(), builder
+
+
+def _tiling_candidates(analysis: Analysis, builder: "_Builder") -> set[str]:
+    """Reshapes whose outer part of a split axis is frozen while the inner part is frozen only by that reshape."""
+    def groups_of(space: Space) -> list[Group]:
+        return [analysis.groups[gid] for gid, _, _ in analysis.layouts.get(space, [])]
+
+    def frozen(space: Space) -> bool:
+        return bool(groups_of(space)) and all(g.frozen for g in groups_of(space))
+
+    def frozen_only_by(space: Space, node: str) -> bool:
+        reasons = [r for g in groups_of(space) for r in g.frozen]
+        return bool(reasons) and all(f"'{node}' does not carry" in r for r in reasons)
+
+    return {node for node, outer, inner in builder.split_choices if frozen(outer) and frozen_only_by(inner, node)}
+
+
+def _prunable_weights(analysis: Analysis) -> int:
+    """Weight elements in prunable groups: the measure of how much of a model the analysis lets pruning reach."""
+    total = 0
+    for group in analysis.prunable:
+        for m in group.members:
+            if m.constant:
+                shape = analysis.index.shapes[m.space[0]]
+                total += group.size * m.inner * int(np.prod(shape, dtype=np.int64)) // max(shape[m.space[1]], 1)
+    return total
+
+
 class _Builder:
-    def __init__(self, index: GraphIndex, opset: int):
+    def __init__(self, index: GraphIndex, opset: int, tiled: set[str]):
         self.index = index
         self.opset = opset
+        self.tiled = tiled
+        self.split_choices: list[tuple[str, Space, Space]] = []  # (node, outer part, inner part) of split axes
         self.parent: dict[Space, Space] = {}
         self.size: dict[Space, int | None] = {}
         self.role: dict[Space, str] = {}
@@ -132,7 +179,7 @@ class _Builder:
         if fn is None:
             domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
             return self._barrier(tensors, f"{who}: no rule for op {domain}{node.op_type}")
-        view = NodeView(node, self.index, self.opset)
+        view = NodeView(node, self.index, self.opset, tile=node.name in self.tiled)
         try:
             rule = fn(view)
             mentioned = self._add_relations(view, rule.relations, who)
@@ -162,6 +209,8 @@ class _Builder:
                                  [self._space(view, r) for r in rel.parts], rel))
             else:
                 resolved.append(("expand", [self._space(view, rel.fine), self._space(view, rel.coarse)], rel))
+                if rel.alternative is not None:
+                    self.split_choices.append((view.name, resolved[-1][1][1], self._space(view, rel.alternative)))
         for kind, spaces, rel in resolved:
             mentioned.update(spaces)
             if kind == "couple":

@@ -312,3 +312,24 @@ def test_einsum_contraction_and_batch_letters():
     out = b.op("Einsum", [b.op("Softmax", [scores], axis=-1), v], equation="bij,bjd->bid")
     pruned, analysis, plan = check(b.model(b.matmul(out, 24, 16)))
     assert sorted(len(k) for k in plan.keep.values()) == [12, 16]
+
+
+def test_packed_qkv_attention_prunes_whole_heads():
+    """One projection makes q, k and v (D -> 3D); each is split into 4 heads of 8. The packed split is read as the
+    same channels repeated in q, k and v, so whole heads leave all three and the output projection."""
+    b = GraphBuilder()
+    x = b.input(["N", 6, 32])
+    qkv = b.op("Reshape", [b.matmul(x, 32, 96), b.const(np.array([0, 0, 3, 32], np.int64))])
+    qkv = b.op("Transpose", [qkv], perm=[2, 0, 1, 3])                      # (3, N, L, D)
+    heads = []
+    for part in range(3):
+        t = b.op("Gather", [qkv, b.const(np.array(part, np.int64))], axis=0)  # (N, L, D)
+        t = b.op("Reshape", [t, b.const(np.array([0, 0, 4, 8], np.int64))])
+        heads.append(b.op("Transpose", [t], perm=[0, 2, 1, 3]))             # (N, H, L, d)
+    q, k, v = heads
+    scores = b.op("Softmax", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
+    merged = b.op("Transpose", [b.op("MatMul", [scores, v])], perm=[0, 2, 1, 3])
+    merged = b.op("Reshape", [merged, b.const(np.array([0, 0, 32], np.int64))])
+    pruned, analysis, plan = check(b.model(b.matmul(merged, 32, 32)))
+    shapes = sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)
+    assert shapes == [(16, 32), (32, 48)]  # 2 of 4 heads: q, k, v columns 3 x 16, output projection rows 16

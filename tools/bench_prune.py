@@ -82,20 +82,26 @@ def ratio_for_half_macs(model: onnx.ModelProto, round_to: int) -> float:
     return high
 
 
-def bench_model(name: str, runs: int) -> dict:
+def bench_model(name: str, runs: int, round_tos: list[int], sweep: list[float]) -> dict:
     model = load_zoo(name)
     first, median = prune_times(model)
     row = {"model": name, "prune_first_s": first, "prune_median_s": median, "cli_s": cli_time(model), "cases": []}
-    for round_to in (1, 8, 16):
-        for label, ratio in (("ratio 0.5", 0.5), ("half MACs", ratio_for_half_macs(model, round_to))):
-            pruned, report = onnxprune.prune(model, ratio=ratio, round_to=round_to)
-            before, after = latency_pair(model, pruned, runs)
-            mac_cut = report.macs_before / report.macs_after
-            row["cases"].append({"target": label, "ratio": round(ratio, 4), "round_to": round_to,
-                                 "mac_reduction": mac_cut, "ms_before": before * 1e3, "ms_after": after * 1e3,
-                                 "speedup": before / after, "speedup_per_mac_reduction": before / after / mac_cut})
+    for round_to in round_tos:
+        cases = [("ratio 0.5", 0.5), ("half MACs", ratio_for_half_macs(model, round_to))]
+        cases += [("sweep", r) for r in sweep if round_to == onnxprune.api.DEFAULT_ROUND_TO]
+        for label, ratio in cases:
+            row["cases"].append(latency_case(model, label, ratio, round_to, runs))
             print(json.dumps({"model": name, **row["cases"][-1]}), flush=True)
     return row
+
+
+def latency_case(model: onnx.ModelProto, label: str, ratio: float, round_to: int, runs: int) -> dict:
+    pruned, report = onnxprune.prune(model, ratio=ratio, round_to=round_to)
+    before, after = latency_pair(model, pruned, runs)
+    mac_cut = report.macs_before / report.macs_after
+    return {"target": label, "ratio": round(ratio, 4), "round_to": round_to, "mac_reduction": mac_cut,
+            "ms_before": before * 1e3, "ms_after": after * 1e3, "speedup": before / after,
+            "speedup_per_mac_reduction": before / after / mac_cut}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -116,9 +122,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--round-to", default="1,8,16", help="channel roundings to compare")
+    parser.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.6,0.7,0.8",
+                        help="extra ratios measured at the default rounding (never slower than the original?)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = [bench_model(name, args.runs) for name in args.models.split(",")]
+    round_tos = [int(r) for r in args.round_to.split(",")]
+    sweep = [float(r) for r in args.sweep.split(",")] if args.sweep else []
+    rows = [bench_model(name, args.runs, round_tos, sweep) for name in args.models.split(",")]
     print(markdown(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))

@@ -68,6 +68,7 @@ class Expand:
     fine: Ref
     coarse: Ref
     inner: int
+    alternative: Ref | None = None  # for a split axis: the inner part, which the other reading would keep
 
 
 Relation = Couple | Compose | Expand
@@ -81,8 +82,8 @@ def compose(whole: Ref, *parts: Ref) -> Compose:
     return Compose(whole, tuple(parts))
 
 
-def expand(fine: Ref, coarse: Ref, inner: int) -> Expand:
-    return Expand(fine, coarse, int(inner))
+def expand(fine: Ref, coarse: Ref, inner: int, alternative: Ref | None = None) -> Expand:
+    return Expand(fine, coarse, int(inner), alternative)
 
 
 class FixContext(Protocol):
@@ -130,10 +131,11 @@ def rule_for(node: onnx.NodeProto) -> RuleFn | None:
 class NodeView:
     """A node with its shapes and constant inputs, as rules and fixups see it."""
 
-    def __init__(self, node: onnx.NodeProto, index: GraphIndex, opset: int):
+    def __init__(self, node: onnx.NodeProto, index: GraphIndex, opset: int, tile: bool = False):
         self.node = node
         self.index = index
         self.opset = opset
+        self.tile = tile  # read axes split in two as the inner part repeated (see groups.analyze)
         self._attrs = {a.name: a for a in node.attribute}
 
     @property

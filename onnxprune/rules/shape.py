@@ -15,8 +15,8 @@ def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
     """Line up the axes of a reshape by products. A 1:1 block couples; several source axes merged into one
     destination axis make it an expansion of the outermost source axis (Flatten into a linear layer); one source axis
     split into several makes it an expansion of the outermost destination axis (heads out of a hidden dimension).
-    With `tile_splits`, an axis split in two is instead the inner axis repeated (channel shuffle: the same channels
-    go from every group). Inner axes of a merge or split, and many-to-many blocks, are not related: they stay frozen."""
+    With `tile_splits`, an axis split in two is instead the inner part repeated (q/k/v packed in one projection,
+    channel shuffle: the same channels go from every part). Inner axes of a merge or split, and many-to-many blocks, are not related: they stay frozen."""
     relations = []
     src, dst = _complete(src, dst), _complete(dst, src)
     for src_axes, dst_axes in _reshape_blocks(src, dst):
@@ -27,20 +27,9 @@ def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
         elif len(src_axes) == 1 and tile_splits and len(dst_axes) == 2:
             relations.append(compose(In(0, src_axes[0]), *[Out(0, dst_axes[1])] * dst[dst_axes[0]]))
         elif len(src_axes) == 1:
-            relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:])))
+            alternative = Out(0, dst_axes[1]) if len(dst_axes) == 2 else None
+            relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:]), alternative))
     return relations
-
-
-def _feeds_axis_swap(n: NodeView) -> bool:
-    """The output's only reader is a Transpose that swaps two neighbouring axes (a channel shuffle's middle step)."""
-    readers = n.index.consumers.get(n.node.output[0], [])
-    if len(readers) != 1 or readers[0].op_type != "Transpose" or n.node.output[0] in n.index.graph_outputs:
-        return False
-    perm = next((list(a.ints) for a in readers[0].attribute if a.name == "perm"), None)
-    if perm is None:
-        return False
-    moved = [k for k, p in enumerate(perm) if p != k]
-    return len(moved) == 2 and moved[1] == moved[0] + 1
 
 
 def _product(shape: Dims, axes: list[int]) -> int:
@@ -121,7 +110,7 @@ def _static(dim: object) -> int:
 @rule("Flatten", "Squeeze", "Unsqueeze")
 def reshape_like(n: NodeView) -> Rule:
     # Their axes attributes or inputs only name size-1 axes or a split point: nothing to fix after pruning.
-    return Rule(*reshape_relations(n.in_shape(0), _completed_out_shape(n)))
+    return Rule(*reshape_relations(n.in_shape(0), _completed_out_shape(n), tile_splits=n.tile))
 
 
 def _completed_out_shape(n: NodeView) -> Dims:
@@ -137,7 +126,7 @@ def reshape(n: NodeView) -> Rule:
         raise Barrier("target shape computed at run time")
     if n.attr("allowzero", 0) and any(e.value == 0 for e in entries):
         raise Barrier("allowzero with a zero dimension")
-    relations = reshape_relations(n.in_shape(0), _completed_out_shape(n), tile_splits=_feeds_axis_swap(n))
+    relations = reshape_relations(n.in_shape(0), _completed_out_shape(n), tile_splits=n.tile)
     # An output axis whose size is computed at run time must keep its size: leave it (and its block) frozen.
     dynamic = {j for j, e in enumerate(entries) if e.value is None}
     relations = [r for r in relations if not any(ref.side == "out" and ref.axis in dynamic for ref in _refs(r))]
