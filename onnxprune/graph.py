@@ -214,8 +214,15 @@ def subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, Dims]:
     """Shapes of every tensor that ONNX shape inference can reach; None for an unknown dimension."""
+    return infer(model)[0]
+
+
+def infer(model: onnx.ModelProto) -> tuple[dict[str, Dims], dict[str, np.ndarray]]:
+    """Shapes, and the values of small integer tensors that shape arithmetic computes from static shapes and
+    constants (Shape -> Slice -> Concat into a Reshape target)."""
+    values: dict[str, np.ndarray] = {}
     try:
-        infos = inferred_value_infos(model)
+        infos = inferred_value_infos(model, values=values)
     except Exception as exc:
         log.warning("shape inference failed (%s); only declared shapes are used", first_line(exc))
         g = model.graph
@@ -227,16 +234,84 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Dims]:
             shapes[name] = dims
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
-    return shapes
+    return shapes, values
 
 
-def inferred_value_infos(model: onnx.ModelProto, strict: bool = False) -> dict[str, onnx.ValueInfoProto]:
+def inferred_value_infos(model: onnx.ModelProto, strict: bool = False,
+                         values: dict[str, np.ndarray] | None = None) -> dict[str, onnx.ValueInfoProto]:
     """Run ONNX shape inference on a light copy in which large initializers are typed graph inputs, so the weights
-    are never serialised; small ones keep their values because Reshape, Slice and friends read them."""
+    are never serialised; small ones keep their values because Reshape, Slice and friends read them.
+
+    Unless strict, shape arithmetic on static shapes is folded in the copy (never in the model) and inference runs
+    again; the folded values are stored in `values`."""
     light = _light_copy(model)
+    infos = _infer(light, strict)
+    if strict:
+        return infos
+    known = {i.name: numpy_helper.to_array(i) for i in light.graph.initializer}
+    for _ in range(4):  # folding makes shapes static, which lets more Shape nodes fold
+        if not _fold_shape_arithmetic(light, infos, known):
+            break
+        infos = _infer(light, strict)
+    if values is not None:
+        initializers = {i.name for i in model.graph.initializer}
+        values.update({k: v for k, v in known.items() if k not in initializers})
+    return infos
+
+
+def _infer(light: onnx.ModelProto, strict: bool) -> dict[str, onnx.ValueInfoProto]:
     inferred = onnx.shape_inference.infer_shapes(light, check_type=strict, strict_mode=strict, data_prop=True)
     g = inferred.graph
     return {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+# Ops evaluated on small known values, and the size up to which an input counts as shape data.
+_SHAPE_ARITHMETIC = {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub", "Mul",
+                     "Div", "Reshape", "Identity", "Constant", "Range", "Equal", "Where", "Expand",
+                     "ConstantOfShape", "Floor", "Ceil", "Sqrt", "Mod", "ReduceProd", "Max", "Min", "Neg", "Abs"}
+_SHAPE_DATA_LIMIT = 64
+
+
+def _fold_shape_arithmetic(light: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto],
+                           known: dict[str, np.ndarray]) -> bool:
+    """Replace, in the light copy only, every shape-arithmetic node whose inputs are known small values (or, for
+    Shape, whose input has a fully static shape) by a Constant. The model keeps these nodes; the Shape rule keeps
+    the axes a Shape reads unchanged, so the folded values stay true after pruning."""
+    from onnx.reference import ReferenceEvaluator
+
+    folded = False
+    for position, node in enumerate(light.graph.node):
+        if node.op_type not in _SHAPE_ARITHMETIC or node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
+            continue
+        try:
+            outputs = _evaluate_small(node, infos, known, ReferenceEvaluator)
+        except Exception:  # an op the reference evaluator rejects: leave it to inference
+            outputs = None
+        if outputs is None:
+            continue
+        known.update(zip(node.output, outputs))
+        constants = [onnx.helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v)))
+                     for name, v in zip(node.output, outputs)]
+        light.graph.node[position].CopyFrom(constants[0])
+        folded = True
+    return folded
+
+
+def _evaluate_small(node: onnx.NodeProto, infos: dict, known: dict, evaluator) -> list[np.ndarray] | None:
+    if node.op_type == "Shape":
+        dims = _dims_of(infos[node.input[0]].type) if node.input[0] in infos else None
+        if dims is None or not all(isinstance(d, int) for d in dims) or len(node.output) != 1:
+            return None
+        attrs = {a.name: a.i for a in node.attribute}
+        return [np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], dtype=np.int64)]
+    inputs = [i for i in node.input if i]
+    if len(node.output) != 1 or not inputs or not all(i in known and known[i].size <= _SHAPE_DATA_LIMIT
+                                                      for i in inputs):
+        return None
+    result = evaluator(node).run(None, {i: known[i] for i in inputs})
+    if any(np.asarray(r).size > _SHAPE_DATA_LIMIT for r in result):
+        return None
+    return [np.asarray(r) for r in result]
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -283,12 +358,16 @@ class GraphIndex:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
+    known_values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # folded shape arithmetic
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> "GraphIndex":
         g = model.graph
-        index = cls(model=model, shapes=shapes if shapes is not None else infer_shapes(model))
+        values: dict[str, np.ndarray] = {}
+        if shapes is None:
+            shapes, values = infer(model)
+        index = cls(model=model, shapes=shapes, known_values=values)
         index.initializers = {init.name: init for init in g.initializer}
         index.graph_inputs = {i.name for i in g.input if i.name not in index.initializers}
         index.graph_outputs = {o.name for o in g.output}
@@ -302,9 +381,10 @@ class GraphIndex:
         return index
 
     def array(self, name: str) -> np.ndarray | None:
-        """The value of a constant tensor, or None when the tensor is computed at run time."""
+        """The value of a constant tensor, or None when the tensor is computed at run time. Small integer tensors
+        that shape arithmetic computes from static shapes count as constants."""
         if name not in self.initializers:
-            return None
+            return self.known_values.get(name)
         if name not in self._arrays:
             self._arrays[name] = numpy_helper.to_array(self.initializers[name])
         return self._arrays[name]

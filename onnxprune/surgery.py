@@ -19,10 +19,25 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.M
         sliced = _sliced(analysis, plan, init)
         if sliced is not None:
             graph.initializer[position].CopyFrom(numpy_helper.from_array(sliced, init.name))
+    replaced: set[str] = set()
     for view, fixup in analysis.fixups:
-        fixup(view, _FixContext(view, analysis, plan, model))
+        fixup(view, _FixContext(view, analysis, plan, model, replaced))
+    _remove_orphans(model, replaced)
     _refresh_value_info(model)
     return model
+
+
+def _remove_orphans(model: onnx.ModelProto, names: set[str]) -> None:
+    """Drop the nodes that only computed an input a fixup replaced by a constant (folded shape arithmetic)."""
+    graph = model.graph
+    while names:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        orphans = [n for n in graph.node if any(o in names for o in n.output) and not any(o in used for o in n.output)]
+        if not orphans:
+            return
+        names = {i for n in orphans for i in n.input if i}
+        for node in orphans:
+            graph.node.remove(node)
 
 
 def _sliced(analysis: Analysis, plan: Plan, init: onnx.TensorProto) -> np.ndarray | None:
@@ -50,8 +65,9 @@ def _refresh_value_info(model: onnx.ModelProto) -> None:
 class _FixContext:
     """What a rule's fixup may do to its node (see rules.registry.FixContext)."""
 
-    def __init__(self, view: NodeView, analysis: Analysis, plan: Plan, model: onnx.ModelProto):
+    def __init__(self, view: NodeView, analysis: Analysis, plan: Plan, model: onnx.ModelProto, replaced: set[str]):
         self.view, self.analysis, self.plan, self.model = view, analysis, plan, model
+        self.replaced = replaced  # inputs swapped for new constants; their producers may now be dead
 
     def new_size(self, ref: Ref) -> int:
         space, size = resolve(self.view, ref)
@@ -84,17 +100,21 @@ class _FixContext:
         if current is not None and self._owned(node.input[index]):
             _replace_initializer(graph, node.input[index], value)
             return
+        # Otherwise (shared, absent, or computed from static shapes): a new constant for this input only.
         name = _unique_name(graph, f"{node.name}_input{index}")
         graph.initializer.append(numpy_helper.from_array(value, name))
         while len(node.input) <= index:
             node.input.append("")
+        if node.input[index]:
+            self.replaced.add(node.input[index])
         node.input[index] = name
 
     def _owned(self, name: str) -> bool:
         """Only this node's input reads the constant, so it can change in place."""
         index = self.analysis.index
         users = index.consumers.get(name, [])
-        return (len(users) == 1 and list(users[0].input).count(name) == 1 and name not in index.graph_outputs)
+        return (name in index.initializers and len(users) == 1 and list(users[0].input).count(name) == 1
+                and name not in index.graph_outputs)
 
 
 def _replace_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:

@@ -173,3 +173,15 @@ def test_macs_count_a_symbolic_batch_as_one():
     b = GraphBuilder()
     model = b.model(b.gemm(b.input(["N", 32]), 32, 16))
     assert count_macs(model) == 32 * 16
+
+
+def test_shape_arithmetic_on_static_shapes_is_resolved():
+    """TorchScript's `x.reshape(x.shape[:1] + (-1,))`-style targets: Shape -> Slice -> Concat -> Reshape."""
+    b = GraphBuilder()
+    x = b.conv_bn_relu(b.input([2, 3, 8, 8]), 3, 16)
+    end = b.op("Reshape", [b.const(np.array(1, np.int64)), b.const(np.array([1], np.int64))])  # computed, not stored
+    head = b.op("Slice", [b.op("Shape", [x]), b.const(np.array([0], np.int64)), end])
+    target = b.op("Concat", [head, b.const(np.array([16 * 64], np.int64))], axis=0)
+    model = b.model(b.gemm(b.op("Reshape", [x, target]), 16 * 64, 10))
+    pruned, analysis, plan = prune_exact(model)
+    assert any(g.size == 16 for g in analysis.prunable)
