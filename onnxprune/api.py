@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -10,13 +11,17 @@ import onnx
 
 from . import graph as graph_mod
 from .allocate import Plan, uniform_plan
-from .criteria import ScoringContext, get_criterion
+from .calibrate import Statistics, calibration_batches, collect_stats
+from .criteria import NEEDS_DATA, ScoringContext, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
+from .recover import RECOVERY, recover_bias
 from .surgery import apply_plan
 from .verify import count_macs, count_params
+
+log = logging.getLogger("onnxprune")
 
 DEFAULT_ROUND_TO = 16  # ORT's NCHWc convolution blocks (see BENCHMARKS.md, channel alignment)
 
@@ -49,18 +54,30 @@ def analyze(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[s
 
 
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, criterion: str = "l1",
-          round_to: int = DEFAULT_ROUND_TO, exclude: tuple[str, ...] = (), seed: int = 0
-          ) -> tuple[onnx.ModelProto, PruneReport]:
+          round_to: int = DEFAULT_ROUND_TO, exclude: tuple[str, ...] = (), seed: int = 0,
+          calib: object = None, calib_size: int | None = None, batch_size: int = 16, recover: str = "none",
+          quiet: bool = True) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
-    `round_to`), ranked by `criterion`. Returns the pruned model and a report; the input is never modified."""
+    `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"`). Data-driven criteria and
+    recovery read `calib`: a .npz / .npy path, a `get_next()` reader (onnxruntime.quantization style) or an
+    iterable of feed dicts. Returns the pruned model and a report; the input is never modified."""
     validate_options(ratio, round_to)
     get_criterion(criterion)
+    needs_data = criterion in NEEDS_DATA or recover != "none"
+    if recover not in RECOVERY:
+        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(RECOVERY)})")
+    if needs_data and calib is None:
+        raise UsageError(f"{'criterion ' + criterion if criterion in NEEDS_DATA else 'recovery'} needs "
+                         f"calibration data (--calib)")
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
-    plan = make_plan(analysis, ratio, criterion, round_to, seed)
+    stats = _calibrate(prepared, calib, calib_size, batch_size, quiet) if needs_data else None
+    context = ScoringContext(analysis.index, seed=seed, stats=stats)
+    plan = make_plan(analysis, ratio, criterion, round_to, seed, context)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
     pruned = apply_plan(model, analysis, plan)
+    recovered = recover_bias(pruned, analysis, plan, stats) if recover == "bias" else 0
     rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
     report = PruneReport(
         ratio=ratio, criterion=criterion, round_to=round_to,
@@ -68,15 +85,28 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         macs_before=macs_before, macs_after=count_macs(pruned),
         weight_bytes_before=prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
-        seconds=time.perf_counter() - start, plan=plan)
+        seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
+        calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks))
+    if context.fallbacks:
+        log.warning("criterion '%s' could not rank %d of %d groups (%s); they were ranked by l1", criterion,
+                    len(context.fallbacks), len(analysis.prunable),
+                    "no BatchNormalization: folded into the conv?" if criterion == "bn" else "no consumer layer")
     return pruned, report
 
 
+def _calibrate(prepared: Prepared, calib: object, size: int | None, batch_size: int, quiet: bool) -> Statistics:
+    """Per-channel statistics where every prunable group enters its consumer layers."""
+    index = prepared.analysis.index
+    spaces = {m.space for g in prepared.analysis.prunable for m in probes(g, index)}
+    batches = calibration_batches(calib, prepared.model, size, batch_size)
+    return collect_stats(prepared.model, spaces, batches, quiet=quiet)
+
+
 def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,
-              seed: int = 0) -> Plan:
+              seed: int = 0, context: ScoringContext | None = None) -> Plan:
     """Score every prunable group with `criterion` and keep the best channels of each."""
     score = get_criterion(criterion)
-    context = ScoringContext(analysis.index, seed=seed)
+    context = context or ScoringContext(analysis.index, seed=seed)
     scores = {g.id: score(g, context) for g in analysis.prunable}
     return uniform_plan(analysis, scores, ratio, round_to)
 

@@ -14,6 +14,7 @@ import click
 
 from . import api
 from .criteria import CRITERIA
+from .recover import RECOVERY
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import check_writable, load_model, save_model
 from .verify import evaluate, load_eval_data
@@ -56,6 +57,17 @@ def cli() -> None:
     logging.basicConfig(format="onnxprune: %(levelname)s: %(message)s", level=logging.WARNING)
 
 
+def calibration_options(command):
+    """--calib, --calib-size, --batch-size: shared by every command that runs data through the model."""
+    command = click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                           help="Calibration samples per onnxruntime run (1 where the model's batch is fixed at 1).")(command)
+    command = click.option("--calib-size", type=click.IntRange(min=1), default=None,
+                           help="Use at most N calibration samples.")(command)
+    return click.option("--calib", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Calibration data: .npz with arrays named after the inputs (samples on axis 0), "
+                             "or .npy for a one-input model.")(command)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ratio", "-r", type=float, required=True, help="Fraction of channels to remove from every group, in [0, 1).")
@@ -70,10 +82,15 @@ def cli() -> None:
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
               help=".npz with arrays named after the inputs (and 'label'): top-1 accuracy before and after.")
+@click.option("--recover", type=click.Choice(RECOVERY), default="none", show_default=True,
+              help="Training-free recovery on the calibration data: bias = fold the removed channels' mean "
+                   "contribution into the next layer's bias.")
+@calibration_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
-          report: Path | None, data: Path | None, seed: int, quiet: bool) -> None:
+          report: Path | None, data: Path | None, recover: str, calib: Path | None, calib_size: int | None,
+          batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
     api.validate_options(ratio, round_to)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
@@ -81,8 +98,9 @@ def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_
     _check_paths(model, output, report)
     original = load_model(model)
     eval_data = load_eval_data(str(data), original) if data else None
-    pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to,
-                               exclude=exclude, seed=seed)
+    pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to, exclude=exclude,
+                               seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
+                               recover=recover, quiet=quiet)
     if eval_data is not None:
         result.evaluation = evaluate(original, pruned, *eval_data).to_dict()
     save_model(pruned, output)
@@ -98,6 +116,8 @@ def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_
 def _check_paths(model: Path, output: Path, report: Path | None) -> None:
     if not model.exists():
         raise OnnxPruneError(f"model not found: {model}")
+    if not model.is_file():
+        raise OnnxPruneError(f"not a file: {model}")
     for path, what in ((output, "-o"), (report, "--report")):
         if path is not None and os.path.realpath(path) == os.path.realpath(model):
             raise UsageError(f"{what} must not be the input model")

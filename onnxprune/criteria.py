@@ -22,16 +22,21 @@ _WEIGHT_ROLES = ("w_out", "w_in", "scale")
 class ScoringContext:
     index: GraphIndex
     seed: int = 0
-    extras: dict = field(default_factory=dict)
+    stats: object = None  # calibrate.Statistics, for the criteria that need data
+    extras: dict = field(default_factory=dict)  # caches shared between groups
+    fallbacks: list[int] = field(default_factory=list)  # groups a criterion could not rank and ranked by l1
 
 
 Criterion = Callable[[Group, ScoringContext], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
+NEEDS_DATA: set[str] = set()
 
 
-def criterion(name: str) -> Callable[[Criterion], Criterion]:
+def criterion(name: str, needs_data: bool = False) -> Callable[[Criterion], Criterion]:
     def register(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
+        if needs_data:
+            NEEDS_DATA.add(name)
         return fn
     return register
 
@@ -82,3 +87,71 @@ CRITERIA["l2"] = _norm_criterion(2)
 def random_scores(group: Group, ctx: ScoringContext) -> np.ndarray:
     """A seeded baseline: the same seed and model give the same choice."""
     return np.random.default_rng([ctx.seed, group.id]).random(group.size)
+
+
+@criterion("bn")
+def bn_scale(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """|gamma| of the BatchNormalization on the channels (network slimming); l1 where BN was folded away."""
+    members = [m for m in group.members if m.role == "scale" and _read_by(ctx.index, m.space[0], "BatchNormalization")]
+    if not members:
+        ctx.fallbacks.append(group.id)
+        return CRITERIA["l1"](group, ctx)
+    return sum(np.abs(member_values(group, m, ctx.index)).sum(1) for m in members)
+
+
+def _read_by(index: GraphIndex, tensor: str, op_type: str) -> bool:
+    return any(node.op_type == op_type for node in index.consumers.get(tensor, []))
+
+
+def member_values(group: Group, member: Member, index: GraphIndex) -> np.ndarray:
+    """The member's values as (channels, values per channel)."""
+    array = np.moveaxis(index.array(member.space[0]), member.space[1], 0)
+    span = array[member.offset: member.offset + group.size * member.inner]
+    return span.reshape(group.size, -1).astype(np.float64)
+
+
+def probes(group: Group, index: GraphIndex) -> list[Member]:
+    """Where the group's channels enter the layers that consume them: the data inputs of the nodes whose weights
+    read the group (`w_in`). Activation statistics are taken there."""
+    spaces = {m.space: m for m in group.members if not m.constant}
+    found: dict[tuple[str, int], Member] = {}
+    for m in group.members:
+        if m.constant and m.role == "w_in":
+            for node in index.consumers.get(m.space[0], []):
+                for name in node.input:
+                    found.update({s: spaces[s] for s in spaces if s[0] == name})
+    return list(found.values())
+
+
+def _probe_channels(group: Group, ctx: ScoringContext, value: str) -> np.ndarray | None:
+    """A per-channel statistic (`zero_fraction` or `mean_abs`) averaged over the group's probes."""
+    found = probes(group, ctx.index)
+    if not found or ctx.stats is None:
+        return None
+    total = np.zeros(group.size)
+    for m in found:
+        per_index = getattr(ctx.stats.channels[m.space], value)
+        total += per_index[m.offset: m.offset + group.size * m.inner].reshape(group.size, m.inner).mean(1)
+    return total / len(found)
+
+
+@criterion("apoz", needs_data=True)
+def apoz(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """Average percentage of zeros where the channels enter their consumers: the most-zero channels go first."""
+    zeros = _probe_channels(group, ctx, "zero_fraction")
+    if zeros is None:
+        ctx.fallbacks.append(group.id)
+        return CRITERIA["l1"](group, ctx)
+    # Ties (channels that are never zero, before a non-ReLU consumer) are broken by mean |activation|.
+    mean_abs = _probe_channels(group, ctx, "mean_abs")
+    return 1.0 - zeros + 1e-3 * mean_abs / max(float(mean_abs.max()), 1e-12)
+
+
+@criterion("activation", needs_data=True)
+def activation(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """Mean |activation| where the channels enter their consumers."""
+    mean_abs = _probe_channels(group, ctx, "mean_abs")
+    if mean_abs is None:
+        ctx.fallbacks.append(group.id)
+        return CRITERIA["l1"](group, ctx)
+    return mean_abs

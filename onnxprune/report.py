@@ -26,6 +26,10 @@ class PruneReport:
     seconds: float = 0.0
     evaluation: dict | None = None
     plan: object = field(default=None, repr=False)  # the allocate.Plan applied; not part of the JSON
+    recovery: str = "none"
+    recovered_layers: int = 0
+    calibration_samples: int = 0
+    criterion_fallbacks: int = 0  # groups the criterion could not rank (ranked by l1)
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -54,6 +58,9 @@ class PruneReport:
             f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
             f"{len(self.frozen_groups)} frozen",
         ]
+        if self.calibration_samples:
+            lines.append(f"calibration {self.calibration_samples} samples; criterion {self.criterion}, "
+                         f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)")
         for item in self.frozen_reasons[:8]:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
         if self.evaluation:

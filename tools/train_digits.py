@@ -258,11 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="models", help="output folder (default: models)")
     ap.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ap.add_argument("--calib-only", action="store_true",
+                    help="only write the calibration split (no training, no export)")
     args = ap.parse_args(argv)
 
     set_determinism(args.seed)
     x_tr, x_te, y_tr, y_te = load_data()
     print(f"train {x_tr.shape}, test {x_te.shape}")
+    if args.calib_only:
+        os.makedirs(args.out_dir, exist_ok=True)
+        save_calibration(x_tr, y_tr, args.out_dir)
+        return 0
 
     model = DigitsCNN()
     n_params = sum(p.numel() for p in model.parameters())
@@ -312,7 +318,20 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {onnx_path} ({os.path.getsize(onnx_path)} bytes), "
         f"{npz_path} ({os.path.getsize(npz_path)} bytes)"
     )
+    save_calibration(x_tr, y_tr, args.out_dir)
     return 0
+
+
+CALIB_NAME = "digits_cnn.calib.npz"
+CALIB_SIZE = 256
+
+
+def save_calibration(x_tr: np.ndarray, y_tr: np.ndarray, out_dir: str) -> None:
+    """Calibration data for data-driven pruning: the first CALIB_SIZE samples of the training split (never the
+    test split, which measures the result)."""
+    path = os.path.join(out_dir, CALIB_NAME)
+    np.savez_compressed(path, input=x_tr[:CALIB_SIZE].astype(np.float32), label=y_tr[:CALIB_SIZE].astype(np.int64))
+    print(f"wrote {path} ({os.path.getsize(path)} bytes)")
 
 
 if __name__ == "__main__":

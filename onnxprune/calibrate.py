@@ -1,0 +1,229 @@
+"""Calibration data and streaming statistics through onnxruntime.
+
+Readers turn a file or a Python object into feed dicts checked against the model's inputs. `collect_stats` runs the
+batches through onnxruntime with the tensors the criteria need exposed as extra outputs, and keeps only per-channel
+running sums, so memory does not grow with the number of samples.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from .errors import OnnxPruneError, UsageError, first_line
+from .verify import session
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple  # int, or str / None for a run-time size
+
+    @property
+    def fixed_batch(self) -> bool:
+        return bool(self.dims) and isinstance(self.dims[0], int)
+
+    def expected(self) -> str:
+        return "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in self.dims) + ")"
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    weights = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in weights:
+            continue
+        t = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+        specs.append(InputSpec(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims))
+    return specs
+
+
+def load_arrays(path: str | Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Samples stacked on axis 0, per input: an .npz with arrays named after the inputs (one unnamed array for a
+    one-input model; 'label' and friends are ignored), or an .npy for a one-input model."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxPruneError(f"calibration data not found: {p}")
+    if p.suffix not in (".npz", ".npy"):
+        raise OnnxPruneError(f"calibration data {p} is not an .npz or .npy file")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        arrays = {specs[0].name: loaded} if isinstance(loaded, np.ndarray) else dict(loaded)
+    except Exception as exc:
+        raise OnnxPruneError(f"cannot read calibration data {p}: {first_line(exc)}") from None
+    for key in ("label", "labels", "y"):
+        arrays.pop(key, None)
+    names = [s.name for s in specs]
+    if len(specs) == 1 and names[0] not in arrays and len(arrays) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    for spec in specs:
+        if spec.name not in arrays:
+            raise OnnxPruneError(f"calibration data {p} has no array for input '{spec.name}' "
+                                 f"(has: {', '.join(sorted(arrays)) or 'nothing'})")
+    return {n: arrays[n] for n in names}
+
+
+def array_batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], size: int | None,
+                  batch_size: int) -> Iterator[Feed]:
+    """Feed dicts of `batch_size` samples (one at a time where the model's batch dimension is fixed)."""
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise OnnxPruneError(f"calibration arrays hold different sample counts: {sorted(counts)}")
+    total = min(counts.pop(), size) if size else counts.pop()
+    step = 1 if any(s.fixed_batch and s.dims[0] == 1 for s in specs) else batch_size
+    for start in range(0, total, step):
+        yield {n: a[start:min(start + step, total)] for n, a in arrays.items()}
+
+
+def reader_batches(reader: object, size: int | None) -> Iterator[Feed]:
+    """Batches from an ORT-quantization-style reader (`get_next() -> dict | None`) or an iterable of feed dicts."""
+    if hasattr(reader, "get_next"):
+        iterator: Iterable = iter(reader.get_next, None)
+    elif isinstance(reader, Iterable):
+        iterator = reader
+    else:
+        raise UsageError("calibration data must be a path, an object with get_next(), or an iterable of dicts")
+    seen = 0
+    for feed in iterator:
+        if size and seen >= size:
+            return
+        yield feed
+        seen += len(next(iter(feed.values()))) if feed else 0
+
+
+def check_feed(feed: Feed, specs: list[InputSpec]) -> Feed:
+    """Names, ranks, static sizes and dtypes of one batch; a one-line error names the input and the expected shape."""
+    if not isinstance(feed, dict):
+        raise OnnxPruneError(f"calibration batch is a {type(feed).__name__}, expected a dict of input arrays")
+    checked = {}
+    for spec in specs:
+        if spec.name not in feed:
+            raise OnnxPruneError(f"calibration batch has no input '{spec.name}' (expected shape {spec.expected()})")
+        value = np.asarray(feed[spec.name])
+        shape_ok = value.ndim == len(spec.dims) and all(
+            not isinstance(d, int) or d == v for d, v in zip(spec.dims, value.shape))
+        if not shape_ok:
+            raise OnnxPruneError(f"calibration input '{spec.name}' has shape {tuple(value.shape)}, "
+                                 f"expected {spec.expected()}")
+        if value.dtype != spec.dtype:
+            if not (np.issubdtype(value.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)):
+                raise OnnxPruneError(f"calibration input '{spec.name}' is {value.dtype}, expected {spec.dtype}")
+            value = value.astype(spec.dtype)
+        checked[spec.name] = value
+    return checked
+
+
+def calibration_batches(source: object, model: onnx.ModelProto, size: int | None = None,
+                        batch_size: int = 16) -> Iterator[Feed]:
+    """Checked feed dicts from a path (.npz / .npy), a `get_next()` reader, or an iterable of dicts."""
+    specs = input_specs(model)
+    if isinstance(source, (str, Path)):
+        batches = array_batches(load_arrays(source, specs), specs, size, batch_size)
+    else:
+        batches = reader_batches(source, size)
+    for feed in batches:
+        yield check_feed(feed, specs)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+@dataclass
+class ChannelStats:
+    """Running per-channel sums of one (tensor, axis): memory is O(channels), whatever the number of samples."""
+
+    count: int = 0  # values seen per channel
+    zeros: np.ndarray | None = None
+    total: np.ndarray | None = None
+    abs_total: np.ndarray | None = None
+    squares: np.ndarray | None = None
+
+    def update(self, value: np.ndarray, axis: int) -> None:
+        moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1).astype(np.float64)
+        sums = (np.count_nonzero(moved == 0, axis=1), moved.sum(1), np.abs(moved).sum(1), (moved ** 2).sum(1))
+        if self.zeros is None:
+            self.zeros, self.total, self.abs_total, self.squares = (np.zeros(len(moved)) for _ in range(4))
+        self.zeros += sums[0]
+        self.total += sums[1]
+        self.abs_total += sums[2]
+        self.squares += sums[3]
+        self.count += moved.shape[1]
+
+    @property
+    def zero_fraction(self) -> np.ndarray:
+        return self.zeros / max(self.count, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_total / max(self.count, 1)
+
+
+@dataclass
+class Statistics:
+    channels: dict[tuple[str, int], ChannelStats] = field(default_factory=dict)
+    samples: int = 0
+    batches: int = 0
+
+
+def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches: Iterable[Feed],
+                  quiet: bool = True, threads: int = 0) -> Statistics:
+    """Run `batches` through `model` and accumulate ChannelStats for every probed (tensor, axis)."""
+    tensors = sorted({t for t, _ in probes})
+    probed = _with_outputs(model, tensors)
+    sess = session(probed, threads=threads)
+    names = [o.name for o in probed.graph.output]
+    stats = Statistics({p: ChannelStats() for p in probes})
+    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    for feed in batches:
+        try:
+            outputs = dict(zip(names, sess.run(names, feed)))
+        except Exception as exc:
+            raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+        for (tensor, axis), channel_stats in stats.channels.items():
+            channel_stats.update(outputs[tensor], axis)
+        stats.batches += 1
+        stats.samples += len(next(iter(feed.values())))
+        progress.show(f"calibrating: {stats.batches} batches, {stats.samples} samples")
+    progress.close()
+    if stats.batches == 0:
+        raise OnnxPruneError("calibration data holds no samples")
+    return stats
+
+
+class _Progress:
+    """One self-overwriting line on a terminal's stderr, at most five updates a second."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.last, self.shown = enabled, 0.0, False
+
+    def show(self, text: str) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last > 0.2:
+            print(f"\r{text}", end="", file=sys.stderr, flush=True)
+            self.last, self.shown = now, True
+
+    def close(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns `tensors`."""
+    probed = copy.deepcopy(model)
+    existing = {o.name for o in probed.graph.output}
+    probed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                               for name in tensors if name not in existing)
+    return probed

@@ -1,0 +1,166 @@
+"""Calibration readers, streaming statistics, data-driven criteria and bias recovery."""
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder
+from click.testing import CliRunner
+from test_cli import DIGITS, one_line_error
+
+import onnxprune
+from onnxprune.allocate import Plan
+from onnxprune.api import prepare
+from onnxprune.calibrate import ChannelStats, calibration_batches, collect_stats
+from onnxprune.cli import cli
+from onnxprune.criteria import ScoringContext, get_criterion
+from onnxprune.verify import run
+
+
+def relu_chain(dead: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """conv(3->8)+bias -> relu -> conv(8->4); channels in `dead` have zero weights and a negative bias: always 0."""
+    b = GraphBuilder()
+    x = b.input(["N", 3, 6, 6])
+    w = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    bias = np.full(8, 0.1, np.float32)
+    for c in dead:
+        w[c], bias[c] = 0, -1.0
+    h = b.op("Relu", [b.op("Conv", [x, b.const(w), b.const(bias)], kernel_shape=[3, 3], pads=[1] * 4)])
+    return b.model(b.conv(h, 8, 4))
+
+
+def samples(n: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 6, 6)).astype(np.float32)}
+
+
+def test_statistics_equal_numpy_reference():
+    model = relu_chain()
+    data = samples()
+    prepared = prepare(model)
+    relu_out = next(n.output[0] for n in prepared.model.graph.node if n.op_type == "Relu")
+    stats = collect_stats(prepared.model, {(relu_out, 1)}, calibration_batches(iter([data]), prepared.model))
+    probed = onnx.ModelProto()
+    probed.CopyFrom(prepared.model)
+    probed.graph.output.append(onnx.helper.make_tensor_value_info(relu_out, onnx.TensorProto.FLOAT, None))
+    activation = run(probed, data)[1]
+    per_channel = np.moveaxis(activation, 1, 0).reshape(8, -1)
+    s = stats.channels[(relu_out, 1)]
+    np.testing.assert_allclose(s.mean, per_channel.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.mean_abs, np.abs(per_channel).mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.zero_fraction, (per_channel == 0).mean(1))
+
+
+def test_batches_and_readers_agree(tmp_path):
+    model = relu_chain()
+    data = samples(20)
+    np.savez(tmp_path / "c.npz", x=data["x"])
+    np.save(tmp_path / "c.npy", data["x"])
+
+    class Reader:  # onnxruntime.quantization.CalibrationDataReader protocol
+        def __init__(self):
+            self.batches = iter([{"x": data["x"][:10]}, {"x": data["x"][10:]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = prepare(model)
+    probe = {(prepared.model.graph.node[0].output[0], 1)}
+    means = [collect_stats(prepared.model, probe, calibration_batches(src, prepared.model, batch_size=7))
+             .channels[next(iter(probe))].mean for src in (tmp_path / "c.npz", tmp_path / "c.npy", Reader(),
+                                                           [{"x": data["x"]}])]
+    for m in means[1:]:
+        np.testing.assert_allclose(m, means[0], rtol=1e-5)
+
+
+def test_statistics_memory_does_not_grow_with_batches():
+    stats = ChannelStats()
+    rng = np.random.default_rng(0)
+    stats.update(rng.standard_normal((4, 8, 5, 5)), 1)
+    sizes = [a.nbytes for a in (stats.zeros, stats.total, stats.abs_total, stats.squares)]
+    for _ in range(50):
+        stats.update(rng.standard_normal((4, 8, 5, 5)), 1)
+    assert [a.nbytes for a in (stats.zeros, stats.total, stats.abs_total, stats.squares)] == sizes
+    assert stats.count == 51 * 4 * 25
+
+
+def test_apoz_ranks_an_always_zero_channel_first():
+    model = relu_chain(dead=(5,))
+    _, report = onnxprune.prune(model, 0.125, criterion="apoz", round_to=1, calib=iter([samples()]))
+    (group,) = report.plan.keep.values()
+    assert 5 not in group and len(group) == 7
+
+
+def test_bn_criterion_uses_gamma_and_falls_back_where_folded(caplog):
+    import builders
+    model = builders.conv_bn_relu_chain()
+    prepared = prepare(model)
+    context = ScoringContext(prepared.analysis.index)
+    for group in prepared.analysis.prunable:
+        scores = get_criterion("bn")(group, context)
+        gamma = next(m for m in group.members if m.role == "scale")
+        np.testing.assert_allclose(scores, np.abs(prepared.analysis.index.array(gamma.space[0])))
+    assert not context.fallbacks
+    _, report = onnxprune.prune(builders.matmul_mlp(), 0.5, criterion="bn")
+    assert report.criterion_fallbacks == 2 and "ranked by l1" in caplog.text
+
+
+def test_bias_recovery_is_exact_when_removed_channels_are_constant():
+    """A dead ReLU channel with a positive bias and zero weights outputs a constant: folding it into the next
+    layer's bias loses nothing."""
+    b = GraphBuilder()
+    x = b.input(["N", 3, 6, 6])
+    w = np.random.default_rng(0).standard_normal((8, 3, 1, 1)).astype(np.float32)
+    bias = np.full(8, 0.1, np.float32)
+    w[[2, 6]], bias[[2, 6]] = 0, [0.7, 1.3]  # constant 0.7 and 1.3 after the ReLU
+    h = b.op("Relu", [b.op("Conv", [x, b.const(w), b.const(bias)], kernel_shape=[1, 1])])
+    model = b.model(b.conv(h, 8, 4, k=1))
+    data = samples()
+    prepared = prepare(model)
+    group = next(g for g in prepared.analysis.prunable if g.size == 8)
+    plan = Plan({group.id: np.array([0, 1, 3, 4, 5, 7])})
+    from onnxprune.recover import recover_bias
+    from onnxprune.surgery import apply_plan
+    stats = collect_stats(prepared.model, {m.space for m in group.members if not m.constant and
+                                           m.space[0] in {n.input[0] for n in prepared.model.graph.node}},
+                          calibration_batches(iter([data]), prepared.model))
+    pruned = apply_plan(prepared.model, prepared.analysis, plan)
+    assert not np.allclose(run(pruned, data)[0], run(model, data)[0], atol=1e-3)  # pruning alone loses them
+    assert recover_bias(pruned, prepared.analysis, plan, stats) == 1
+    onnx.checker.check_model(pruned, full_check=True)
+    np.testing.assert_allclose(run(pruned, data)[0], run(model, data)[0], atol=1e-5)
+
+
+def test_bias_recovery_improves_the_trained_model():
+    from onnxprune.verify import evaluate, load_eval_data
+    model = onnx.load(DIGITS)
+    feeds, labels = load_eval_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
+    calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
+    plain, _ = onnxprune.prune(model, 0.2, round_to=1)
+    recovered, report = onnxprune.prune(model, 0.2, round_to=1, calib=calib, recover="bias")
+    assert report.recovered_layers >= 4
+    assert evaluate(model, recovered, feeds, labels).accuracy_after > evaluate(model, plain, feeds, labels).accuracy_after + 0.3
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def calib_dir(tmp_path):
+    return tmp_path
+
+
+def prune_with(calib, *extra):
+    return CliRunner().invoke(cli, [str(DIGITS), "--ratio", "0.5", "-c", "apoz", "--calib", str(calib),
+                                    "-o", str(calib.parent / "out.onnx"), *extra])
+
+
+def test_calibration_errors_are_one_line(calib_dir):
+    np.savez(calib_dir / "wrong_name.npz", image=np.zeros((4, 1, 8, 8), np.float32), other=np.zeros(4))
+    one_line_error(prune_with(calib_dir / "wrong_name.npz"), 1, "no array for input 'input'")
+    np.savez(calib_dir / "wrong_shape.npz", input=np.zeros((4, 1, 7, 7), np.float32))
+    one_line_error(prune_with(calib_dir / "wrong_shape.npz"), 1, "expected (N, 1, 8, 8)")
+    np.savez(calib_dir / "wrong_type.npz", input=np.zeros((4, 1, 8, 8), np.int64))
+    one_line_error(prune_with(calib_dir / "wrong_type.npz"), 1, "'input' is int64, expected float32")
+    np.savez(calib_dir / "empty.npz", input=np.zeros((0, 1, 8, 8), np.float32))
+    one_line_error(prune_with(calib_dir / "empty.npz"), 1, "no samples")
+    one_line_error(prune_with(calib_dir / "missing.npz"), 1, "not found")
+    (calib_dir / "model.onnx").write_bytes(DIGITS.read_bytes())
+    one_line_error(prune_with(calib_dir / "model.onnx"), 1, "not an .npz or .npy")
+    one_line_error(CliRunner().invoke(cli, [str(DIGITS), "--ratio", "0.5", "-c", "apoz"]), 2, "needs calibration")
+    assert not (calib_dir / "out.onnx").exists()
