@@ -333,3 +333,17 @@ def test_packed_qkv_attention_prunes_whole_heads():
     pruned, analysis, plan = check(b.model(b.matmul(merged, 32, 32)))
     shapes = sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)
     assert shapes == [(16, 32), (32, 48)]  # 2 of 4 heads: q, k, v columns 3 x 16, output projection rows 16
+
+
+def test_packed_qkv_split_into_three_axes_prunes_heads():
+    """Swin-style: (N, L, 3D) -> (N, L, 3, heads, d) -> permute -> select q, k, v."""
+    b = GraphBuilder()
+    x = b.input(["N", 6, 32])
+    qkv = b.op("Reshape", [b.matmul(x, 32, 96), b.const(np.array([0, 0, 3, 4, 8], np.int64))])
+    qkv = b.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                  # (3, N, H, L, d)
+    q, k, v = (b.op("Gather", [qkv, b.const(np.array(i, np.int64))], axis=0) for i in range(3))
+    scores = b.op("Softmax", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
+    merged = b.op("Transpose", [b.op("MatMul", [scores, v])], perm=[0, 2, 1, 3])
+    merged = b.op("Reshape", [merged, b.const(np.array([0, 0, 32], np.int64))])
+    pruned, _, _ = check(b.model(b.matmul(merged, 32, 32)))
+    assert sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2) == [(16, 32), (32, 48)]

@@ -15,8 +15,9 @@ def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
     """Line up the axes of a reshape by products. A 1:1 block couples; several source axes merged into one
     destination axis make it an expansion of the outermost source axis (Flatten into a linear layer); one source axis
     split into several makes it an expansion of the outermost destination axis (heads out of a hidden dimension).
-    With `tile_splits`, an axis split in two is instead the inner part repeated (q/k/v packed in one projection,
-    channel shuffle: the same channels go from every part). Inner axes of a merge or split, and many-to-many blocks, are not related: they stay frozen."""
+    With `tile_splits`, a split axis is instead its inner part repeated once per index of the outer axis (q/k/v
+    packed in one projection, channel shuffle); the inner part is in turn an expansion of its own outermost axis.
+    Axes not related this way, and many-to-many blocks, stay frozen."""
     relations = []
     src, dst = _complete(src, dst), _complete(dst, src)
     for src_axes, dst_axes in _reshape_blocks(src, dst):
@@ -24,12 +25,20 @@ def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
             relations.append(couple(In(0, src_axes[0]), Out(0, dst_axes[0])))
         elif len(dst_axes) == 1:
             relations.append(expand(Out(0, dst_axes[0]), In(0, src_axes[0]), _product(src, src_axes[1:])))
-        elif len(src_axes) == 1 and tile_splits and len(dst_axes) == 2:
-            relations.append(compose(In(0, src_axes[0]), *[Out(0, dst_axes[1])] * dst[dst_axes[0]]))
+        elif len(src_axes) == 1 and tile_splits:
+            relations += _tiled_split(src_axes[0], dst, dst_axes)
         elif len(src_axes) == 1:
-            alternative = Out(0, dst_axes[1]) if len(dst_axes) == 2 else None
-            relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:]), alternative))
+            relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:]),
+                                    alternative=Out(0, dst_axes[1])))
     return relations
+
+
+def _tiled_split(src_axis: int, dst: Dims, dst_axes: list[int]) -> list:
+    repeats, rest = dst[dst_axes[0]], dst_axes[1:]
+    if len(rest) == 1:
+        return [compose(In(0, src_axis), *[Out(0, rest[0])] * repeats)]
+    part = Pseudo(f"part{src_axis}", _product(dst, rest))
+    return [compose(In(0, src_axis), *[part] * repeats), expand(part, Out(0, rest[0]), _product(dst, rest[1:]))]
 
 
 def _product(shape: Dims, axes: list[int]) -> int:
