@@ -17,7 +17,7 @@ from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
-from .recover import RECOVERY, recover_bias
+from .recover import RECOVERY, recover_bias, recover_lsq
 from .surgery import apply_plan
 from .verify import count_macs, count_params
 
@@ -72,12 +72,19 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
+    if recover == "lsq" and not isinstance(calib, (str, os.PathLike)):
+        # Least squares replays the data once per layer: a Python reader is read once and kept.
+        calib = list(calibration_batches(calib, model, calib_size, batch_size))
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     plan = make_plan(analysis, ratio, criterion, round_to, seed, context)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
+    original = copy.deepcopy(model) if recover == "lsq" else None
     pruned = apply_plan(model, analysis, plan)
     recovered = recover_bias(pruned, analysis, plan, stats) if recover == "bias" else 0
+    if recover == "lsq":
+        replay = lambda: calibration_batches(calib, original, calib_size, batch_size)  # noqa: E731
+        recovered = recover_lsq(pruned, original, analysis, plan, replay, quiet=quiet)
     rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
     report = PruneReport(
         ratio=ratio, criterion=criterion, round_to=round_to,

@@ -84,7 +84,7 @@ def calibration_options(command):
               help=".npz with arrays named after the inputs (and 'label'): top-1 accuracy before and after.")
 @click.option("--recover", type=click.Choice(RECOVERY), default="none", show_default=True,
               help="Training-free recovery on the calibration data: bias = fold the removed channels' mean "
-                   "contribution into the next layer's bias.")
+                   "contribution into the next layer's bias; lsq = re-fit the next layers by least squares.")
 @calibration_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")

@@ -17,7 +17,7 @@ from .groups import Analysis, Group, Member
 
 log = logging.getLogger("onnxprune")
 
-RECOVERY = ("none", "bias")
+RECOVERY = ("none", "bias", "lsq")
 
 
 def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats) -> int:
@@ -116,3 +116,187 @@ def _add_to_input(model: onnx.ModelProto, node: onnx.NodeProto, index: int, delt
         node.input.append("")
     node.input[index] = bias.name
     return 1
+
+
+# ------------------------------------------------------------------------------------------------ least squares
+
+_REFIT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def refit_layers(analysis: Analysis, plan: Plan) -> list[str]:
+    """Names of the layers that lost input channels and can be re-fitted, in graph order."""
+    names: set[str] = set()
+    for gid in plan.keep:
+        for node, _ in _consumers(analysis.groups[gid], analysis):
+            if node.op_type in _REFIT_OPS and _attr(node, "group", 1) == 1 and not _attr(node, "transA", 0):
+                names.add(node.name)
+    return [n.name for n in analysis.index.model.graph.node if n.name in names]
+
+
+def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, plan: Plan,
+                batches, ridge: float = 1e-5, positions: int = 64, quiet: bool = True) -> int:
+    """Re-fit, layer by layer in graph order, each layer that lost input channels so that its outputs on the
+    calibration data match the original model's: ridge-regularised least squares on the pruned model's own inputs
+    to that layer, so errors made upstream are compensated too. `batches()` yields the calibration feeds afresh.
+    A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
+    from .calibrate import _with_outputs
+    from .verify import session
+
+    original_nodes = {n.name: n for n in original.graph.node}
+    changed = 0
+    layers = refit_layers(analysis, plan)
+    for position, name in enumerate(layers):
+        node = next(n for n in pruned.graph.node if n.name == name)
+        reference = _with_outputs(original, [original_nodes[name].output[0]])
+        current = _with_outputs(pruned, [node.input[0]])
+        target_session, input_session = session(reference, threads=0), session(current, threads=0)
+        kept = _kept_outputs(node, analysis, plan)
+        system = _NormalEquations()
+        rng = np.random.default_rng(position)
+        for feed in batches():
+            target = target_session.run([original_nodes[name].output[0]], feed)[0]
+            inputs = input_session.run([node.input[0]], feed)[0]
+            if kept is not None:
+                target = np.take(target, kept, axis=1 if node.op_type != "MatMul" else -1)
+            system.add(*_rows(node, inputs, target, rng, positions))
+        changed += _apply_fit(pruned, node, system, ridge)
+        if not quiet:
+            log.info("recovered %s (%d/%d)", name, position + 1, len(layers))
+    return changed
+
+
+def _kept_outputs(node: onnx.NodeProto, analysis: Analysis, plan: Plan) -> np.ndarray | None:
+    output = node.output[0]
+    axis = len(analysis.index.shapes[output]) - 1 if node.op_type == "MatMul" else 1
+    return analysis.kept_indices((output, axis), plan.keep)
+
+
+def _rows(node: onnx.NodeProto, inputs: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+          positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features, targets) rows: im2col patches at sampled output positions for a Conv, rows of the input for
+    Gemm and MatMul; a column of ones for the bias."""
+    if node.op_type == "Conv":
+        features, target = _conv_rows(node, inputs, target, rng, positions)
+    else:
+        features = inputs.reshape(-1, inputs.shape[-1])
+        target = target.reshape(-1, target.shape[-1])
+        if len(features) > positions * 16:
+            pick = rng.choice(len(features), positions * 16, replace=False)
+            features, target = features[pick], target[pick]
+    ones = np.ones((len(features), 1), features.dtype)
+    return np.concatenate([features, ones], axis=1).astype(np.float64), target.astype(np.float64)
+
+
+def _conv_rows(node, x: np.ndarray, y: np.ndarray, rng, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+    kh, kw = (attrs.get("kernel_shape") or [1, 1])[-2:]
+    sh, sw = (attrs.get("strides") or [1, 1])[-2:]
+    dh, dw = (attrs.get("dilations") or [1, 1])[-2:]
+    pads = attrs.get("pads") or [0, 0, 0, 0]
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, out_h, out_w = y.shape[0], y.shape[2], y.shape[3]
+    count = min(positions, out_h * out_w)
+    flat = np.stack([rng.choice(out_h * out_w, count, replace=False) for _ in range(n)])  # (n, count)
+    oy, ox = flat // out_w, flat % out_w
+    rows_n = np.repeat(np.arange(n), count)
+    iy = oy.reshape(-1)[:, None] * sh + np.arange(kh) * dh  # (rows, kh)
+    ix = ox.reshape(-1)[:, None] * sw + np.arange(kw) * dw
+    channels = np.arange(x.shape[1])
+    patches = padded[rows_n[:, None, None, None], channels[None, :, None, None], iy[:, None, :, None],
+                     ix[:, None, None, :]]
+    target = y[rows_n, :, oy.reshape(-1), ox.reshape(-1)]
+    return patches.reshape(len(rows_n), -1), target
+
+
+class _NormalEquations:
+    """Running F^T F, F^T T and ||T||^2: memory fixed by the layer's size, not by the samples."""
+
+    def __init__(self) -> None:
+        self.gram = self.cross = None
+        self.target_energy = 0.0
+
+    def add(self, features: np.ndarray, target: np.ndarray) -> None:
+        if self.gram is None:
+            self.gram = np.zeros((features.shape[1],) * 2)
+            self.cross = np.zeros((features.shape[1], target.shape[1]))
+        self.gram += features.T @ features
+        self.cross += features.T @ target
+        self.target_energy += float((target ** 2).sum())
+
+    def drop_bias(self) -> None:
+        self.gram, self.cross = self.gram[:-1, :-1], self.cross[:-1]
+
+    def error(self, weights: np.ndarray) -> float:
+        """Squared error of `weights` (features x outputs) on everything seen."""
+        return float(np.einsum("ij,ik,kj->", weights, self.gram, weights) - 2 * (weights * self.cross).sum()
+                     + self.target_energy)
+
+    def solve(self, ridge: float) -> np.ndarray | None:
+        size = len(self.gram)
+        damping = ridge * max(float(np.trace(self.gram)) / size, 1e-12)
+        try:
+            return np.linalg.solve(self.gram + damping * np.eye(size), self.cross)
+        except np.linalg.LinAlgError:
+            try:
+                return np.linalg.lstsq(self.gram, self.cross, rcond=None)[0]
+            except np.linalg.LinAlgError:
+                return None
+
+
+def _apply_fit(model: onnx.ModelProto, node: onnx.NodeProto, system: _NormalEquations, ridge: float) -> int:
+    if system.gram is None:
+        return 0
+    inits = {i.name: i for i in model.graph.initializer}
+    weight = numpy_helper.to_array(inits[node.input[1]])
+    as_rows = _weight_rows(node, weight)  # (features, outputs), bias row appended
+    bias = _current_bias(model, node, inits, as_rows.shape[1])
+    if bias is None:  # nowhere to put a bias (a MatMul without an Add after it): fit without one
+        system.drop_bias()
+        bias = np.zeros(as_rows.shape[1])
+        current = as_rows
+    else:
+        current = np.concatenate([as_rows, bias[None, :]], axis=0)
+    fitted = system.solve(ridge)
+    if fitted is None or not np.all(np.isfinite(fitted)) or system.error(fitted) >= system.error(current):
+        log.info("least-squares recovery kept %s '%s' as it was", node.op_type, node.name)
+        return 0
+    rows = fitted[:as_rows.shape[0]]
+    new_weight = _rows_to_weight(node, rows, weight).astype(weight.dtype)
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(new_weight, node.input[1]))
+    if len(fitted) > len(rows):
+        _add_bias(model, node, (fitted[-1] - bias).astype(np.float32))
+    return 1
+
+
+def _weight_rows(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+    if node.op_type == "Conv":
+        return weight.reshape(weight.shape[0], -1).T.astype(np.float64)
+    alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0) if node.op_type == "Gemm" else 1.0
+    rows = weight.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight
+    return rows.astype(np.float64) * alpha
+
+
+def _rows_to_weight(node: onnx.NodeProto, rows: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if node.op_type == "Conv":
+        return rows.T.reshape(like.shape)
+    alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0) if node.op_type == "Gemm" else 1.0
+    rows = rows / alpha
+    return rows.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else rows
+
+
+def _current_bias(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict, outputs: int) -> np.ndarray | None:
+    """The bias the layer's outputs get now (Conv/Gemm input, or the Add after a MatMul); zeros where a Conv or
+    Gemm has none yet, None where there is no place for one."""
+    if node.op_type in ("Conv", "Gemm"):
+        name = node.input[2] if len(node.input) > 2 else ""
+        scale = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+    else:
+        follower = [n for n in model.graph.node if node.output[0] in n.input]
+        name = ""
+        if len(follower) == 1 and follower[0].op_type == "Add":
+            name = follower[0].input[1 - list(follower[0].input).index(node.output[0])]
+        scale = 1.0
+    if name in inits:
+        bias = numpy_helper.to_array(inits[name]).astype(np.float64).reshape(-1) * scale
+        return bias if bias.shape == (outputs,) else None
+    return np.zeros(outputs) if node.op_type in ("Conv", "Gemm") and not name else None

@@ -164,3 +164,56 @@ def test_calibration_errors_are_one_line(calib_dir):
     one_line_error(prune_with(calib_dir / "model.onnx"), 1, "not an .npz or .npy")
     one_line_error(CliRunner().invoke(cli, [str(DIGITS), "--ratio", "0.5", "-c", "apoz"]), 2, "needs calibration")
     assert not (calib_dir / "out.onnx").exists()
+
+
+def linear_pair(redundant: dict[int, dict[int, float]]) -> onnx.ModelProto:
+    """conv(3->8, linear) -> conv(8->4); channel c in `redundant` is a linear combination of kept channels."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    for c, mix in redundant.items():
+        w1[c] = sum(k * w1[j] for j, k in mix.items())
+        b1[c] = sum(k * b1[j] for j, k in mix.items())
+    b = GraphBuilder()
+    h = b.op("Conv", [b.input(["N", 3, 6, 6]), b.const(w1), b.const(b1)], kernel_shape=[3, 3], pads=[1] * 4)
+    return b.model(b.conv(h, 8, 4))
+
+
+def test_lsq_recovery_is_exact_when_removed_channels_are_combinations_of_kept_ones():
+    import copy
+
+    from onnxprune.recover import recover_lsq
+    from onnxprune.surgery import apply_plan
+    model = linear_pair({2: {0: 1.0, 1: -0.5}, 5: {3: 2.0}, 6: {4: 0.3, 7: 0.7}})
+    prepared = prepare(model)
+    group = next(g for g in prepared.analysis.prunable if g.size == 8)
+    plan = Plan({group.id: np.array([0, 1, 3, 4, 7])})
+    original = copy.deepcopy(prepared.model)
+    pruned = apply_plan(prepared.model, prepared.analysis, plan)
+    test = samples(8, seed=99)
+    assert not np.allclose(run(pruned, test)[0], run(model, test)[0], atol=1e-2)  # pruning alone loses them
+    data = [samples(16, seed) for seed in range(4)]
+    assert recover_lsq(pruned, original, prepared.analysis, plan, lambda: iter(data)) == 1
+    onnx.checker.check_model(pruned, full_check=True)
+    np.testing.assert_allclose(run(pruned, test)[0], run(model, test)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_lsq_survives_degenerate_calibration_data():
+    """All-zero inputs make every feature but the bias constant: the ridge keeps the solve finite, and a fit that is
+    no better than the current layer leaves it alone."""
+    model = relu_chain()
+    data = [{"x": np.zeros((4, 3, 6, 6), np.float32)}]
+    pruned, report = onnxprune.prune(model, 0.5, round_to=1, calib=data, recover="lsq")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert all(np.all(np.isfinite(onnx.numpy_helper.to_array(i))) for i in pruned.graph.initializer)
+    assert np.all(np.isfinite(run(pruned, samples(4))[0]))
+
+
+def test_lsq_recovers_the_trained_model():
+    from onnxprune.verify import evaluate, load_eval_data
+    model = onnx.load(DIGITS)
+    feeds, labels = load_eval_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
+    calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
+    recovered, report = onnxprune.prune(model, 0.5, calib=calib, recover="lsq")
+    assert report.macs_after < 0.3 * report.macs_before
+    assert evaluate(model, recovered, feeds, labels).accuracy_after >= 0.95
