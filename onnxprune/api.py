@@ -12,11 +12,12 @@ import onnx
 from . import graph as graph_mod
 from .allocate import Plan, uniform_plan
 from .calibrate import Statistics, calibration_batches, collect_stats
-from .criteria import NEEDS_DATA, ScoringContext, get_criterion, probes
+from .criteria import NEEDS_DATA, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
+from .regression import ContributionGram
 from .recover import RECOVERY, recover_bias, recover_lsq
 from .surgery import apply_plan
 from .verify import count_macs, count_params
@@ -75,7 +76,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     if recover == "lsq" and not isinstance(calib, (str, os.PathLike)):
         # Least squares replays the data once per layer: a Python reader is read once and kept.
         calib = list(calibration_batches(calib, model, calib_size, batch_size))
-    stats = _calibrate(prepared, calib, calib_size, batch_size, quiet) if needs_data else None
+    stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     plan = make_plan(analysis, ratio, criterion, round_to, seed, context)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
@@ -101,12 +102,29 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     return pruned, report
 
 
-def _calibrate(prepared: Prepared, calib: object, size: int | None, batch_size: int, quiet: bool) -> Statistics:
-    """Per-channel statistics where every prunable group enters its consumer layers."""
+def _calibrate(prepared: Prepared, calib: object, size: int | None, batch_size: int, quiet: bool,
+               criterion: str) -> Statistics:
+    """Per-channel statistics where every prunable group enters its consumer layers (and, for the regression
+    criterion, each group's contribution Gram matrix)."""
     index = prepared.analysis.index
     spaces = {m.space for g in prepared.analysis.prunable for m in probes(g, index)}
+    grams = {}
+    if criterion == "regression":
+        for g in prepared.analysis.prunable:
+            layers = [(node, m, index.array(node.input[1])) for node, m in consumers(g, index)
+                      if node.op_type in ("Conv", "Gemm", "MatMul") and _plain_layer(node, index)]
+            if layers:
+                grams[g.id] = ContributionGram(g, layers)
     batches = calibration_batches(calib, prepared.model, size, batch_size)
-    return collect_stats(prepared.model, spaces, batches, quiet=quiet)
+    return collect_stats(prepared.model, spaces, batches, quiet=quiet, extra=grams)
+
+
+def _plain_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A layer whose weight is a constant second input read as (out, in, ...) or (in, out): group 1, no transA."""
+    attrs = {a.name: a.i for a in node.attribute}
+    weight = index.array(node.input[1])
+    return (weight is not None and attrs.get("group", 1) == 1 and not attrs.get("transA", 0)
+            and (node.op_type != "MatMul" or weight.ndim == 2))
 
 
 def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,

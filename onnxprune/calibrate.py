@@ -174,18 +174,21 @@ class ChannelStats:
 @dataclass
 class Statistics:
     channels: dict[tuple[str, int], ChannelStats] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # key -> accumulator with `tensors` and `update(outputs)`
     samples: int = 0
     batches: int = 0
 
 
 def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches: Iterable[Feed],
-                  quiet: bool = True, threads: int = 0) -> Statistics:
-    """Run `batches` through `model` and accumulate ChannelStats for every probed (tensor, axis)."""
-    tensors = sorted({t for t, _ in probes})
+                  quiet: bool = True, threads: int = 0, extra: dict | None = None) -> Statistics:
+    """Run `batches` through `model` and accumulate ChannelStats for every probed (tensor, axis), and feed the
+    `extra` accumulators (e.g. the regression criterion's Gram matrices) the tensors they ask for."""
+    extra = extra or {}
+    tensors = sorted({t for t, _ in probes} | {t for acc in extra.values() for t in acc.tensors})
     probed = _with_outputs(model, tensors)
     sess = session(probed, threads=threads)
     names = [o.name for o in probed.graph.output]
-    stats = Statistics({p: ChannelStats() for p in probes})
+    stats = Statistics({p: ChannelStats() for p in probes}, extra)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     for feed in batches:
         try:
@@ -194,6 +197,8 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
             raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
         for (tensor, axis), channel_stats in stats.channels.items():
             channel_stats.update(outputs[tensor], axis)
+        for accumulator in extra.values():
+            accumulator.update(outputs)
         stats.batches += 1
         stats.samples += len(next(iter(feed.values())))
         progress.show(f"calibrating: {stats.batches} batches, {stats.samples} samples")

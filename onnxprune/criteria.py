@@ -13,6 +13,7 @@ import numpy as np
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Group, Member
+from .regression import removal_order
 
 # Weight members that say how much a channel matters: the producer's and consumers' kernels, a norm's scale.
 _WEIGHT_ROLES = ("w_out", "w_in", "scale")
@@ -123,6 +124,19 @@ def probes(group: Group, index: GraphIndex) -> list[Member]:
     return list(found.values())
 
 
+def consumers(group: Group, index: GraphIndex) -> list[tuple[object, Member]]:
+    """(layer, its data input member) for every layer whose weights read the group."""
+    data = {m.space[0]: m for m in probes(group, index)}
+    found = []
+    for m in group.members:
+        if m.constant and m.role == "w_in":
+            for node in index.consumers.get(m.space[0], []):
+                member = next((data[i] for i in node.input if i in data), None)
+                if member is not None and (node, member) not in found:
+                    found.append((node, member))
+    return found
+
+
 def _probe_channels(group: Group, ctx: ScoringContext, value: str) -> np.ndarray | None:
     """A per-channel statistic (`zero_fraction` or `mean_abs`) averaged over the group's probes."""
     found = probes(group, ctx.index)
@@ -155,3 +169,14 @@ def activation(group: Group, ctx: ScoringContext) -> np.ndarray:
         ctx.fallbacks.append(group.id)
         return CRITERIA["l1"](group, ctx)
     return mean_abs
+
+
+@criterion("regression", needs_data=True)
+def regression(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """ThiNet-style greedy selection: channels whose removal adds the least reconstruction error to the consumer
+    layers' outputs on calibration data go first (see regression.py)."""
+    gram = ctx.stats.extra.get(group.id) if ctx.stats is not None else None
+    if gram is None or not gram.gram.any():
+        ctx.fallbacks.append(group.id)
+        return CRITERIA["l1"](group, ctx)
+    return removal_order(gram.gram)

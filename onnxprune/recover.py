@@ -12,8 +12,9 @@ import onnx
 from onnx import numpy_helper
 
 from .allocate import Plan
-from .criteria import probes
+from .criteria import consumers
 from .groups import Analysis, Group, Member
+from .patches import conv_patches, input_rows
 
 log = logging.getLogger("onnxprune")
 
@@ -26,7 +27,7 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats)
     for gid, keep in plan.keep.items():
         group = analysis.groups[gid]
         removed = np.setdiff1d(np.arange(group.size), keep)
-        for node, data in _consumers(group, analysis):
+        for node, data in consumers(group, analysis.index):
             delta = _mean_contribution(node, data, group, removed, analysis, stats)
             if delta is not None:
                 deltas[node.name] = deltas.get(node.name, 0) + delta
@@ -38,20 +39,6 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats)
                                       else 1), plan.keep)
         changed += _add_bias(pruned, nodes[name], delta if kept is None else delta[kept])
     return changed
-
-
-def _consumers(group: Group, analysis: Analysis) -> list[tuple[onnx.NodeProto, Member]]:
-    """(consumer node, the group member that is its data input) for every layer whose weights read the group."""
-    index = analysis.index
-    data = {m.space[0]: m for m in probes(group, index)}
-    found = []
-    for m in group.members:
-        if m.constant and m.role == "w_in":
-            for node in index.consumers.get(m.space[0], []):
-                member = next((data[i] for i in node.input if i in data), None)
-                if member is not None and (node, member) not in found:
-                    found.append((node, member))
-    return found
 
 
 def _mean_contribution(node: onnx.NodeProto, data: Member, group: Group, removed: np.ndarray,
@@ -127,7 +114,7 @@ def refit_layers(analysis: Analysis, plan: Plan) -> list[str]:
     """Names of the layers that lost input channels and can be re-fitted, in graph order."""
     names: set[str] = set()
     for gid in plan.keep:
-        for node, _ in _consumers(analysis.groups[gid], analysis):
+        for node, _ in consumers(analysis.groups[gid], analysis.index):
             if node.op_type in _REFIT_OPS and _attr(node, "group", 1) == 1 and not _attr(node, "transA", 0):
                 names.add(node.name)
     return [n.name for n in analysis.index.model.graph.node if n.name in names]
@@ -176,36 +163,13 @@ def _rows(node: onnx.NodeProto, inputs: np.ndarray, target: np.ndarray, rng: np.
     """(features, targets) rows: im2col patches at sampled output positions for a Conv, rows of the input for
     Gemm and MatMul; a column of ones for the bias."""
     if node.op_type == "Conv":
-        features, target = _conv_rows(node, inputs, target, rng, positions)
+        patches, images, oy, ox = conv_patches(node, inputs, rng, positions)
+        features, target = patches.reshape(len(patches), -1), target[images, :, oy, ox]
     else:
-        features = inputs.reshape(-1, inputs.shape[-1])
-        target = target.reshape(-1, target.shape[-1])
-        if len(features) > positions * 16:
-            pick = rng.choice(len(features), positions * 16, replace=False)
-            features, target = features[pick], target[pick]
+        features, pick = input_rows(inputs, rng, positions * 16)
+        target = target.reshape(-1, target.shape[-1])[pick]
     ones = np.ones((len(features), 1), features.dtype)
     return np.concatenate([features, ones], axis=1).astype(np.float64), target.astype(np.float64)
-
-
-def _conv_rows(node, x: np.ndarray, y: np.ndarray, rng, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
-    kh, kw = (attrs.get("kernel_shape") or [1, 1])[-2:]
-    sh, sw = (attrs.get("strides") or [1, 1])[-2:]
-    dh, dw = (attrs.get("dilations") or [1, 1])[-2:]
-    pads = attrs.get("pads") or [0, 0, 0, 0]
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, out_h, out_w = y.shape[0], y.shape[2], y.shape[3]
-    count = min(positions, out_h * out_w)
-    flat = np.stack([rng.choice(out_h * out_w, count, replace=False) for _ in range(n)])  # (n, count)
-    oy, ox = flat // out_w, flat % out_w
-    rows_n = np.repeat(np.arange(n), count)
-    iy = oy.reshape(-1)[:, None] * sh + np.arange(kh) * dh  # (rows, kh)
-    ix = ox.reshape(-1)[:, None] * sw + np.arange(kw) * dw
-    channels = np.arange(x.shape[1])
-    patches = padded[rows_n[:, None, None, None], channels[None, :, None, None], iy[:, None, :, None],
-                     ix[:, None, None, :]]
-    target = y[rows_n, :, oy.reshape(-1), ox.reshape(-1)]
-    return patches.reshape(len(rows_n), -1), target
 
 
 class _NormalEquations:

@@ -217,3 +217,26 @@ def test_lsq_recovers_the_trained_model():
     recovered, report = onnxprune.prune(model, 0.5, calib=calib, recover="lsq")
     assert report.macs_after < 0.3 * report.macs_before
     assert evaluate(model, recovered, feeds, labels).accuracy_after >= 0.95
+
+
+def test_removal_order_prefers_channels_that_cancel():
+    from onnxprune.regression import removal_order
+    # Channels 0 and 1 contribute opposite signals (together nothing); 2 is small but alone; 3 is large.
+    z = np.random.default_rng(0).standard_normal((500, 1))
+    contributions = np.hstack([z, -z, 0.3 * np.random.default_rng(1).standard_normal((500, 1)),
+                               3 * np.random.default_rng(2).standard_normal((500, 1))])
+    scores = removal_order(contributions.T @ contributions)
+    assert scores[3] == 3  # the large one is removed last
+    assert scores[2] == 0  # the smallest alone goes first ...
+    assert {scores[0], scores[1]} == {1, 2}  # ... then the pair that cancels, before the large one
+
+
+def test_regression_ranks_a_channel_without_contribution_first():
+    model = relu_chain()
+    consumer = [i for i in model.graph.initializer if list(i.dims) == [4, 8, 3, 3]][0]
+    w = onnx.numpy_helper.to_array(consumer).copy()
+    w[:, 3] *= 1e-4  # channel 3 barely reaches the consumer's output
+    consumer.CopyFrom(onnx.numpy_helper.from_array(w, consumer.name))
+    _, report = onnxprune.prune(model, 0.125, criterion="regression", round_to=1, calib=[samples()])
+    (kept,) = report.plan.keep.values()
+    assert 3 not in kept and report.criterion_fallbacks == 0

@@ -1,0 +1,69 @@
+"""The regression criterion (ThiNet-style): which channels can go with the least reconstruction error of the layers
+that consume them.
+
+For every consumer layer, the output it computes is a sum of per-channel contributions z_c (a channel's inputs times
+its weights). Removing a set S changes the output by the sum of z_c over S, so the squared error is 1_S' H 1_S with
+H = E[z z'] over sampled positions and output channels. `ContributionGram` accumulates H while calibration data
+streams through; `removal_order` removes channels greedily, each time the one that adds the least error.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .groups import Group, Member
+from .patches import conv_patches, input_rows
+
+_OUTPUTS_PER_ROW = 8  # output channels sampled per position, as ThiNet does
+
+
+class ContributionGram:
+    """H = sum of z z' for one group over all its consumer layers; memory: channels^2."""
+
+    def __init__(self, group: Group, consumers: list[tuple[onnx.NodeProto, Member, np.ndarray]], positions: int = 16):
+        self.group = group
+        self.consumers = consumers  # (node, data member, weight)
+        self.tensors = sorted({m.space[0] for _, m, _ in consumers})
+        self.gram = np.zeros((group.size, group.size))
+        self.positions = positions
+        self.rng = np.random.default_rng(group.id)
+
+    def update(self, outputs: dict[str, np.ndarray]) -> None:
+        for node, member, weight in self.consumers:
+            z = self._contributions(node, member, weight, outputs[member.space[0]])
+            if z is not None:
+                self.gram += z.T @ z
+
+    def _contributions(self, node, member: Member, weight: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+        """(samples, channels): each sampled (position, output) split into the group's channels' contributions."""
+        idx = member.offset + np.arange(self.group.size * member.inner)
+        if node.op_type == "Conv":
+            patches = conv_patches(node, x, self.rng, self.positions)[0][:, idx]          # (rows, ci, kh, kw)
+            kernels = weight[:, idx]                                                       # (O, ci, kh, kw)
+            outputs = self.rng.integers(0, len(kernels), (len(patches), _OUTPUTS_PER_ROW))
+            z = np.einsum("rckl,rsckl->rsc", patches, kernels[outputs]).reshape(-1, len(idx))
+        else:
+            rows = input_rows(x, self.rng, self.positions * 16)[0][:, idx]                 # (rows, ci)
+            columns = weight[idx] if not _transposed(node) else weight[:, idx].T           # (ci, O)
+            outputs = self.rng.integers(0, columns.shape[1], (len(rows), _OUTPUTS_PER_ROW))
+            z = (rows[:, None, :] * columns.T[outputs]).reshape(-1, len(idx))
+        return z.reshape(len(z), self.group.size, member.inner).sum(2).astype(np.float64)
+
+
+def _transposed(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def removal_order(gram: np.ndarray) -> np.ndarray:
+    """Scores from the greedy removal order: the channel removed first scores 0, the last one highest."""
+    size = len(gram)
+    removed = np.zeros(size, bool)
+    cross = np.zeros(size)  # H[:, S].sum(1) for the removed set S
+    scores = np.zeros(size)
+    for step in range(size):
+        cost = np.where(removed, np.inf, np.diag(gram) + 2 * cross)
+        channel = int(np.argmin(cost))
+        removed[channel] = True
+        cross += gram[:, channel]
+        scores[channel] = step
+    return scores
