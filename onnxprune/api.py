@@ -45,6 +45,7 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[s
     size = graph_mod.tensor_bytes(model)
     graph_mod.node_names(model)
     graph_mod.normalize(model)
+    graph_mod.validate(model)
     index = GraphIndex.build(model)
     return Prepared(model, analyze_graph(model, index, tuple(exclude)), size)
 

@@ -17,7 +17,7 @@ from .criteria import CRITERIA
 from .recover import RECOVERY
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import check_writable, load_model, save_model
-from .verify import evaluate, load_eval_data
+from .check import CheckReport, check as check_models, load_data
 
 
 class _DefaultToPrune(click.Group):
@@ -68,6 +68,31 @@ def calibration_options(command):
                              "or .npy for a one-input model.")(command)
 
 
+def check_options(command):
+    """Options of the accuracy gate, shared by `check` and `prune --check`."""
+    options = [
+        click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+                      help=".npz with arrays named after the inputs (samples on axis 0) and optionally 'label'; "
+                           "random inputs when absent."),
+        click.option("--labels", help="Labels: an array name in --data or a .npy file."),
+        click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail below this top-1 agreement."),
+        click.option("--max-drop", type=click.FloatRange(0, 1), help="Fail when accuracy drops by more (needs labels)."),
+        click.option("--latency", is_flag=True, help="Also measure onnxruntime latency before and after."),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="onnxruntime intra-op threads for the latency measurement."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_check(original, pruned, data: Path | None, labels: str | None, min_agreement: float | None,
+               max_drop: float | None, latency: bool, threads: int) -> CheckReport:
+    feeds, found = load_data(data, original, labels) if data else (None, None)
+    return check_models(original, pruned, feeds, found, data_name=data.name if data else "random",
+                        min_agreement=min_agreement, max_drop=max_drop, latency=latency, threads=threads)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ratio", "-r", type=float, required=True, help="Fraction of channels to remove from every group, in [0, 1).")
@@ -80,8 +105,10 @@ def calibration_options(command):
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Freeze groups touching nodes or tensors whose name matches (glob; plain text matches a part).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
-              help=".npz with arrays named after the inputs (and 'label'): top-1 accuracy before and after.")
+@click.option("--check", "run_check", is_flag=True,
+              help="Compare with the original in onnxruntime after pruning (on --data, else random inputs); "
+                   "exit 1 and write nothing when a threshold fails. --data alone also compares.")
+@check_options
 @click.option("--recover", type=click.Choice(RECOVERY), default="none", show_default=True,
               help="Training-free recovery on the calibration data: bias = fold the removed channels' mean "
                    "contribution into the next layer's bias; lsq = re-fit the next layers by least squares.")
@@ -89,28 +116,44 @@ def calibration_options(command):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
-          report: Path | None, data: Path | None, recover: str, calib: Path | None, calib_size: int | None,
-          batch_size: int, seed: int, quiet: bool) -> None:
+          report: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
+          max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
+          calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
     api.validate_options(ratio, round_to)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
     _check_paths(model, output, report)
     original = load_model(model)
-    eval_data = load_eval_data(str(data), original) if data else None
+    if data:
+        load_data(data, original, labels)  # bad data fails before the work
     pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to, exclude=exclude,
                                seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
                                recover=recover, quiet=quiet)
-    if eval_data is not None:
-        result.evaluation = evaluate(original, pruned, *eval_data).to_dict()
+    gate = None
+    if run_check or data or min_agreement is not None or max_drop is not None or latency:
+        gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
+        result.check = gate.to_dict()
+    if gate is not None and not gate.passed:
+        _print_summary(result, gate, quiet)
+        if report:
+            _write_json(report, result.to_dict())
+        raise OnnxPruneError(f"check failed: {gate.failures[0]}; no model written")
     save_model(pruned, output)
     result.file_bytes_before, result.file_bytes_after = model.stat().st_size, output.stat().st_size
     if report:
         _write_json(report, result.to_dict())
+    _print_summary(result, gate, quiet)
     if not quiet:
-        for line in result.summary_lines():
-            click.echo(line)
         click.echo(f"wrote {output}")
+
+
+def _print_summary(result, gate: CheckReport | None, quiet: bool) -> None:
+    if quiet:
+        return
+    for line in result.summary_lines() + (gate.summary_lines() if gate else []):
+        if not line.startswith("check failed"):
+            click.echo(line)
 
 
 def _check_paths(model: Path, output: Path, report: Path | None) -> None:
@@ -157,6 +200,30 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
     click.echo(f"{len(groups)} channel groups: {prunable} prunable, {len(groups) - prunable} frozen")
     if json_path is not None:
         _write_json(json_path, {"groups": [g.to_dict() for g in groups], "barriers": analysis.barriers})
+
+
+@cli.command("check")
+@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("pruned", type=click.Path(dir_okay=False, path_type=Path))
+@check_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+def check_command(original: Path, pruned: Path, data: Path | None, labels: str | None, min_agreement: float | None,
+                  max_drop: float | None, latency: bool, threads: int, json_path: Path | None) -> None:
+    """Compare PRUNED with ORIGINAL in onnxruntime; exit 0 within the thresholds, 1 when one fails."""
+    if json_path is not None:
+        check_writable(json_path)
+    first, second = load_model(original), load_model(pruned)
+    gate = _run_check(first, second, data, labels, min_agreement, max_drop, latency, threads)
+    for line in gate.summary_lines():
+        if not line.startswith("check failed"):
+            click.echo(line)
+    model = gate.model
+    click.echo(f"parameters {model['params'][0]:,} -> {model['params'][1]:,}; MACs {model['macs'][0]:,} -> "
+               f"{model['macs'][1]:,}; files {original.stat().st_size:,} -> {pruned.stat().st_size:,} bytes")
+    if json_path is not None:
+        _write_json(json_path, gate.to_dict())
+    if not gate.passed:
+        raise OnnxPruneError(f"check failed: {gate.failures[0]}")
 
 
 def main() -> None:

@@ -55,6 +55,15 @@ def check_loadable(model: onnx.ModelProto, what: str = "model") -> None:
             f"(convert with onnx.version_converter.convert_version)")
 
 
+def validate(model: onnx.ModelProto, what: str = "model") -> None:
+    """The ONNX checker on the model without its weights (cheap): a model that breaks the ONNX spec is refused
+    with the checker's reason instead of failing somewhere inside the pruning."""
+    try:
+        onnx.checker.check_model(_light_copy(model))
+    except Exception as exc:
+        raise OnnxPruneError(f"{what} is not valid ONNX: {first_line(exc)}") from None
+
+
 def ai_onnx_opset(model: onnx.ModelProto) -> int | None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):

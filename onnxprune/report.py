@@ -24,7 +24,7 @@ class PruneReport:
     frozen_reasons: list[dict] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    evaluation: dict | None = None
+    check: dict | None = None  # check.CheckReport.to_dict(): the same schema as `onnxprune check --json`
     plan: object = field(default=None, repr=False)  # the allocate.Plan applied; not part of the JSON
     recovery: str = "none"
     recovered_layers: int = 0
@@ -63,13 +63,6 @@ class PruneReport:
                          f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)")
         for item in self.frozen_reasons[:8]:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
-        if self.evaluation:
-            e = self.evaluation
-            if e.get("accuracy_before") is not None:
-                lines.append(f"top-1 accuracy  {e['accuracy_before']:.4f} -> {e['accuracy_after']:.4f}  "
-                             f"on {e['samples']} samples (agreement {e['agreement']:.4f})")
-            else:
-                lines.append(f"top-1 agreement with the original  {e['agreement']:.4f} on {e['samples']} samples")
         return lines
 
 

@@ -3,7 +3,6 @@ harness (zero the channels a plan removes, so the original and pruned models mus
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -159,52 +158,3 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[
         else:
             feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
     return feeds
-
-
-@dataclass
-class Evaluation:
-    samples: int
-    accuracy_before: float | None
-    accuracy_after: float | None
-    agreement: float
-    max_abs_diff: float
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def load_eval_data(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Inputs named after the graph inputs (a single unnamed array for a one-input model), labels under 'label'."""
-    try:
-        data = dict(np.load(path, allow_pickle=False))
-    except Exception as exc:
-        raise OnnxPruneError(f"cannot read data {path}: {first_line(exc)}") from None
-    labels = next((data.pop(k) for k in ("label", "labels", "y") if k in data), None)
-    inits = {i.name for i in model.graph.initializer}
-    names = [vi.name for vi in model.graph.input if vi.name not in inits]
-    if len(names) == 1 and names[0] not in data and len(data) == 1:
-        data = {names[0]: next(iter(data.values()))}
-    missing = [n for n in names if n not in data]
-    if missing:
-        raise OnnxPruneError(f"data {path} has no array for input '{missing[0]}' (has: {', '.join(sorted(data))})")
-    return {n: data[n] for n in names}, labels
-
-
-def evaluate(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
-             labels: np.ndarray | None, batch: int = 64) -> Evaluation:
-    """Top-1 agreement of the first output (and accuracy with labels), original vs pruned, in onnxruntime."""
-    count = len(next(iter(feeds.values())))
-    first, second = session(original), session(pruned)
-    before, after, max_diff = [], [], 0.0
-    for start in range(0, count, batch):
-        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
-        try:
-            a, b = first.run(None, chunk)[0], second.run(None, chunk)[0]
-        except Exception as exc:
-            raise OnnxPruneError(f"cannot run the model on the data: {first_line(exc)}") from None
-        max_diff = max(max_diff, float(np.max(np.abs(a - b))))
-        before.append(a.reshape(len(a), -1).argmax(1))
-        after.append(b.reshape(len(b), -1).argmax(1))
-    top_a, top_b = np.concatenate(before), np.concatenate(after)
-    acc = (lambda top: float(np.mean(top == labels.reshape(-1)))) if labels is not None else (lambda top: None)
-    return Evaluation(count, acc(top_a), acc(top_b), float(np.mean(top_a == top_b)), max_diff)

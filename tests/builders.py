@@ -68,8 +68,7 @@ class GraphBuilder:
         return y
 
     def model(self, *outputs: str) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, "test", self.inputs,
-                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        graph = helper.make_graph(self.nodes, "test", self.inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
                                   self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = 8

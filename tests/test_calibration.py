@@ -129,14 +129,14 @@ def test_bias_recovery_is_exact_when_removed_channels_are_constant():
 
 
 def test_bias_recovery_improves_the_trained_model():
-    from onnxprune.verify import evaluate, load_eval_data
+    from onnxprune.check import check, load_data
     model = onnx.load(DIGITS)
-    feeds, labels = load_eval_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
+    feeds, labels = load_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
     calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
     plain, _ = onnxprune.prune(model, 0.2, round_to=1)
     recovered, report = onnxprune.prune(model, 0.2, round_to=1, calib=calib, recover="bias")
     assert report.recovered_layers >= 4
-    assert evaluate(model, recovered, feeds, labels).accuracy_after > evaluate(model, plain, feeds, labels).accuracy_after + 0.3
+    assert check(model, recovered, feeds, labels).accuracy_after > check(model, plain, feeds, labels).accuracy_after + 0.3
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -210,13 +210,13 @@ def test_lsq_survives_degenerate_calibration_data():
 
 
 def test_lsq_recovers_the_trained_model():
-    from onnxprune.verify import evaluate, load_eval_data
+    from onnxprune.check import check, load_data
     model = onnx.load(DIGITS)
-    feeds, labels = load_eval_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
+    feeds, labels = load_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
     calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
     recovered, report = onnxprune.prune(model, 0.5, calib=calib, recover="lsq")
     assert report.macs_after < 0.3 * report.macs_before
-    assert evaluate(model, recovered, feeds, labels).accuracy_after >= 0.95
+    assert check(model, recovered, feeds, labels).accuracy_after >= 0.95
 
 
 def test_removal_order_prefers_channels_that_cancel():

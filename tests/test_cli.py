@@ -65,9 +65,10 @@ def test_exclude_freezes_matching_groups(workdir):
 
 
 def one_line_error(result, code: int, text: str) -> None:
+    """Exactly one line on stderr, the error; whatever summary came before it went to stdout."""
     assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), result.stderr
     assert text in lines[0]
     assert "Traceback" not in result.output
 
@@ -125,3 +126,13 @@ def test_existing_output_survives_a_failed_run(workdir):
 
 def test_unknown_criterion_is_a_usage_error(workdir):
     one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "--criterion", "nope"), 2, "criterion")
+
+
+def test_model_breaking_the_onnx_spec(workdir):
+    model = onnx.load(workdir / "m.onnx")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    del conv.input[1:]  # a Conv without weights
+    onnx.save(model, workdir / "broken.onnx")
+    before = files(workdir)
+    one_line_error(invoke(workdir / "broken.onnx", "--ratio", "0.5"), 1, "not valid ONNX")
+    assert files(workdir) == before

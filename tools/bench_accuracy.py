@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 import onnxprune
-from onnxprune.verify import evaluate, load_eval_data
+from onnxprune.check import check, load_data
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "digits_cnn.onnx"
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("onnxprune").setLevel(logging.ERROR)
     model = onnx.load(MODEL)
-    feeds, labels = load_eval_data(str(DATA), model)
+    feeds, labels = load_data(str(DATA), model)
     ratios = [float(r) for r in args.ratios.split(",")]
     header = " | ".join(f"ratio {r}" for r in ratios)
     print(f"| criterion | recovery | {header} |\n|---|---|" + "---|" * len(ratios))
@@ -43,7 +43,7 @@ def main() -> None:
                 start = time.perf_counter()
                 pruned, report = onnxprune.prune(model, ratio=ratio, criterion=criterion, round_to=args.round_to,
                                                  calib=CALIB, recover=recover)
-                result = evaluate(model, pruned, feeds, labels)
+                result = check(model, pruned, feeds, labels)
                 cells.append(f"{result.accuracy_after:.4f} ({report.macs_after / report.macs_before:.0%} MACs, "
                              f"{time.perf_counter() - start:.1f} s)")
             print(f"| {criterion} | {recover} | " + " | ".join(cells) + " |", flush=True)
