@@ -18,6 +18,7 @@ from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
 from .regression import ContributionGram
+from .plan_io import plan_to_dict, read_plan
 from .recover import RECOVERY, recover_bias, recover_lsq
 from .surgery import apply_plan
 from .verify import count_macs, count_params
@@ -58,14 +59,16 @@ def analyze(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[s
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, criterion: str = "l1",
           round_to: int = DEFAULT_ROUND_TO, exclude: tuple[str, ...] = (), seed: int = 0,
           calib: object = None, calib_size: int | None = None, batch_size: int = 16, recover: str = "none",
-          quiet: bool = True) -> tuple[onnx.ModelProto, PruneReport]:
+          quiet: bool = True, plan: Plan | str | os.PathLike | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
     `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"`). Data-driven criteria and
     recovery read `calib`: a .npz / .npy path, a `get_next()` reader (onnxruntime.quantization style) or an
-    iterable of feed dicts. Returns the pruned model and a report; the input is never modified."""
+    iterable of feed dicts. `plan` (a Plan or a plan file) replaces the ratio and criterion: the same channels are
+    removed again. Returns the pruned model and a report (`report.plan`, and `report.plan_dict` for a file); the
+    input is never modified."""
     validate_options(ratio, round_to)
     get_criterion(criterion)
-    needs_data = criterion in NEEDS_DATA or recover != "none"
+    needs_data = (criterion in NEEDS_DATA and plan is None) or recover != "none"
     if recover not in RECOVERY:
         raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(RECOVERY)})")
     if needs_data and calib is None:
@@ -79,7 +82,11 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         calib = list(calibration_batches(calib, model, calib_size, batch_size))
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
-    plan = make_plan(analysis, ratio, criterion, round_to, seed, context)
+    if plan is None:
+        plan = make_plan(analysis, ratio, criterion, round_to, seed, context)
+    elif not isinstance(plan, Plan):
+        plan = read_plan(plan, analysis)
+    plan_dict = plan_to_dict(plan, analysis)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
     original = copy.deepcopy(model) if recover == "lsq" else None
     pruned = apply_plan(model, analysis, plan)
@@ -95,7 +102,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         weight_bytes_before=prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
-        calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks))
+        calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks),
+        plan_dict=plan_dict)
     if context.fallbacks:
         log.warning("criterion '%s' could not rank %d of %d groups (%s); they were ranked by l1", criterion,
                     len(context.fallbacks), len(analysis.prunable),

@@ -14,6 +14,7 @@ import click
 
 from . import api
 from .criteria import CRITERIA
+from .plan_io import write_plan_dict
 from .recover import RECOVERY
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import check_writable, load_model, save_model
@@ -95,7 +96,7 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ratio", "-r", type=float, required=True, help="Fraction of channels to remove from every group, in [0, 1).")
+@click.option("--ratio", "-r", type=float, help="Fraction of channels to remove from every group, in [0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: IN.pruned.onnx beside the input).")
 @click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
@@ -105,6 +106,10 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Freeze groups touching nodes or tensors whose name matches (glob; plain text matches a part).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the kept indices of every pruned weight axis (and of every group) as JSON.")
+@click.option("--plan-in", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Remove the channels a --plan-out file lists, instead of choosing by --ratio and --criterion.")
 @click.option("--check", "run_check", is_flag=True,
               help="Compare with the original in onnxruntime after pruning (on --data, else random inputs); "
                    "exit 1 and write nothing when a threshold fails. --data alone also compares.")
@@ -116,20 +121,24 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
-          report: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
+          report: Path | None, plan_out: Path | None, plan_in: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
           calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
+    if (ratio is None) == (plan_in is None):
+        raise UsageError("give --ratio, or --plan-in to repeat a plan" if ratio is None else
+                         "--ratio and --plan-in exclude each other")
+    ratio = 0.0 if ratio is None else ratio
     api.validate_options(ratio, round_to)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
-    _check_paths(model, output, report)
+    _check_paths(model, output, report, plan_out)
     original = load_model(model)
     if data:
         load_data(data, original, labels)  # bad data fails before the work
     pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to, exclude=exclude,
                                seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
-                               recover=recover, quiet=quiet)
+                               recover=recover, quiet=quiet, plan=plan_in)
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
@@ -140,6 +149,8 @@ def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_
             _write_json(report, result.to_dict())
         raise OnnxPruneError(f"check failed: {gate.failures[0]}; no model written")
     save_model(pruned, output)
+    if plan_out:
+        write_plan_dict(plan_out, result.plan_dict)
     result.file_bytes_before, result.file_bytes_after = model.stat().st_size, output.stat().st_size
     if report:
         _write_json(report, result.to_dict())
@@ -156,12 +167,12 @@ def _print_summary(result, gate: CheckReport | None, quiet: bool) -> None:
             click.echo(line)
 
 
-def _check_paths(model: Path, output: Path, report: Path | None) -> None:
+def _check_paths(model: Path, output: Path, report: Path | None, plan_out: Path | None) -> None:
     if not model.exists():
         raise OnnxPruneError(f"model not found: {model}")
     if not model.is_file():
         raise OnnxPruneError(f"not a file: {model}")
-    for path, what in ((output, "-o"), (report, "--report")):
+    for path, what in ((output, "-o"), (report, "--report"), (plan_out, "--plan-out")):
         if path is not None and os.path.realpath(path) == os.path.realpath(model):
             raise UsageError(f"{what} must not be the input model")
         if path is not None:

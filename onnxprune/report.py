@@ -26,6 +26,7 @@ class PruneReport:
     seconds: float = 0.0
     check: dict | None = None  # check.CheckReport.to_dict(): the same schema as `onnxprune check --json`
     plan: object = field(default=None, repr=False)  # the allocate.Plan applied; not part of the JSON
+    plan_dict: dict | None = field(default=None, repr=False)  # the plan as written by --plan-out
     recovery: str = "none"
     recovered_layers: int = 0
     calibration_samples: int = 0
@@ -40,7 +41,7 @@ class PruneReport:
         return [g for g in self.groups if g["frozen"]]
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k != "plan"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("plan", "plan_dict")}
         data["summary"] = {"groups": len(self.groups), "pruned": len(self.pruned_groups),
                            "frozen": len(self.frozen_groups)}
         return data

@@ -136,3 +136,27 @@ def test_model_breaking_the_onnx_spec(workdir):
     before = files(workdir)
     one_line_error(invoke(workdir / "broken.onnx", "--ratio", "0.5"), 1, "not valid ONNX")
     assert files(workdir) == before
+
+
+def test_plan_written_and_reapplied_reproduces_the_model(workdir):
+    assert invoke(workdir / "m.onnx", "--ratio", "0.5", "-c", "l2", "-o", workdir / "a.onnx",
+                  "--plan-out", workdir / "plan.json").exit_code == 0
+    plan = json.loads((workdir / "plan.json").read_text())
+    weight = onnx.numpy_helper.to_array(next(i for i in onnx.load(workdir / "m.onnx").graph.initializer
+                                             if i.name == "stem.0.weight"))
+    assert len(plan["initializers"]["stem.0.weight"]["0"]) == 16 and weight.shape[0] == 32
+    result = invoke(workdir / "m.onnx", "--plan-in", workdir / "plan.json", "-o", workdir / "b.onnx")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "a.onnx").read_bytes() == (workdir / "b.onnx").read_bytes()
+
+
+def test_plan_errors(workdir):
+    (workdir / "not_a_plan.json").write_text('{"groups": []}')
+    one_line_error(invoke(workdir / "m.onnx", "--plan-in", workdir / "not_a_plan.json"), 1, "not an onnxprune plan")
+    one_line_error(invoke(workdir / "m.onnx", "--plan-in", workdir / "not_a_plan.json", "--ratio", "0.5"), 2,
+                   "exclude each other")
+    one_line_error(invoke(workdir / "m.onnx"), 2, "--ratio")
+    import builders
+    onnx.save(builders.residual_block(), workdir / "other.onnx")
+    assert invoke(workdir / "other.onnx", "--ratio", "0.5", "--plan-out", workdir / "p2.json").exit_code == 0
+    one_line_error(invoke(workdir / "m.onnx", "--plan-in", workdir / "p2.json"), 1, "does not match this model")
