@@ -8,6 +8,8 @@ import numpy as np
 
 from .groups import Analysis, Group
 
+ALLOCATIONS = ("uniform", "global")
+
 
 @dataclass
 class Plan:
@@ -19,27 +21,136 @@ class Plan:
         return {"keep": {str(g): [int(i) for i in idx] for g, idx in sorted(self.keep.items())}}
 
 
-def keep_count(group: Group, ratio: float, round_to: int) -> int:
-    """Channels kept after removing round(ratio * size), at least one, rounded so that every weight dimension the
-    group spans stays a multiple of `round_to`. A group whose channels are blocks of `inner` (a grouped conv's
-    groups, attention heads) needs fewer units per step: 16 channels are 4 groups of 4, or a quarter of a head."""
-    keep = max(1, group.size - int(round(ratio * group.size)))
+def _step(group: Group, round_to: int) -> int:
+    """Channels per rounding step: every weight dimension the group spans stays a multiple of `round_to`."""
     step = 1
     for inner in {m.inner for m in group.members if m.constant} or {1}:
         step = math.lcm(step, round_to // math.gcd(round_to, inner))
+    return step
+
+
+def round_count(group: Group, keep: int, round_to: int) -> int:
+    """`keep` rounded to the group's step, at least one step (or the whole group when it is not larger)."""
+    step = _step(group, round_to)
+    keep = max(1, keep)
     if step <= 1:
-        return keep
+        return min(keep, group.size)
     if group.size <= step:
         return group.size
     return int(min(max(step, round(keep / step) * step), group.size))
 
 
-def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
+def keep_count(group: Group, ratio: float, round_to: int) -> int:
+    """Channels kept after removing round(ratio * size), at least one, rounded so that every weight dimension the
+    group spans stays a multiple of `round_to`. A group whose channels are blocks of `inner` (a grouped conv's
+    groups, attention heads) needs fewer units per step: 16 channels are 4 groups of 4, or a quarter of a head."""
+    return round_count(group, group.size - int(round(ratio * group.size)), round_to)
+
+
+def plan_from_counts(analysis: Analysis, scores: dict[int, np.ndarray], counts: dict[int, int]) -> Plan:
+    """Keep the `counts[g]` best-scoring channels of each group."""
     plan = Plan()
     for group in analysis.prunable:
-        n_keep = keep_count(group, ratio, round_to)
-        if n_keep >= group.size:
-            continue
-        order = np.argsort(-scores[group.id], kind="stable")
-        plan.keep[group.id] = np.sort(order[:n_keep])
+        n_keep = counts.get(group.id, group.size)
+        if n_keep < group.size:
+            order = np.argsort(-scores[group.id], kind="stable")
+            plan.keep[group.id] = np.sort(order[:n_keep])
     return plan
+
+
+def uniform_counts(analysis: Analysis, ratio: float, round_to: int,
+                   reference: dict[tuple[str, int], int] | None = None) -> dict[int, int]:
+    """round(ratio * C) channels fewer in every group; with `reference` (sizes in the model the pruning started
+    from, by weight axis), C and the count kept are taken from there, so steps of an iterative schedule land on the
+    one-shot counts."""
+    counts = {}
+    for g in analysis.prunable:
+        original = next((reference[a] for a in g.owned_axes(analysis.index.shapes) if a in (reference or {})), None)
+        if original is None:
+            counts[g.id] = keep_count(g, ratio, round_to)
+        else:
+            counts[g.id] = min(g.size, round_count(g, original - int(round(ratio * original)), round_to))
+    return counts
+
+
+def reference_sizes(analysis: Analysis) -> dict[tuple[str, int], int]:
+    """Each group's size by the weight axes it owns (see uniform_counts)."""
+    return {axis: g.size for g in analysis.prunable for axis in g.owned_axes(analysis.index.shapes)}
+
+
+def global_counts(analysis: Analysis, scores: dict[int, np.ndarray], threshold: float,
+                  round_to: int) -> dict[int, int]:
+    """Keep, in every group, the channels whose score divided by the group's mean score exceeds `threshold`: one
+    ranking across groups, so redundant layers give more."""
+    counts = {}
+    for group in analysis.prunable:
+        values = scores[group.id]
+        mean = float(np.mean(values)) or 1.0
+        counts[group.id] = round_count(group, int(np.sum(values / mean > threshold)), round_to)
+    return counts
+
+
+def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
+    return plan_from_counts(analysis, scores, uniform_counts(analysis, ratio, round_to))
+
+
+class MacModel:
+    """MACs of a plan without building it: a Conv / Gemm / MatMul with a constant weight costs its unpruned MACs times
+    the fraction of its weight that survives (output positions times weight size); other layers stay as they are."""
+
+    def __init__(self, analysis: Analysis, layer_macs: dict[str, int]):
+        self.analysis = analysis
+        self.fixed = 0
+        self.layers: list[tuple[int, list[tuple[tuple[str, int], int]]]] = []
+        shapes = analysis.index.shapes
+        for node in analysis.index.model.graph.node:
+            macs = layer_macs.get(node.name, 0)
+            weight = node.input[1] if len(node.input) > 1 else ""
+            if weight in analysis.index.initializers and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                self.layers.append((macs, [((weight, a), d) for a, d in enumerate(shapes[weight])]))
+            else:
+                self.fixed += macs
+
+    def macs(self, counts: dict[int, int]) -> float:
+        total = float(self.fixed)
+        keep = {gid: np.arange(n) for gid, n in counts.items()}  # which channels does not matter, only how many
+        for macs, axes in self.layers:
+            fraction = 1.0
+            for space, size in axes:
+                kept = self.analysis.kept_indices(space, keep)
+                fraction *= (len(kept) / size) if kept is not None else 1.0
+            total += macs * fraction
+        return total
+
+
+def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocation: str, round_to: int,
+                      ratio: float | None, target_macs: float | None, mac_model: MacModel | None,
+                      reference: dict[tuple[str, int], int] | None = None) -> dict[int, int]:
+    """Per-group channel counts: uniform (the same ratio everywhere) or global (one threshold on normalised scores),
+    meeting a channel ratio or a MAC fraction (by bisection; the MAC fraction is met or undershot)."""
+    total = sum(g.size for g in analysis.prunable)
+
+    def counts_at(x: float) -> dict[int, int]:  # x grows with pruning
+        return uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \
+            global_counts(analysis, scores, x, round_to)
+
+    if target_macs is None and allocation == "uniform":
+        return counts_at(ratio)
+    full = mac_model.macs({}) if target_macs is not None else None
+
+    def too_big(x: float) -> bool:
+        counts = counts_at(x)
+        if target_macs is not None:
+            return mac_model.macs(counts) > target_macs * full
+        return total - sum(counts.values()) < round(ratio * total)
+
+    low, high = 0.0, (0.999 if allocation == "uniform" else _max_threshold(scores))
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if too_big(mid) else (low, mid)
+    return counts_at(high)
+
+
+def _max_threshold(scores: dict[int, np.ndarray]) -> float:
+    ratios = [float(np.max(v / (np.mean(v) or 1.0))) for v in scores.values() if len(v)]
+    return max(ratios, default=1.0) + 1.0

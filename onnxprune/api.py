@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import onnx
 
 from . import graph as graph_mod
-from .allocate import Plan, uniform_plan
+from .allocate import ALLOCATIONS, MacModel, Plan, counts_for_target, plan_from_counts
 from .calibrate import Statistics, calibration_batches, collect_stats
 from .criteria import NEEDS_DATA, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
@@ -18,10 +18,11 @@ from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
 from .regression import ContributionGram
+from .schedule import SCHEDULES, prune_iteratively
 from .plan_io import plan_to_dict, read_plan
 from .recover import RECOVERY, recover_bias, recover_lsq
 from .surgery import apply_plan
-from .verify import count_macs, count_params
+from .verify import count_macs, count_params, layer_macs
 
 log = logging.getLogger("onnxprune")
 
@@ -59,14 +60,27 @@ def analyze(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[s
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, criterion: str = "l1",
           round_to: int = DEFAULT_ROUND_TO, exclude: tuple[str, ...] = (), seed: int = 0,
           calib: object = None, calib_size: int | None = None, batch_size: int = 16, recover: str = "none",
-          quiet: bool = True, plan: Plan | str | os.PathLike | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+          quiet: bool = True, plan: Plan | str | os.PathLike | None = None, allocation: str = "uniform",
+          target_macs: float | None = None, schedule: str = "oneshot", steps: int = 1,
+          reference: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
     `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"`). Data-driven criteria and
     recovery read `calib`: a .npz / .npy path, a `get_next()` reader (onnxruntime.quantization style) or an
-    iterable of feed dicts. `plan` (a Plan or a plan file) replaces the ratio and criterion: the same channels are
-    removed again. Returns the pruned model and a report (`report.plan`, and `report.plan_dict` for a file); the
-    input is never modified."""
-    validate_options(ratio, round_to)
+    iterable of feed dicts. `allocation="global"` ranks channels across groups by normalised score instead of
+    taking the same ratio from each; `target_macs=F` replaces the ratio by "keep this fraction of the MACs".
+    `plan` (a Plan or a plan file) replaces the ratio and criterion: the same channels are
+    removed again. `schedule="iterative"` reaches the target in `steps` steps of growing ratio, with the recovery
+    between steps and re-scoring each time. Returns the pruned model and a report (`report.plan`, and
+    `report.plan_dict` for a file); the input is never modified. (`reference` is the schedule's: group sizes
+    of the model the steps started from, by weight axis, that `ratio` then refers to.)"""
+    if schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
+    if schedule == "iterative":
+        return prune_iteratively(model_or_path, steps, ratio, target_macs, criterion=criterion, round_to=round_to,
+                                 exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
+                                 batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
+                                 allocation=allocation)
+    validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation)
     get_criterion(criterion)
     needs_data = (criterion in NEEDS_DATA and plan is None) or recover != "none"
     if recover not in RECOVERY:
@@ -83,7 +97,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     if plan is None:
-        plan = make_plan(analysis, ratio, criterion, round_to, seed, context)
+        plan = make_plan(analysis, ratio, criterion, round_to, seed, context, allocation, target_macs, reference)
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
     plan_dict = plan_to_dict(plan, analysis)
@@ -136,17 +150,26 @@ def _plain_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
             and (node.op_type != "MatMul" or weight.ndim == 2))
 
 
-def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,
-              seed: int = 0, context: ScoringContext | None = None) -> Plan:
-    """Score every prunable group with `criterion` and keep the best channels of each."""
+def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,
+              seed: int = 0, context: ScoringContext | None = None, allocation: str = "uniform",
+              target_macs: float | None = None, reference: dict | None = None) -> Plan:
+    """Score every prunable group with `criterion`, decide how many channels each keeps (`allocation`, to meet
+    `ratio` or `target_macs`) and keep the best ones."""
     score = get_criterion(criterion)
     context = context or ScoringContext(analysis.index, seed=seed)
     scores = {g.id: score(g, context) for g in analysis.prunable}
-    return uniform_plan(analysis, scores, ratio, round_to)
+    mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes)) if target_macs else None
+    counts = counts_for_target(analysis, scores, allocation, round_to, ratio, target_macs, mac_model, reference)
+    return plan_from_counts(analysis, scores, counts)
 
 
-def validate_options(ratio: float, round_to: int) -> None:
-    if not 0 <= ratio < 1:
+def validate_options(ratio: float | None, round_to: int, target_macs: float | None = None,
+                     allocation: str = "uniform") -> None:
+    if target_macs is not None and not 0 < target_macs <= 1:
+        raise UsageError(f"target-macs must be in (0, 1], got {target_macs}")
+    if target_macs is None and (ratio is None or not 0 <= ratio < 1):
         raise UsageError(f"ratio must be in [0, 1), got {ratio}")
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     if round_to < 1:
         raise UsageError(f"round-to must be a positive integer, got {round_to}")

@@ -13,9 +13,11 @@ from pathlib import Path
 import click
 
 from . import api
+from .allocate import ALLOCATIONS
 from .criteria import CRITERIA
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
+from .schedule import SCHEDULES
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import check_writable, load_model, save_model
 from .check import CheckReport, check as check_models, load_data
@@ -99,6 +101,12 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--ratio", "-r", type=float, help="Fraction of channels to remove from every group, in [0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: IN.pruned.onnx beside the input).")
+@click.option("--target-macs", type=float, help="Instead of --ratio: keep this fraction of the MACs, in (0, 1].")
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
+              help="uniform: the same ratio in every group; global: one ranking of normalised scores across groups.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True,
+              help="iterative: reach the target in --steps steps of growing ratio, recovering and re-scoring between.")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Steps of --schedule iterative.")
 @click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
               help="How channels are ranked.")
 @click.option("--round-to", type=int, default=api.DEFAULT_ROUND_TO, show_default=True,
@@ -120,16 +128,19 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @calibration_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
+def prune(model: Path, ratio: float | None, target_macs: float | None, allocation: str, schedule: str, steps: int,
+          output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
           calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
-    if (ratio is None) == (plan_in is None):
-        raise UsageError("give --ratio, or --plan-in to repeat a plan" if ratio is None else
-                         "--ratio and --plan-in exclude each other")
-    ratio = 0.0 if ratio is None else ratio
-    api.validate_options(ratio, round_to)
+    given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs), ("--plan-in", plan_in))
+             if value is not None]
+    if len(given) != 1:
+        raise UsageError("give one of --ratio, --target-macs or --plan-in" if not given else
+                         f"{' and '.join(given)} exclude each other")
+    if plan_in is None:
+        api.validate_options(ratio, round_to, target_macs, allocation)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
     _check_paths(model, output, report, plan_out)
@@ -138,7 +149,8 @@ def prune(model: Path, ratio: float, output: Path | None, criterion: str, round_
         load_data(data, original, labels)  # bad data fails before the work
     pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to, exclude=exclude,
                                seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
-                               recover=recover, quiet=quiet, plan=plan_in)
+                               recover=recover, quiet=quiet, plan=plan_in, allocation=allocation,
+                               target_macs=target_macs, schedule=schedule, steps=steps)
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)

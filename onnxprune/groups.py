@@ -55,6 +55,11 @@ class Group:
     def prunable(self) -> bool:
         return not self.frozen and self.size >= 2 and self.has_weights
 
+    def owned_axes(self, shapes: dict) -> list[tuple[str, int]]:
+        """Weight axes this group covers entirely: they name the group across pruning steps."""
+        return [m.space for m in self.members if m.constant and m.offset == 0
+                and self.size * m.inner == shapes[m.space[0]][m.space[1]]]
+
     def tensors(self) -> list[str]:
         return sorted({m.space[0] for m in self.members if "#" not in m.space[0]})
 

@@ -65,3 +65,20 @@ def read_plan(path: str | Path, analysis: Analysis) -> Plan:
             raise OnnxPruneError(f"plan {path} keeps channels that group {group.id} cannot keep")
         plan.keep[group.id] = keep
     return plan
+
+
+def plan_from_initializers(analysis: Analysis, kept: dict[str, dict[str, np.ndarray]]) -> Plan:
+    """The group-level plan that leaves the given indices of each initializer axis (e.g. composed over the steps of
+    an iterative schedule): a group keeps the channels that one of its weights keeps."""
+    plan = Plan()
+    for group in analysis.prunable:
+        for m in group.members:
+            indices = kept.get(m.space[0], {}).get(str(m.space[1])) if m.constant else None
+            if indices is None:
+                continue
+            inside = indices[(indices >= m.offset) & (indices < m.offset + group.size * m.inner)]
+            channels = np.unique((inside - m.offset) // m.inner)
+            if len(channels) < group.size:
+                plan.keep[group.id] = channels
+            break
+    return plan

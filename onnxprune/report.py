@@ -9,7 +9,7 @@ from .groups import Analysis
 
 @dataclass
 class PruneReport:
-    ratio: float
+    ratio: float | None
     criterion: str
     round_to: int
     params_before: int

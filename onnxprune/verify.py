@@ -45,17 +45,22 @@ def count_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) ->
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at batch 1, from inferred shapes.
 
     A leading symbolic dimension counts as the batch (1); a node with any other unknown size counts 0."""
+    return int(sum(layer_macs(model, shapes).values()))
+
+
+def layer_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> dict[str, int]:
+    """MACs per node name, for the nodes count_macs counts."""
     shapes = shapes if shapes is not None else infer_shapes(model)
-    total = 0
+    macs = {}
     for node in model.graph.node:
         counter = _MAC_COUNTERS.get(node.op_type)
         if counter is None:
             continue
         try:
-            total += counter(node, lambda name: _batch1(shapes.get(name)))
+            macs[node.name] = counter(node, lambda name: _batch1(shapes.get(name)))
         except (TypeError, KeyError, IndexError):
             continue
-    return int(total)
+    return macs
 
 
 def _batch1(dims: Dims | None) -> tuple[int, ...]:
