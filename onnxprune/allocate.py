@@ -8,7 +8,7 @@ import numpy as np
 
 from .groups import Analysis, Group
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 
 @dataclass

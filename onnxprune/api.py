@@ -19,6 +19,7 @@ from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
 from .regression import ContributionGram
 from .schedule import SCHEDULES, prune_iteratively
+from .sensitivity import sensitivity_counts, sensitivity_curves
 from .plan_io import plan_to_dict, read_plan
 from .recover import RECOVERY, recover_bias, recover_lsq
 from .surgery import apply_plan
@@ -82,22 +83,26 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
                                  allocation=allocation)
     validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation)
     get_criterion(criterion)
-    needs_data = (criterion in NEEDS_DATA and plan is None) or recover != "none"
+    needs_data = (plan is None and (criterion in NEEDS_DATA or allocation == "sensitivity")) or recover != "none"
     if recover not in RECOVERY:
         raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(RECOVERY)})")
     if needs_data and calib is None:
-        raise UsageError(f"{'criterion ' + criterion if criterion in NEEDS_DATA else 'recovery'} needs "
-                         f"calibration data (--calib)")
+        what = (f"criterion {criterion}" if criterion in NEEDS_DATA else
+                "allocation sensitivity" if allocation == "sensitivity" else "recovery")
+        raise UsageError(f"{what} needs calibration data (--calib)")
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
-    if recover == "lsq" and not isinstance(calib, (str, os.PathLike)):
-        # Least squares replays the data once per layer: a Python reader is read once and kept.
+    if (recover == "lsq" or allocation == "sensitivity") and calib is not None and \
+            not isinstance(calib, (str, os.PathLike)):
+        # Least squares and sensitivity read the data more than once: a Python reader is read once and kept.
         calib = list(calibration_batches(calib, model, calib_size, batch_size))
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     if plan is None:
-        plan = make_plan(analysis, ratio, criterion, round_to, seed, context, allocation, target_macs, reference)
+        probe = _sensitivity_feeds(calib, model, batch_size) if allocation == "sensitivity" else None
+        plan = make_plan(analysis, ratio, criterion, round_to, seed, context, allocation, target_macs, reference,
+                         probe)
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
     plan_dict = plan_to_dict(plan, analysis)
@@ -152,15 +157,28 @@ def _plain_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
 
 def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,
               seed: int = 0, context: ScoringContext | None = None, allocation: str = "uniform",
-              target_macs: float | None = None, reference: dict | None = None) -> Plan:
+              target_macs: float | None = None, reference: dict | None = None,
+              feeds: list | None = None) -> Plan:
     """Score every prunable group with `criterion`, decide how many channels each keeps (`allocation`, to meet
     `ratio` or `target_macs`) and keep the best ones."""
     score = get_criterion(criterion)
     context = context or ScoringContext(analysis.index, seed=seed)
     scores = {g.id: score(g, context) for g in analysis.prunable}
-    mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes)) if target_macs else None
-    counts = counts_for_target(analysis, scores, allocation, round_to, ratio, target_macs, mac_model, reference)
+    mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes))
+    if allocation == "sensitivity":
+        curves = sensitivity_curves(analysis.index.model, analysis, scores, feeds, round_to, mac_model)
+        counts = sensitivity_counts(analysis, curves, mac_model, ratio, target_macs)
+    else:
+        counts = counts_for_target(analysis, scores, allocation, round_to, ratio, target_macs, mac_model, reference)
     return plan_from_counts(analysis, scores, counts)
+
+
+SENSITIVITY_SAMPLES = 64
+
+
+def _sensitivity_feeds(calib: object, model: onnx.ModelProto, batch_size: int) -> list:
+    """A few calibration batches, kept: each group is pruned alone several times and compared on the same data."""
+    return list(calibration_batches(calib, model, SENSITIVITY_SAMPLES, batch_size))
 
 
 def validate_options(ratio: float | None, round_to: int, target_macs: float | None = None,
@@ -173,3 +191,24 @@ def validate_options(ratio: float | None, round_to: int, target_macs: float | No
         raise UsageError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     if round_to < 1:
         raise UsageError(f"round-to must be a positive integer, got {round_to}")
+
+
+def sensitivity(model_or_path: onnx.ModelProto | str | os.PathLike, calib: object, criterion: str = "l1",
+                round_to: int = DEFAULT_ROUND_TO, batch_size: int = 16, exclude: tuple[str, ...] = ()) -> dict:
+    """Per prunable group, the damage (relative squared error of the outputs on calibration data) of pruning that
+    group alone at each candidate ratio, with the MACs it saves: {"groups": [{"id", "channels", "weights",
+    "points": [{"ratio", "kept", "channels", "macs_saved", "damage"}]}]}."""
+    validate_options(0.0, round_to)
+    prepared = prepare(model_or_path, exclude)
+    analysis = prepared.analysis
+    needs_stats = criterion in NEEDS_DATA
+    stats = _calibrate(prepared, calib, None, batch_size, True, criterion) if needs_stats else None
+    context = ScoringContext(analysis.index, stats=stats)
+    scores = {g.id: get_criterion(criterion)(g, context) for g in analysis.prunable}
+    mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes))
+    curves = sensitivity_curves(prepared.model, analysis, scores, _sensitivity_feeds(calib, prepared.model, batch_size),
+                                round_to, mac_model)
+    return {"criterion": criterion, "round_to": round_to, "macs": mac_model.macs({}),
+            "groups": [{"id": gid, "channels": analysis.groups[gid].size,
+                        "weights": sorted({m.space[0] for m in analysis.groups[gid].members if m.constant})[:4],
+                        "points": points} for gid, points in curves.items()]}

@@ -225,6 +225,56 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
         _write_json(json_path, {"groups": [g.to_dict() for g in groups], "barriers": analysis.barriers})
 
 
+@cli.command("sensitivity")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@calibration_options
+@click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True)
+@click.option("--round-to", type=int, default=api.DEFAULT_ROUND_TO, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the curves as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the curves as a PNG (needs matplotlib: pip install 'onnxprune[plot]').")
+def sensitivity_command(model: Path, calib: Path | None, calib_size: int | None, batch_size: int, criterion: str,
+                        round_to: int, json_path: Path | None, plot: Path | None) -> None:
+    """Prune each channel group of MODEL alone at several ratios and print how much the outputs change."""
+    if calib is None:
+        raise UsageError("sensitivity needs calibration data (--calib)")
+    for path in (json_path, plot):
+        if path is not None:
+            check_writable(path)
+    if plot is not None:
+        try:
+            import matplotlib
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')") from None
+    curves = api.sensitivity(load_model(model), calib, criterion, round_to, batch_size)
+    for group in curves["groups"]:
+        points = ", ".join(f"{p['kept']}:{p['damage']:.3g}" for p in group["points"]) or "-"
+        click.echo(f"group {group['id']:>4} {group['channels']:>5} ch  kept:damage  {points}")
+    if json_path is not None:
+        _write_json(json_path, curves)
+    if plot is not None:
+        _plot(curves, plot)
+
+
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for group in curves["groups"]:
+        if group["points"]:
+            axes.plot([1 - p["kept"] / p["channels"] for p in group["points"]], [p["damage"] for p in group["points"]],
+                      marker="o", label=f"{group['id']} ({group['channels']} ch)")
+    axes.set_xlabel("share of the group's channels removed")
+    axes.set_ylabel("output damage (relative squared error)")
+    axes.set_yscale("log")
+    axes.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
 @cli.command("check")
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("pruned", type=click.Path(dir_okay=False, path_type=Path))

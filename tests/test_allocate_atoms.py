@@ -108,3 +108,19 @@ def test_iterative_with_one_step_is_one_shot_and_more_steps_land_on_the_same_cou
     assert sorted(g["kept"] for g in report.groups) == sorted(g["kept"] for g in one_report.groups)
     replayed, _ = onnxprune.prune(model, None, plan=report.plan)
     assert replayed.graph.initializer[0].dims == three.graph.initializer[0].dims
+
+
+def test_sensitivity_curves_and_allocation():
+    import onnx
+    model = onnx.load(DIGITS)
+    calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
+    curves = onnxprune.api.sensitivity(model, calib, round_to=1)
+    assert len(curves["groups"]) == 5
+    for group in curves["groups"]:
+        points = group["points"]
+        assert [p["kept"] for p in points] == sorted((p["kept"] for p in points), reverse=True)
+        assert all(p["damage"] > 0 and p["macs_saved"] > 0 for p in points)
+    _, report = onnxprune.prune(model, None, target_macs=0.5, allocation="sensitivity", calib=calib, round_to=1)
+    assert 0.35 <= report.macs_after / report.macs_before <= 0.5
+    with pytest.raises(onnxprune.UsageError, match="allocation sensitivity needs calibration"):
+        onnxprune.prune(model, 0.5, allocation="sensitivity")

@@ -1,0 +1,85 @@
+"""Sensitivity analysis and allocation: prune each group alone at several ratios, measure how much the model's
+outputs change on calibration data, and choose per-group ratios that meet the target at the least total damage."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import onnx
+
+from .allocate import MacModel, keep_count, plan_from_counts
+from .groups import Analysis
+from .surgery import apply_plan
+from .verify import session
+
+log = logging.getLogger("onnxprune")
+
+CANDIDATE_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[int, np.ndarray],
+                       feeds: list[dict[str, np.ndarray]], round_to: int, mac_model: MacModel,
+                       ratios: tuple[float, ...] = CANDIDATE_RATIOS) -> dict[int, list[dict]]:
+    """Per prunable group: for each candidate ratio, the channels kept, the MACs saved and the damage (relative
+    squared error of all outputs against the original, on `feeds`)."""
+    reference = _outputs(model, feeds)
+    full = mac_model.macs({})
+    curves: dict[int, list[dict]] = {}
+    for position, group in enumerate(analysis.prunable):
+        points, seen = [], set()
+        for ratio in ratios:
+            kept = keep_count(group, ratio, round_to)
+            if kept >= group.size or kept in seen:
+                continue
+            seen.add(kept)
+            counts = {group.id: kept}
+            pruned = apply_plan(copy.deepcopy(model), analysis, plan_from_counts(analysis, scores, counts))
+            points.append({"ratio": ratio, "kept": kept, "channels": group.size,
+                           "macs_saved": float(full - mac_model.macs(counts)),
+                           "damage": _damage(reference, _outputs(pruned, feeds))})
+        curves[group.id] = points
+        log.info("sensitivity: group %d (%d/%d)", group.id, position + 1, len(analysis.prunable))
+    return curves
+
+
+def _outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    sess = session(model, threads=0)
+    return [np.concatenate([sess.run(None, f)[k] for f in feeds]).astype(np.float64)
+            for k in range(len(model.graph.output))]
+
+
+def _damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    return float(np.mean([np.sum((o - r) ** 2) / max(np.sum(r ** 2), 1e-30) for r, o in zip(reference, outputs)]))
+
+
+def sensitivity_counts(analysis: Analysis, curves: dict[int, list[dict]], mac_model: MacModel,
+                       ratio: float | None, target_macs: float | None) -> dict[int, int]:
+    """Greedy: take, one at a time, the next step on some group's curve that costs the least damage per MAC (or per
+    channel) saved, until the target is met. Damage is assumed to add up across groups."""
+    position = {gid: -1 for gid in curves}  # index of the point taken on each curve; -1 = unpruned
+    counts: dict[int, int] = {}
+    total = sum(g.size for g in analysis.prunable)
+    full = mac_model.macs({})
+
+    def met() -> bool:
+        if target_macs is not None:
+            return mac_model.macs(counts) <= target_macs * full
+        return total - sum(counts.get(g.id, g.size) for g in analysis.prunable) >= round(ratio * total)
+
+    while not met():
+        best, best_cost = None, np.inf
+        for gid, points in curves.items():
+            if position[gid] + 1 >= len(points):
+                continue
+            nxt, cur = points[position[gid] + 1], points[position[gid]] if position[gid] >= 0 else None
+            gain = (nxt["macs_saved"] - (cur["macs_saved"] if cur else 0.0)) if target_macs is not None else \
+                (nxt["channels"] - nxt["kept"]) - ((cur["channels"] - cur["kept"]) if cur else 0)
+            cost = (nxt["damage"] - (cur["damage"] if cur else 0.0)) / max(gain, 1e-12)
+            if gain > 0 and cost < best_cost:
+                best, best_cost = gid, cost
+        if best is None:
+            break  # every curve is used up: the target cannot be met with the candidate ratios
+        position[best] += 1
+        counts[best] = curves[best][position[best]]["kept"]
+    return counts
