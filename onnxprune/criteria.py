@@ -95,9 +95,14 @@ def bn_scale(group: Group, ctx: ScoringContext) -> np.ndarray:
     """|gamma| of the BatchNormalization on the channels (network slimming); l1 where BN was folded away."""
     members = [m for m in group.members if m.role == "scale" and _read_by(ctx.index, m.space[0], "BatchNormalization")]
     if not members:
-        ctx.fallbacks.append(group.id)
-        return CRITERIA["l1"](group, ctx)
+        return _fallback(group, ctx)
     return sum(np.abs(member_values(group, m, ctx.index)).sum(1) for m in members)
+
+
+def _fallback(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """l1 for a group a criterion cannot rank; counted, so the run can say how many."""
+    ctx.fallbacks.append(group.id)
+    return CRITERIA["l1"](group, ctx)
 
 
 def _read_by(index: GraphIndex, tensor: str, op_type: str) -> bool:
@@ -154,8 +159,7 @@ def apoz(group: Group, ctx: ScoringContext) -> np.ndarray:
     """Average percentage of zeros where the channels enter their consumers: the most-zero channels go first."""
     zeros = _probe_channels(group, ctx, "zero_fraction")
     if zeros is None:
-        ctx.fallbacks.append(group.id)
-        return CRITERIA["l1"](group, ctx)
+        return _fallback(group, ctx)
     # Ties (channels that are never zero, before a non-ReLU consumer) are broken by mean |activation|.
     mean_abs = _probe_channels(group, ctx, "mean_abs")
     return 1.0 - zeros + 1e-3 * mean_abs / max(float(mean_abs.max()), 1e-12)
@@ -166,8 +170,7 @@ def activation(group: Group, ctx: ScoringContext) -> np.ndarray:
     """Mean |activation| where the channels enter their consumers."""
     mean_abs = _probe_channels(group, ctx, "mean_abs")
     if mean_abs is None:
-        ctx.fallbacks.append(group.id)
-        return CRITERIA["l1"](group, ctx)
+        return _fallback(group, ctx)
     return mean_abs
 
 
@@ -177,6 +180,5 @@ def regression(group: Group, ctx: ScoringContext) -> np.ndarray:
     layers' outputs on calibration data go first (see regression.py)."""
     gram = ctx.stats.extra.get(group.id) if ctx.stats is not None else None
     if gram is None or not gram.gram.any():
-        ctx.fallbacks.append(group.id)
-        return CRITERIA["l1"](group, ctx)
+        return _fallback(group, ctx)
     return removal_order(gram.gram)
