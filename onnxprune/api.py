@@ -11,7 +11,7 @@ import onnx
 
 from . import graph as graph_mod
 from .allocate import ALLOCATIONS, MacModel, Plan, counts_for_target, plan_from_counts
-from .calibrate import Statistics, calibration_batches, collect_stats
+from .calibrate import Preprocess, Statistics, calibration_batches, collect_stats
 from .criteria import NEEDS_DATA, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
@@ -63,11 +63,12 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
           calib: object = None, calib_size: int | None = None, batch_size: int = 16, recover: str = "none",
           quiet: bool = True, plan: Plan | str | os.PathLike | None = None, allocation: str = "uniform",
           target_macs: float | None = None, schedule: str = "oneshot", steps: int = 1,
-          reference: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+          reference: dict | None = None, preprocess: Preprocess | str | None = None
+          ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
     `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"`). Data-driven criteria and
-    recovery read `calib`: a .npz / .npy path, a `get_next()` reader (onnxruntime.quantization style) or an
-    iterable of feed dicts. `allocation="global"` ranks channels across groups by normalised score instead of
+    recovery read `calib`: a .npz / .npy path, a folder of images (read as `preprocess` says), a `get_next()`
+    reader (onnxruntime.quantization style) or an iterable of feed dicts. `allocation="global"` ranks channels across groups by normalised score instead of
     taking the same ratio from each; `target_macs=F` replaces the ratio by "keep this fraction of the MACs".
     `plan` (a Plan or a plan file) replaces the ratio and criterion: the same channels are
     removed again. `schedule="iterative"` reaches the target in `steps` steps of growing ratio, with the recovery
@@ -80,7 +81,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         return prune_iteratively(model_or_path, steps, ratio, target_macs, criterion=criterion, round_to=round_to,
                                  exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
                                  batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
-                                 allocation=allocation)
+                                 allocation=allocation, preprocess=preprocess)
     validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation)
     get_criterion(criterion)
     needs_data = (plan is None and (criterion in NEEDS_DATA or allocation == "sensitivity")) or recover != "none"
@@ -93,8 +94,10 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
+    if calib is not None:
+        calib = _source(calib, model, calib_size, batch_size, preprocess)
     if (recover == "lsq" or allocation == "sensitivity") and calib is not None and \
-            not isinstance(calib, (str, os.PathLike)):
+            not isinstance(calib, (str, os.PathLike, _Replay)):
         # Least squares and sensitivity read the data more than once: a Python reader is read once and kept.
         calib = list(calibration_batches(calib, model, calib_size, batch_size))
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
@@ -176,6 +179,25 @@ def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", ro
 SENSITIVITY_SAMPLES = 64
 
 
+def _source(calib: object, model: onnx.ModelProto, size: int | None, batch_size: int,
+            preprocess: Preprocess | str | None) -> object:
+    """A folder of images becomes a replayable source of checked batches; anything else is used as it is."""
+    if isinstance(calib, (str, os.PathLike)) and os.path.isdir(calib):
+        pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess)
+        return _Replay(lambda: calibration_batches(calib, model, size, batch_size, pre))
+    return calib
+
+
+class _Replay:
+    """An iterable that reads its source afresh each time it is iterated (images are never all in memory)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
 def _sensitivity_feeds(calib: object, model: onnx.ModelProto, batch_size: int) -> list:
     """A few calibration batches, kept: each group is pruned alone several times and compared on the same data."""
     return list(calibration_batches(calib, model, SENSITIVITY_SAMPLES, batch_size))
@@ -194,13 +216,15 @@ def validate_options(ratio: float | None, round_to: int, target_macs: float | No
 
 
 def sensitivity(model_or_path: onnx.ModelProto | str | os.PathLike, calib: object, criterion: str = "l1",
-                round_to: int = DEFAULT_ROUND_TO, batch_size: int = 16, exclude: tuple[str, ...] = ()) -> dict:
+                round_to: int = DEFAULT_ROUND_TO, batch_size: int = 16, exclude: tuple[str, ...] = (),
+                preprocess: Preprocess | str | None = None) -> dict:
     """Per prunable group, the damage (relative squared error of the outputs on calibration data) of pruning that
     group alone at each candidate ratio, with the MACs it saves: {"groups": [{"id", "channels", "weights",
     "points": [{"ratio", "kept", "channels", "macs_saved", "damage"}]}]}."""
     validate_options(0.0, round_to)
     prepared = prepare(model_or_path, exclude)
     analysis = prepared.analysis
+    calib = _source(calib, prepared.model, None, batch_size, preprocess)
     needs_stats = criterion in NEEDS_DATA
     stats = _calibrate(prepared, calib, None, batch_size, True, criterion) if needs_stats else None
     context = ScoringContext(analysis.index, stats=stats)

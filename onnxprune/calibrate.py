@@ -124,15 +124,109 @@ def check_feed(feed: Feed, specs: list[InputSpec]) -> Feed:
 
 
 def calibration_batches(source: object, model: onnx.ModelProto, size: int | None = None,
-                        batch_size: int = 16) -> Iterator[Feed]:
-    """Checked feed dicts from a path (.npz / .npy), a `get_next()` reader, or an iterable of dicts."""
+                        batch_size: int = 16, preprocess: "Preprocess | None" = None) -> Iterator[Feed]:
+    """Checked feed dicts from a path (.npz / .npy, or a folder of images), a `get_next()` reader, or an iterable
+    of dicts."""
     specs = input_specs(model)
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        batches = image_batches(Path(source), specs, size, batch_size, preprocess or Preprocess())
+    elif isinstance(source, (str, Path)):
         batches = array_batches(load_arrays(source, specs), specs, size, batch_size)
     else:
         batches = reader_batches(source, size)
     for feed in batches:
         yield check_feed(feed, specs)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become the model's input: resize the shorter side, centre-crop, scale, normalise, lay out.
+    Without resize and crop, images are resized to the input's static height and width."""
+
+    resize: int | None = None
+    crop: int | None = None
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"
+    order: str = "RGB"
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Preprocess":
+        """`resize=256,crop=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225,layout=NCHW,order=RGB,scale=0.00392`."""
+        if not text:
+            return cls()
+        fields: dict = {}
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            try:
+                if key in ("resize", "crop"):
+                    fields[key] = int(value)
+                elif key == "scale":
+                    fields[key] = float(value)
+                elif key in ("mean", "std"):
+                    fields[key] = tuple(float(v) for v in value.split(":"))
+                elif key == "layout" and value.upper() in ("NCHW", "NHWC"):
+                    fields[key] = value.upper()
+                elif key == "order" and value.upper() in ("RGB", "BGR", "L"):
+                    fields[key] = value.upper()
+                else:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"bad --preprocess item '{item}' (keys: resize, crop, scale, mean, std, "
+                                 f"layout=NCHW|NHWC, order=RGB|BGR|L)") from None
+        return cls(**fields)
+
+
+def image_batches(folder: Path, specs: list[InputSpec], size: int | None, batch_size: int,
+                  preprocess: Preprocess) -> Iterator[Feed]:
+    """Images of a folder (sorted by name), read one at a time: memory holds one batch."""
+    if len(specs) != 1:
+        raise OnnxPruneError(f"a folder of images feeds a one-input model; this one has {len(specs)} inputs")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:size or None]
+    if not paths:
+        raise OnnxPruneError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    spec = specs[0]
+    step = 1 if spec.fixed_batch and spec.dims[0] == 1 else batch_size
+    for start in range(0, len(paths), step):
+        yield {spec.name: np.stack([_image(p, spec, preprocess) for p in paths[start:start + step]])}
+
+
+def _image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("a folder of images needs Pillow (pip install 'onnxprune[images]')") from None
+    try:
+        image = Image.open(path).convert("L" if pre.order == "L" else "RGB")
+    except Exception as exc:
+        raise OnnxPruneError(f"cannot read image {path}: {first_line(exc)}") from None
+    image = _resize_and_crop(image, spec, pre)
+    array = np.asarray(image, dtype=np.float32) * pre.scale
+    array = array[..., None] if array.ndim == 2 else (array[..., ::-1] if pre.order == "BGR" else array)
+    array = (array - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1) if pre.layout == "NCHW" else array).astype(spec.dtype)
+
+
+def _resize_and_crop(image, spec: InputSpec, pre: Preprocess):
+    if pre.resize is None and pre.crop is None:
+        height, width = (spec.dims[2], spec.dims[3]) if pre.layout == "NCHW" else (spec.dims[1], spec.dims[2])
+        if isinstance(height, int) and isinstance(width, int):
+            return image.resize((width, height))
+        return image
+    if pre.resize is not None:
+        factor = pre.resize / min(image.size)
+        image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))))
+    if pre.crop is not None:
+        left, top = (image.width - pre.crop) // 2, (image.height - pre.crop) // 2
+        image = image.crop((left, top, left + pre.crop, top + pre.crop))
+    return image
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -14,6 +14,7 @@ import click
 
 from . import api
 from .allocate import ALLOCATIONS
+from .calibrate import Preprocess
 from .criteria import CRITERIA
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
@@ -66,9 +67,12 @@ def calibration_options(command):
                            help="Calibration samples per onnxruntime run (1 where the model's batch is fixed at 1).")(command)
     command = click.option("--calib-size", type=click.IntRange(min=1), default=None,
                            help="Use at most N calibration samples.")(command)
-    return click.option("--calib", type=click.Path(dir_okay=False, path_type=Path),
+    command = click.option("--preprocess", metavar="K=V,...",
+                           help="For a folder of images: resize=N (shorter side), crop=N (centre), scale=F "
+                                "(default 1/255), mean=a:b:c, std=a:b:c, layout=NCHW|NHWC, order=RGB|BGR|L.")(command)
+    return click.option("--calib", type=click.Path(path_type=Path),
                         help="Calibration data: .npz with arrays named after the inputs (samples on axis 0), "
-                             "or .npy for a one-input model.")(command)
+                             ".npy for a one-input model, or a folder of images (see --preprocess).")(command)
 
 
 def check_options(command):
@@ -132,7 +136,7 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, allocatio
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
-          calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
+          preprocess: str | None, calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
     given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs), ("--plan-in", plan_in))
              if value is not None]
@@ -150,7 +154,8 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, allocatio
     pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to, exclude=exclude,
                                seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
                                recover=recover, quiet=quiet, plan=plan_in, allocation=allocation,
-                               target_macs=target_macs, schedule=schedule, steps=steps)
+                               target_macs=target_macs, schedule=schedule, steps=steps,
+                               preprocess=Preprocess.parse(preprocess))
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
@@ -233,8 +238,9 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the curves as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the curves as a PNG (needs matplotlib: pip install 'onnxprune[plot]').")
-def sensitivity_command(model: Path, calib: Path | None, calib_size: int | None, batch_size: int, criterion: str,
-                        round_to: int, json_path: Path | None, plot: Path | None) -> None:
+def sensitivity_command(model: Path, calib: Path | None, preprocess: str | None, calib_size: int | None,
+                        batch_size: int, criterion: str, round_to: int, json_path: Path | None,
+                        plot: Path | None) -> None:
     """Prune each channel group of MODEL alone at several ratios and print how much the outputs change."""
     if calib is None:
         raise UsageError("sensitivity needs calibration data (--calib)")
@@ -246,7 +252,8 @@ def sensitivity_command(model: Path, calib: Path | None, calib_size: int | None,
             import matplotlib
         except ImportError:
             raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')") from None
-    curves = api.sensitivity(load_model(model), calib, criterion, round_to, batch_size)
+    curves = api.sensitivity(load_model(model), calib, criterion, round_to, batch_size,
+                             preprocess=Preprocess.parse(preprocess))
     for group in curves["groups"]:
         points = ", ".join(f"{p['kept']}:{p['damage']:.3g}" for p in group["points"]) or "-"
         click.echo(f"group {group['id']:>4} {group['channels']:>5} ch  kept:damage  {points}")

@@ -240,3 +240,42 @@ def test_regression_ranks_a_channel_without_contribution_first():
     _, report = onnxprune.prune(model, 0.125, criterion="regression", round_to=1, calib=[samples()])
     (kept,) = report.plan.keep.values()
     assert 3 not in kept and report.criterion_fallbacks == 0
+
+
+def test_a_folder_of_images_reads_like_the_same_arrays(tmp_path):
+    from PIL import Image
+
+    from onnxprune.calibrate import Preprocess
+    arrays = np.load(DIGITS.with_suffix("").with_suffix(".calib.npz"))["input"][:20]
+    pixels = np.round(arrays[:, 0] * 255).astype(np.uint8)
+    for k, image in enumerate(pixels):
+        Image.fromarray(image, mode="L").save(tmp_path / f"{k:03d}.png")
+    model = onnx.load(DIGITS)
+    from_images = list(calibration_batches(tmp_path, model, batch_size=8, preprocess=Preprocess.parse("order=L")))
+    assert [len(b["input"]) for b in from_images] == [8, 8, 4]
+    np.testing.assert_allclose(np.concatenate([b["input"] for b in from_images]),
+                               pixels[:, None].astype(np.float32) / 255, atol=1e-6)
+    _, report = onnxprune.prune(model, 0.5, criterion="apoz", calib=tmp_path, preprocess="order=L")
+    assert report.calibration_samples == 20
+
+
+def test_image_preprocessing_resize_crop_normalise_layout(tmp_path):
+    from PIL import Image
+
+    from onnxprune.calibrate import InputSpec, Preprocess, _image
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+    spec = InputSpec("x", np.dtype(np.float32), ("N", 3, 16, 16))
+    pre = Preprocess.parse("resize=20,crop=16,mean=0.5:0.5:0.5,std=0.5:0.5:0.5,order=BGR")
+    out = _image(tmp_path / "red.png", spec, pre)
+    assert out.shape == (3, 16, 16)
+    np.testing.assert_allclose(out[:, 8, 8], [-1.0, -1.0, 1.0])  # BGR: red comes last; (1 - 0.5) / 0.5 = 1
+    nhwc = InputSpec("x", np.dtype(np.float32), ("N", 16, 16, 3))
+    assert _image(tmp_path / "red.png", nhwc, Preprocess.parse("layout=NHWC")).shape == (16, 16, 3)
+
+
+def test_image_folder_errors(tmp_path):
+    one_line_error(prune_with(tmp_path), 1, "no images")
+    one_line_error(CliRunner().invoke(cli, [str(DIGITS), "--ratio", "0.5", "-c", "apoz", "--calib", str(tmp_path),
+                                            "--preprocess", "size=3"]), 2, "bad --preprocess item 'size=3'")
