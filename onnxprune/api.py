@@ -66,15 +66,17 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
           reference: dict | None = None, preprocess: Preprocess | str | None = None
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
-    `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"`). Data-driven criteria and
-    recovery read `calib`: a .npz / .npy path, a folder of images (read as `preprocess` says), a `get_next()`
-    reader (onnxruntime.quantization style) or an iterable of feed dicts. `allocation="global"` ranks channels across groups by normalised score instead of
-    taking the same ratio from each; `target_macs=F` replaces the ratio by "keep this fraction of the MACs".
-    `plan` (a Plan or a plan file) replaces the ratio and criterion: the same channels are
-    removed again. `schedule="iterative"` reaches the target in `steps` steps of growing ratio, with the recovery
-    between steps and re-scoring each time. Returns the pruned model and a report (`report.plan`, and
-    `report.plan_dict` for a file); the input is never modified. (`reference` is the schedule's: group sizes
-    of the model the steps started from, by weight axis, that `ratio` then refers to.)"""
+    `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"` or `"lsq"`).
+
+    Data-driven criteria and recovery read `calib`: a .npz / .npy path, a folder of images (read as `preprocess`
+    says), a `get_next()` reader (onnxruntime.quantization style) or an iterable of feed dicts.
+    `allocation="global"` ranks channels across groups by normalised score, `"sensitivity"` by measured damage,
+    instead of taking the same ratio from each; `target_macs=F` replaces the ratio by "keep this fraction of the
+    MACs". `plan` (a Plan or a plan file) replaces ratio and criterion: the same channels are removed again.
+    `schedule="iterative"` reaches the target in `steps` steps of growing ratio, with the recovery between steps and
+    re-scoring each time (`reference`, the group sizes the steps started from, is the schedule's).
+    Returns the pruned model and a report (`report.plan`, and `report.plan_dict` for a file); the input is never
+    modified."""
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
     if schedule == "iterative":
@@ -82,24 +84,12 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
                                  exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
                                  batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
                                  allocation=allocation, preprocess=preprocess)
-    validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation)
-    get_criterion(criterion)
-    needs_data = (plan is None and (criterion in NEEDS_DATA or allocation == "sensitivity")) or recover != "none"
-    if recover not in RECOVERY:
-        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(RECOVERY)})")
-    if needs_data and calib is None:
-        what = (f"criterion {criterion}" if criterion in NEEDS_DATA else
-                "allocation sensitivity" if allocation == "sensitivity" else "recovery")
-        raise UsageError(f"{what} needs calibration data (--calib)")
+    needs_data = _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib)
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
-    if calib is not None:
-        calib = _source(calib, model, calib_size, batch_size, preprocess)
-    if (recover == "lsq" or allocation == "sensitivity") and calib is not None and \
-            not isinstance(calib, (str, os.PathLike, _Replay)):
-        # Least squares and sensitivity read the data more than once: a Python reader is read once and kept.
-        calib = list(calibration_batches(calib, model, calib_size, batch_size))
+    calib = _source(calib, model, calib_size, batch_size, preprocess, replayed=recover == "lsq" or
+                    allocation == "sensitivity") if calib is not None else None
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     if plan is None:
@@ -108,16 +98,19 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
                          probe)
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
-    plan_dict = plan_to_dict(plan, analysis)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
     original = copy.deepcopy(model) if recover == "lsq" else None
     pruned = apply_plan(model, analysis, plan)
-    recovered = recover_bias(pruned, analysis, plan, stats) if recover == "bias" else 0
-    if recover == "lsq":
+    if recover == "bias":
+        recovered = recover_bias(pruned, analysis, plan, stats)
+    elif recover == "lsq":
         replay = lambda: calibration_batches(calib, original, calib_size, batch_size)  # noqa: E731
         recovered = recover_lsq(pruned, original, analysis, plan, replay, quiet=quiet)
+    else:
+        recovered = 0
     rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
-    report = PruneReport(
+    _warn_fallbacks(criterion, context, analysis)
+    return pruned, PruneReport(
         ratio=ratio, criterion=criterion, round_to=round_to,
         params_before=params_before, params_after=count_params(pruned),
         macs_before=macs_before, macs_after=count_macs(pruned),
@@ -125,12 +118,28 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
         calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks),
-        plan_dict=plan_dict)
+        plan_dict=plan_to_dict(plan, analysis))
+
+
+def _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib) -> bool:
+    """Usage errors before any work; returns whether the run needs calibration data."""
+    validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation)
+    get_criterion(criterion)
+    if recover not in RECOVERY:
+        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(RECOVERY)})")
+    needs_data = (plan is None and (criterion in NEEDS_DATA or allocation == "sensitivity")) or recover != "none"
+    if needs_data and calib is None:
+        what = (f"criterion {criterion}" if criterion in NEEDS_DATA else
+                "allocation sensitivity" if allocation == "sensitivity" else "recovery")
+        raise UsageError(f"{what} needs calibration data (--calib)")
+    return needs_data
+
+
+def _warn_fallbacks(criterion: str, context: ScoringContext, analysis: Analysis) -> None:
     if context.fallbacks:
         log.warning("criterion '%s' could not rank %d of %d groups (%s); they were ranked by l1", criterion,
                     len(context.fallbacks), len(analysis.prunable),
                     "no BatchNormalization: folded into the conv?" if criterion == "bn" else "no consumer layer")
-    return pruned, report
 
 
 def _calibrate(prepared: Prepared, calib: object, size: int | None, batch_size: int, quiet: bool,
@@ -180,11 +189,14 @@ SENSITIVITY_SAMPLES = 64
 
 
 def _source(calib: object, model: onnx.ModelProto, size: int | None, batch_size: int,
-            preprocess: Preprocess | str | None) -> object:
-    """A folder of images becomes a replayable source of checked batches; anything else is used as it is."""
+            preprocess: Preprocess | str | None, replayed: bool) -> object:
+    """A folder of images becomes a source that reads the images afresh each time; a Python reader that will be
+    `replayed` (least squares, sensitivity) is read once and kept; files are re-read."""
     if isinstance(calib, (str, os.PathLike)) and os.path.isdir(calib):
         pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess)
         return _Replay(lambda: calibration_batches(calib, model, size, batch_size, pre))
+    if replayed and not isinstance(calib, (str, os.PathLike)):
+        return list(calibration_batches(calib, model, size, batch_size))
     return calib
 
 
@@ -224,7 +236,7 @@ def sensitivity(model_or_path: onnx.ModelProto | str | os.PathLike, calib: objec
     validate_options(0.0, round_to)
     prepared = prepare(model_or_path, exclude)
     analysis = prepared.analysis
-    calib = _source(calib, prepared.model, None, batch_size, preprocess)
+    calib = _source(calib, prepared.model, None, batch_size, preprocess, replayed=True)
     needs_stats = criterion in NEEDS_DATA
     stats = _calibrate(prepared, calib, None, batch_size, True, criterion) if needs_stats else None
     context = ScoringContext(analysis.index, stats=stats)
