@@ -6,6 +6,7 @@ and `GraphIndex` gives the analysis shapes, constants, producers and consumers i
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -236,24 +237,64 @@ def infer(model: onnx.ModelProto) -> tuple[dict[str, Dims], dict[str, np.ndarray
         log.warning("shape inference failed (%s); only declared shapes are used", first_line(exc))
         g = model.graph
         infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    shapes: dict[str, Dims] = {}
-    for name, vi in infos.items():
-        dims = _dims_of(vi.type)
-        if dims is not None:
-            shapes[name] = dims
+    shapes = _shapes_of(infos)
+    _fill_from_probes(model, shapes)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
     return shapes, values
 
 
-def inferred_value_infos(model: onnx.ModelProto, strict: bool = False,
-                         values: dict[str, np.ndarray] | None = None) -> dict[str, onnx.ValueInfoProto]:
+def _shapes_of(infos: dict[str, onnx.ValueInfoProto]) -> dict[str, Dims]:
+    shapes: dict[str, Dims] = {}
+    for name, vi in infos.items():
+        dims = _dims_of(vi.type)
+        if dims is not None:
+            shapes[name] = dims
+    return shapes
+
+
+# Sizes given to run-time input dimensions in the two probe inferences: distinct primes, unlikely to meet a channel
+# count by accident.
+_PROBE_SIZES = ((3, 7, 13, 17), (5, 11, 19, 23))
+
+
+def _fill_from_probes(model: onnx.ModelProto, shapes: dict[str, Dims]) -> None:
+    """Sizes shape inference leaves unknown because they sit behind a run-time batch or sequence length: infer twice
+    more with those input dimensions fixed to different numbers, and take each size that comes out the same both
+    times (it does not depend on them). Only sizes are taken, never values: the model keeps its dynamic shapes."""
+    dynamic = [(i, k, d if d else f"#{i}.{k}") for i, vi in enumerate(model.graph.input)
+               for k, d in enumerate(_dims_of(vi.type) or ()) if not isinstance(d, int)]
+    if not dynamic or all(all(isinstance(d, int) for d in dims) for dims in shapes.values()):
+        return
+    symbols = sorted({name for _, _, name in dynamic})  # one size per name: inputs that share "batch" agree
+    probes = []
+    for sizes in _PROBE_SIZES:
+        fixed = copy.deepcopy(model.graph.input)
+        for i, k, name in dynamic:
+            dim = fixed[i].type.tensor_type.shape.dim[k]
+            dim.Clear()
+            dim.dim_value = sizes[symbols.index(name) % len(sizes)]
+        try:
+            probes.append(_shapes_of(inferred_value_infos(model, inputs=fixed)))
+        except Exception:
+            return
+    for name, dims in list(shapes.items()) + [(n, None) for n in probes[0] if n not in shapes]:
+        first, second = probes[0].get(name), probes[1].get(name)
+        if first is None or second is None or len(first) != len(second) or (dims and len(dims) != len(first)):
+            continue
+        current = dims or (None,) * len(first)
+        shapes[name] = tuple(d if isinstance(d, int) else (a if isinstance(a, int) and a == b else d)
+                             for d, a, b in zip(current, first, second))
+
+
+def inferred_value_infos(model: onnx.ModelProto, strict: bool = False, values: dict[str, np.ndarray] | None = None,
+                         inputs=None) -> dict[str, onnx.ValueInfoProto]:
     """Run ONNX shape inference on a light copy in which large initializers are typed graph inputs, so the weights
     are never serialised; small ones keep their values because Reshape, Slice and friends read them.
 
     Unless strict, shape arithmetic on static shapes is folded in the copy (never in the model) and inference runs
     again; the folded values are stored in `values`."""
-    light = _light_copy(model)
+    light = _light_copy(model, inputs)
     infos = _infer(light, strict)
     if strict:
         return infos
@@ -323,11 +364,16 @@ def _evaluate_small(node: onnx.NodeProto, infos: dict, known: dict, evaluator) -
     return [np.asarray(r) for r in result]
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def _light_copy(model: onnx.ModelProto, inputs=None) -> onnx.ModelProto:
+    """The graph without its large weights (typed inputs instead). `inputs` replaces the graph inputs (probes);
+    declared intermediate shapes are then dropped, as they may contradict the fixed sizes."""
     g = model.graph
-    light_graph = onnx.helper.make_graph([], g.name, list(g.input), list(g.output))
+    light_graph = onnx.helper.make_graph([], g.name, list(inputs if inputs is not None else g.input),
+                                         list(g.output) if inputs is None else [onnx.ValueInfoProto(name=o.name)
+                                                                               for o in g.output])
     light_graph.node.extend(g.node)
-    light_graph.value_info.extend(g.value_info)
+    if inputs is None:
+        light_graph.value_info.extend(g.value_info)
     input_names = {i.name for i in g.input}
     for init in g.initializer:
         if int(np.prod(init.dims, dtype=np.int64)) <= _SMALL_CONSTANT and init.data_location != onnx.TensorProto.EXTERNAL:

@@ -298,8 +298,10 @@ class _Builder:
         return self._collect(atoms, atom_of, classes, class_frozen)
 
     def _class_size(self, spaces: list[Space], reasons: list[str]) -> int | None:
-        sizes = {self.size[s] for s in spaces}
-        if None in sizes:
+        """Coupled spaces are the same index set, so one static size tells the size of all: shape inference often
+        loses a size downstream of a reshape it could not follow (a run-time batch beside it)."""
+        sizes = {self.size[s] for s in spaces} - {None}
+        if not sizes:
             _add_reason(reasons, f"size of '{_first_tensor(spaces)}' axis is not static")
             return None
         if len(sizes) > 1:

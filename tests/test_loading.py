@@ -185,3 +185,71 @@ def test_shape_arithmetic_on_static_shapes_is_resolved():
     model = b.model(b.gemm(b.op("Reshape", [x, target]), 16 * 64, 10))
     pruned, analysis, plan = prune_exact(model)
     assert any(g.size == 16 for g in analysis.prunable)
+
+
+def _sizes_of(b, x, axes):
+    """Shape(x)[axes] as a 1-D tensor, the way the TorchScript exporter builds run-time reshape targets: one scalar
+    Gather and Unsqueeze per size, and a Concat."""
+    shape = b.op("Shape", [x])
+    scalars = [b.op("Gather", [shape, b.const(np.array(a, np.int64))], axis=0) for a in axes]
+    return b.op("Concat", [b.op("Unsqueeze", [s, b.const(np.array([0], np.int64))]) for s in scalars], axis=0)
+
+
+def test_attention_with_run_time_batch_and_sequence_prunes_heads():
+    """BERT-style export: batch and sequence are named dims shared by two inputs; q/k/v are split into heads by
+    reshapes whose targets are computed from Shape, so inference loses the head count after them."""
+    b = GraphBuilder()
+    x = b.input(["batch", "sequence", 32])
+    mask = b.input(["batch", "sequence"], name="mask")
+    # Position embeddings sliced to the sequence length: inference loses the names of batch and sequence here.
+    positions = b.const(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32))
+    length = _sizes_of(b, x, [1])
+    x = b.op("Add", [x, b.op("Slice", [positions, b.const(np.array([0], np.int64)), length,
+                                       b.const(np.array([0], np.int64))])])
+    heads = []
+    for _ in range(3):
+        t = b.matmul(x, 32, 32)
+        target = b.op("Concat", [_sizes_of(b, t, [0, 1]), b.const(np.array([4, 8], np.int64))], axis=0)
+        heads.append(b.op("Transpose", [b.op("Reshape", [t, target])], perm=[0, 2, 1, 3]))
+    q, k, v = heads
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    bias = b.op("Unsqueeze", [b.op("Mul", [mask, b.const(np.float32(-1e4))]), b.const(np.array([1, 2], np.int64))])
+    probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+    context = b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+    target = b.op("Concat", [_sizes_of(b, context, [0, 1]), b.const(np.array([32], np.int64))], axis=0)
+    model = b.model(b.matmul(b.op("Reshape", [context, target]), 32, 32))
+    pruned, analysis, plan = prune_exact(model)
+    head_groups = [analysis.groups[g] for g in plan.keep if analysis.groups[g].size == 4]
+    assert head_groups, "the heads were not prunable"
+    assert sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)[:1] == [(16, 32)]
+
+
+def test_reshape_pairs_leading_run_time_sizes_whose_names_were_lost():
+    from onnxprune.rules.registry import Couple, Expand
+    from onnxprune.rules.shape import reshape_relations
+    relations = reshape_relations(("unk__1", "unk__2", 4, 8), ("unk__3", "unk__4", 32))
+    couples = [r for r in relations if isinstance(r, Couple)]
+    assert [(c.refs[0].axis, c.refs[1].axis) for c in couples] == [(0, 0), (1, 1)]
+    (merge,) = [r for r in relations if isinstance(r, Expand)]
+    assert (merge.fine.axis, merge.coarse.axis, merge.inner) == (2, 2, 8)
+
+
+def test_probes_fill_sizes_that_do_not_depend_on_run_time_dimensions():
+    from onnxprune.graph import _fill_from_probes
+    b = GraphBuilder()
+    out = b.op("Relu", [b.input(["batch", 16])])
+    model = b.model(out)
+    shapes = {out: ("batch", None)}  # as if inference had lost the 16
+    _fill_from_probes(model, shapes)
+    assert shapes[out] == ("batch", 16)  # the batch differs between the probes, so it stays as it was
+
+
+def test_one_static_size_sizes_its_whole_coupled_class():
+    from onnxprune.graph import GraphIndex, infer_shapes
+    from onnxprune.groups import analyze
+    model = conv_bn_relu_chain()
+    shapes = infer_shapes(model)
+    relu = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    shapes[relu] = (shapes[relu][0], None, *shapes[relu][2:])  # inference lost this channel count
+    analysis = analyze(model, GraphIndex.build(model, shapes))
+    assert any(g.size == 16 and g.prunable for g in analysis.groups)

@@ -45,9 +45,23 @@ def _product(shape: Dims, axes: list[int]) -> int:
     return int(np.prod([shape[a] for a in axes], dtype=np.int64))
 
 
+def _leading_dynamic(src: Dims, dst: Dims) -> int:
+    """How many leading run-time sizes (batch, sequence) pair up one to one: the same count on both sides, no
+    run-time size after them, and equal static products of the rest. Their names may differ where shape
+    inference lost track (a Transpose after a reshape it could not follow)."""
+    count = next((k for k, d in enumerate(src) if is_static(d)), len(src))
+    if count == 0 or count != next((k for k, d in enumerate(dst) if is_static(d)), len(dst)):
+        return 0
+    if not all(is_static(d) for d in list(src[count:]) + list(dst[count:])):
+        return 0
+    products = [int(np.prod(shape[count:], dtype=np.int64)) for shape in (src, dst)]
+    return count if products[0] == products[1] else 0
+
+
 def _reshape_blocks(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]]:
-    blocks = []
-    i = j = 0
+    leading = _leading_dynamic(src, dst)
+    blocks = [([k], [k]) for k in range(leading)]
+    i = j = leading
     while True:
         while i < len(src) and src[i] == 1:
             i += 1
