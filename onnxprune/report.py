@@ -51,13 +51,18 @@ class PruneReport:
             return f"file size   {self.file_bytes_before:>14,} -> {self.file_bytes_after:>14,}  bytes"
         return f"weights     {self.weight_bytes_before:>14,} -> {self.weight_bytes_after:>14,}  bytes"
 
+    def _whole_note(self) -> str:
+        whole = len(self.groups) - len(self.pruned_groups) - len(self.frozen_groups)
+        return f", {whole} prunable but kept whole (too small for the ratio and --round-to {self.round_to})" \
+            if whole else ""
+
     def summary_lines(self) -> list[str]:
         lines = [
             f"parameters  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})",
             f"MACs        {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})",
             self._size_line(),
             f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
-            f"{len(self.frozen_groups)} frozen",
+            f"{len(self.frozen_groups)} frozen" + self._whole_note(),
         ]
         if self.calibration_samples:
             lines.append(f"calibration {self.calibration_samples} samples; criterion {self.criterion}, "
