@@ -111,7 +111,8 @@ class MacModel:
             else:
                 self.fixed += macs
 
-    def macs(self, counts: dict[int, int]) -> float:
+    def cost(self, counts: dict[int, int]) -> float:
+        """MACs of the model when group g keeps counts[g] channels."""
         total = float(self.fixed)
         keep = {gid: np.arange(n) for gid, n in counts.items()}  # which channels does not matter, only how many
         for macs, axes in self.layers:
@@ -124,28 +125,29 @@ class MacModel:
 
 
 def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocation: str, round_to: int,
-                      ratio: float | None, target_macs: float | None, mac_model: MacModel | None,
+                      ratio: float | None, budget: tuple[object, float] | None = None,
                       reference: dict[tuple[str, int], int] | None = None) -> dict[int, int]:
     """Per-group channel counts: uniform (the same ratio everywhere) or global (one threshold on normalised scores),
-    meeting a channel ratio or a MAC fraction (by bisection; the MAC fraction is met or undershot)."""
+    meeting a channel ratio, or a budget: (cost model with `cost(counts)`, fraction of the unpruned cost to keep),
+    by bisection; the budget is met or undershot."""
     total = sum(g.size for g in analysis.prunable)
 
     def counts_at(x: float) -> dict[int, int]:  # x grows with pruning
         return uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \
             global_counts(analysis, scores, x, round_to)
 
-    if target_macs is None and allocation == "uniform":
+    if budget is None and allocation == "uniform":
         return counts_at(ratio)
-    full = mac_model.macs({}) if target_macs is not None else None
+    full = budget[0].cost({}) if budget is not None else None
 
     def too_big(x: float) -> bool:
         counts = counts_at(x)
-        if target_macs is not None:
-            return mac_model.macs(counts) > target_macs * full
+        if budget is not None:
+            return budget[0].cost(counts) > budget[1] * full
         return total - sum(counts.values()) < round(ratio * total)
 
     low, high = 0.0, (0.999 if allocation == "uniform" else _max_threshold(scores))
-    for _ in range(40):
+    for _ in range(getattr(budget[0], "steps", 40) if budget is not None else 40):
         mid = (low + high) / 2
         low, high = (mid, high) if too_big(mid) else (low, mid)
     return counts_at(high)

@@ -15,6 +15,7 @@ from .calibrate import Preprocess, Statistics, calibration_batches, collect_stat
 from .criteria import NEEDS_DATA, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
+from .latency import LatencyModel
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
 from .regression import ContributionGram
@@ -63,8 +64,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
           calib: object = None, calib_size: int | None = None, batch_size: int = 16, recover: str = "none",
           quiet: bool = True, plan: Plan | str | os.PathLike | None = None, allocation: str = "uniform",
           target_macs: float | None = None, schedule: str = "oneshot", steps: int = 1,
-          reference: dict | None = None, preprocess: Preprocess | str | None = None
-          ) -> tuple[onnx.ModelProto, PruneReport]:
+          reference: dict | None = None, preprocess: Preprocess | str | None = None,
+          target_latency: float | None = None, threads: int = 1) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
     `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"` or `"lsq"`).
 
@@ -72,7 +73,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     says), a `get_next()` reader (onnxruntime.quantization style) or an iterable of feed dicts.
     `allocation="global"` ranks channels across groups by normalised score, `"sensitivity"` by measured damage,
     instead of taking the same ratio from each; `target_macs=F` replaces the ratio by "keep this fraction of the
-    MACs". `plan` (a Plan or a plan file) replaces ratio and criterion: the same channels are removed again.
+    MACs", `target_latency=F` by "keep this fraction of the onnxruntime latency measured here" (at `threads`).
+    `plan` (a Plan or a plan file) replaces ratio and criterion: the same channels are removed again.
     `schedule="iterative"` reaches the target in `steps` steps of growing ratio, with the recovery between steps and
     re-scoring each time (`reference`, the group sizes the steps started from, is the schedule's).
     Returns the pruned model and a report (`report.plan`, and `report.plan_dict` for a file); the input is never
@@ -84,7 +86,10 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
                                  exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
                                  batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
                                  allocation=allocation, preprocess=preprocess)
-    needs_data = _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib)
+    if target_latency is not None and (not 0 < target_latency <= 1 or allocation == "sensitivity"):
+        raise UsageError("target-latency must be in (0, 1], with uniform or global allocation")
+    needs_data = _check_request(ratio if target_latency is None else 0.0, round_to, target_macs, allocation,
+                                criterion, recover, plan, calib)
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
@@ -94,8 +99,9 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     if plan is None:
         probe = _sensitivity_feeds(calib, model, batch_size) if allocation == "sensitivity" else None
+        latency = LatencyModel(model, analysis, threads) if target_latency is not None else None
         plan = make_plan(analysis, ratio, criterion, round_to, seed, context, allocation, target_macs, reference,
-                         probe)
+                         probe, (latency, target_latency) if latency else None)
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
@@ -170,7 +176,7 @@ def _plain_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
 def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,
               seed: int = 0, context: ScoringContext | None = None, allocation: str = "uniform",
               target_macs: float | None = None, reference: dict | None = None,
-              feeds: list | None = None) -> Plan:
+              feeds: list | None = None, budget: tuple | None = None) -> Plan:
     """Score every prunable group with `criterion`, decide how many channels each keeps (`allocation`, to meet
     `ratio` or `target_macs`) and keep the best ones."""
     score = get_criterion(criterion)
@@ -181,7 +187,8 @@ def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", ro
         curves = sensitivity_curves(analysis.index.model, analysis, scores, feeds, round_to, mac_model)
         counts = sensitivity_counts(analysis, curves, mac_model, ratio, target_macs)
     else:
-        counts = counts_for_target(analysis, scores, allocation, round_to, ratio, target_macs, mac_model, reference)
+        budget = budget or ((mac_model, target_macs) if target_macs else None)
+        counts = counts_for_target(analysis, scores, allocation, round_to, ratio, budget, reference)
     return plan_from_counts(analysis, scores, counts)
 
 
@@ -244,7 +251,7 @@ def sensitivity(model_or_path: onnx.ModelProto | str | os.PathLike, calib: objec
     mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes))
     curves = sensitivity_curves(prepared.model, analysis, scores, _sensitivity_feeds(calib, prepared.model, batch_size),
                                 round_to, mac_model)
-    return {"criterion": criterion, "round_to": round_to, "macs": mac_model.macs({}),
+    return {"criterion": criterion, "round_to": round_to, "macs": mac_model.cost({}),
             "groups": [{"id": gid, "channels": analysis.groups[gid].size,
                         "weights": sorted({m.space[0] for m in analysis.groups[gid].members if m.constant})[:4],
                         "points": points} for gid, points in curves.items()]}

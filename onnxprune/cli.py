@@ -106,6 +106,9 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: IN.pruned.onnx beside the input).")
 @click.option("--target-macs", type=float, help="Instead of --ratio: keep this fraction of the MACs, in (0, 1].")
+@click.option("--target-latency", type=float,
+              help="Instead of --ratio: keep this fraction of the onnxruntime latency measured on this machine "
+                   "(at --threads), in (0, 1].")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: the same ratio in every group; global: one ranking of normalised scores across groups.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True,
@@ -132,18 +135,21 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @calibration_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-def prune(model: Path, ratio: float | None, target_macs: float | None, allocation: str, schedule: str, steps: int,
+def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None, allocation: str, schedule: str, steps: int,
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
           preprocess: str | None, calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
-    given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs), ("--plan-in", plan_in))
+    given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs),
+                                      ("--target-latency", target_latency), ("--plan-in", plan_in))
              if value is not None]
     if len(given) != 1:
-        raise UsageError("give one of --ratio, --target-macs or --plan-in" if not given else
+        raise UsageError("give one of --ratio, --target-macs, --target-latency or --plan-in" if not given else
                          f"{' and '.join(given)} exclude each other")
-    if plan_in is None:
+    if target_latency is not None and not 0 < target_latency <= 1:
+        raise UsageError(f"target-latency must be in (0, 1], got {target_latency}")
+    if plan_in is None and target_latency is None:
         api.validate_options(ratio, round_to, target_macs, allocation)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
@@ -155,7 +161,8 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, allocatio
                                seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
                                recover=recover, quiet=quiet, plan=plan_in, allocation=allocation,
                                target_macs=target_macs, schedule=schedule, steps=steps,
-                               preprocess=Preprocess.parse(preprocess))
+                               preprocess=Preprocess.parse(preprocess), target_latency=target_latency,
+                               threads=threads)
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)

@@ -24,7 +24,7 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
     """Per prunable group: for each candidate ratio, the channels kept, the MACs saved and the damage (relative
     squared error of all outputs against the original, on `feeds`)."""
     reference = _outputs(model, feeds)
-    full = mac_model.macs({})
+    full = mac_model.cost({})
     curves: dict[int, list[dict]] = {}
     for position, group in enumerate(analysis.prunable):
         points, seen = [], set()
@@ -36,7 +36,7 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
             counts = {group.id: kept}
             pruned = apply_plan(copy.deepcopy(model), analysis, plan_from_counts(analysis, scores, counts))
             points.append({"ratio": ratio, "kept": kept, "channels": group.size,
-                           "macs_saved": float(full - mac_model.macs(counts)),
+                           "macs_saved": float(full - mac_model.cost(counts)),
                            "damage": _damage(reference, _outputs(pruned, feeds))})
         curves[group.id] = points
         log.info("sensitivity: group %d (%d/%d)", group.id, position + 1, len(analysis.prunable))
@@ -60,11 +60,11 @@ def sensitivity_counts(analysis: Analysis, curves: dict[int, list[dict]], mac_mo
     position = {gid: -1 for gid in curves}  # index of the point taken on each curve; -1 = unpruned
     counts: dict[int, int] = {}
     total = sum(g.size for g in analysis.prunable)
-    full = mac_model.macs({})
+    full = mac_model.cost({})
 
     def met() -> bool:
         if target_macs is not None:
-            return mac_model.macs(counts) <= target_macs * full
+            return mac_model.cost(counts) <= target_macs * full
         return total - sum(counts.get(g.id, g.size) for g in analysis.prunable) >= round(ratio * total)
 
     while not met():

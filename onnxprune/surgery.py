@@ -13,15 +13,18 @@ from .rules.registry import NodeView, Ref
 
 
 def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
-    """Prune `model` in place (it must be the model the analysis was made on) and return it."""
+    """Prune `model` in place (the model the analysis was made on, or a copy of it) and return it."""
     graph = model.graph
     for position, init in enumerate(graph.initializer):
         sliced = _sliced(analysis, plan, init)
         if sliced is not None:
             graph.initializer[position].CopyFrom(numpy_helper.from_array(sliced, init.name))
     replaced: set[str] = set()
+    nodes = {node.name: node for node in graph.node}
     for view, fixup in analysis.fixups:
-        fixup(view, _FixContext(view, analysis, plan, model, replaced))
+        # The analysed model may be another copy (sensitivity, latency probes): fix this model's node.
+        target = NodeView(nodes[view.name], analysis.index, view.opset, view.tile)
+        fixup(target, _FixContext(target, analysis, plan, model, replaced))
     _remove_orphans(model, replaced)
     _refresh_value_info(model)
     return model
