@@ -1,0 +1,42 @@
+"""Latency reached with --target-latency 0.5 against --target-macs 0.5 on zoo CNNs.
+
+    python tools/bench_targets.py [--models mobilenet_v2,resnet50] [--runs 21]
+
+Each model (a zoo skeleton with seeded random weights) is pruned to each target with and without channel rounding,
+then original and pruned run interleaved (1 thread, warm-up, median of --runs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prune import latency_pair, load_zoo  # noqa: E402
+
+import onnxprune  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mobilenet_v2,resnet50")
+    parser.add_argument("--runs", type=int, default=21)
+    args = parser.parse_args()
+    print("| model | target | round-to | MACs kept | ORT ms before → after | latency kept | prune s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model = load_zoo(name)
+        for round_to in (16, 1):
+            for target in ("target_macs", "target_latency"):
+                start = time.perf_counter()
+                pruned, report = onnxprune.prune(model, None, round_to=round_to, **{target: 0.5})
+                seconds = time.perf_counter() - start
+                before, after = latency_pair(model, pruned, args.runs)
+                print(f"| {name} | --{target.replace('_', '-')} 0.5 | {round_to} | "
+                      f"{report.macs_after / report.macs_before:.1%} | {before * 1e3:.2f} → {after * 1e3:.2f} | "
+                      f"{after / before:.1%} | {seconds:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
