@@ -4,6 +4,7 @@ The CLI parses options and calls the library. Every error is one line on stderr:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -255,10 +256,8 @@ def sensitivity_command(model: Path, calib: Path | None, preprocess: str | None,
         if path is not None:
             check_writable(path)
     if plot is not None:
-        try:
-            import matplotlib
-        except ImportError:
-            raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')") from None
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')")
     curves = api.sensitivity(load_model(model), calib, criterion, round_to, batch_size,
                              preprocess=Preprocess.parse(preprocess))
     for group in curves["groups"]:

@@ -16,7 +16,7 @@ import onnx
 from .atoms import Atoms
 from .graph import GraphIndex, ai_onnx_opset, outer_scope_names, subgraphs_of
 from .rules import Barrier, NodeView, rule_for
-from .rules.registry import Compose, Couple, Expand, Ref
+from .rules.registry import Compose, Couple, Ref
 
 Space = tuple[str, int]  # (tensor name or "<node>#<pseudo>", axis)
 

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
 from .graph import inferred_value_infos
-from .groups import Analysis, Space, resolve
+from .groups import Analysis, resolve
 from .rules.registry import NodeView, Ref
 
 

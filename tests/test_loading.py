@@ -5,7 +5,7 @@ import onnx
 import pytest
 from builders import GraphBuilder, conv_bn_relu_chain, residual_block
 from exactness import params, prune_exact
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnxprune
 from onnxprune.api import prepare
