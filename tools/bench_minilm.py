@@ -8,6 +8,7 @@ then bench, in the system Python (onnxprune, onnx, onnxruntime, numpy; no torch)
 
     python tools/bench_minilm.py [--ratios 0.25,0.5] [--criteria l1,apoz,activation,regression]
                                  [--recover none,bias,lsq] [--round-to 16] [--calib-size N] [--static]
+                                 [--calib-trim] [--exclude attention]
 
 Model /tmp/minilm/minilm.onnx (inputs input_ids, attention_mask of dynamic batch x sequence; output the mean-pooled,
 L2-normalised 384-d embedding); calibration /tmp/minilm/calib.npz (256 sentences), evaluation /tmp/minilm/eval.npz
@@ -16,14 +17,19 @@ L2-normalised 384-d embedding); calibration /tmp/minilm/calib.npz (256 sentences
 - cos: mean cosine similarity between a sentence's original and pruned embeddings;
 - top-1: retrieval agreement: each sentence's nearest neighbour among the other 511 (cosine) under the pruned model
   is the same as under the original model (chance: 1/511);
-- params, and MACs at batch 1 x sequence 64. The report's MAC count is 0 on the dynamic-sequence graph (count_macs
-  counts a node with a symbolic size other than the batch as 0), so MACs are counted here with
-  onnxprune.verify.count_macs on copies of the original and pruned models whose inputs are fixed to (1, 64);
+- params, and MACs at batch 1 x sequence 64. The report does not count MACs on the dynamic-sequence graph
+  (report.macs_before is 0: count_macs counts a node with a symbolic size other than the batch as 0), so MACs are
+  counted here with onnxprune.verify.count_macs, on onnxprune's own inferred shapes, of copies of the original and
+  pruned models whose inputs are fixed to (1, 64);
 - groups pruned / frozen (report.groups), and the pruning wall time (calibration and recovery included).
 
-`--static` prunes that (1, 64)-input copy instead of the dynamic model: the attention heads are then prunable
-(onnx shape inference cannot size the heads axis of the dynamic graph, whose reshape targets are built from Shape
-ops, so onnxprune freezes it). Calibration and evaluation then run one sentence at a time.
+`--static` prunes that (1, 64)-input copy instead of the dynamic model; calibration and evaluation then run one
+sentence at a time. Before onnxprune sized run-time dimensions by probe inference, only this copy had prunable
+attention heads; now both get the same 13 groups (6 MLP, 6 attention-head, 1 frozen residual stream) and the same
+plans for the data-free criteria.
+`--calib-trim` calibrates on the same sentences in length-sorted batches of 16 cut to their longest sentence, so that
+padding (about three quarters of the 64 positions) does not dominate the statistics and the least-squares fits.
+`--exclude attention` freezes the attention heads (MLP neurons only).
 The frozen reasons (the same for every setting of one model) are printed once after the table.
 """
 from __future__ import annotations
@@ -107,6 +113,9 @@ def main() -> None:
     parser.add_argument("--recover", default="none,bias,lsq")
     parser.add_argument("--round-to", type=int, default=16)
     parser.add_argument("--calib-size", type=int, default=None)
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="freeze groups touching matching names, as onnxprune --exclude (e.g. 'attention': "
+                             "MLP neurons only)")
     parser.add_argument("--static", action="store_true", help="prune the copy with inputs fixed to (1, 64)")
     parser.add_argument("--calib-trim", action="store_true",
                         help="calibrate on length-sorted batches of 16 cut to their longest sentence, not on the "
@@ -139,7 +148,7 @@ def main() -> None:
           f"sentences x {seq} tokens (original embeddings in {eval_seconds:.1f} s); calib {CALIB}"
           f"{'' if args.calib_size is None else f' (first {args.calib_size})'}"
           f"{', length-sorted batches of 16 cut to their longest sentence' if args.calib_trim else ''}; "
-          f"round_to {args.round_to}\n")
+          f"round_to {args.round_to}{''.join(f'; --exclude {e}' for e in args.exclude)}\n")
     print("| criterion | recovery | ratio | cos | top-1 agree | params | MACs (1x64) | groups pruned / frozen | "
           "prune s |\n|---|---|---|---|---|---|---|---|---|")
     frozen = None
@@ -149,7 +158,7 @@ def main() -> None:
                 start = time.perf_counter()
                 pruned, report = onnxprune.prune(model, ratio=ratio, criterion=criterion, recover=recover,
                                                  calib=calib, calib_size=args.calib_size,
-                                                 round_to=args.round_to)
+                                                 round_to=args.round_to, exclude=tuple(args.exclude))
                 seconds = time.perf_counter() - start
                 emb = embed(pruned, eval_data, args.static)
                 cos = float((emb * reference).sum(1).mean())
