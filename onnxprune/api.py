@@ -14,7 +14,7 @@ from .allocate import ALLOCATIONS, MacModel, Plan, counts_for_target, plan_from_
 from .calibrate import Preprocess, Statistics, calibration_batches, collect_stats
 from .criteria import NEEDS_DATA, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
-from .graph import GraphIndex
+from .graph import GraphIndex, node_attr
 from .latency import LatencyModel
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
@@ -167,9 +167,8 @@ def _calibrate(prepared: Prepared, calib: object, size: int | None, batch_size: 
 
 def _plain_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """A layer whose weight is a constant second input read as (out, in, ...) or (in, out): group 1, no transA."""
-    attrs = {a.name: a.i for a in node.attribute}
     weight = index.array(node.input[1])
-    return (weight is not None and attrs.get("group", 1) == 1 and not attrs.get("transA", 0)
+    return (weight is not None and node_attr(node, "group", 1) == 1 and not node_attr(node, "transA", 0)
             and (node.op_type != "MatMul" or weight.ndim == 2))
 
 

@@ -445,6 +445,14 @@ class GraphIndex:
         return self._arrays[name]
 
 
+def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """An attribute's Python value, or `default` where the node does not set it."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
 def node_names(model: onnx.ModelProto) -> None:
     """Give every unnamed node a unique name: reports and --exclude refer to nodes by name."""
     used = {n.name for n in model.graph.node if n.name}

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .criteria import consumers
+from .graph import node_attr
 from .groups import Analysis, Group, Member
 from .patches import conv_patches, input_rows
 
@@ -47,17 +48,13 @@ def _mean_contribution(node: onnx.NodeProto, data: Member, group: Group, removed
     idx = data.offset + (removed[:, None] * data.inner + np.arange(data.inner)).ravel()
     mean = stats.channels[data.space].mean[idx]
     weight = index.array(node.input[1])
-    if node.op_type == "Conv" and _attr(node, "group", 1) == 1:
+    if node.op_type == "Conv" and node_attr(node, "group", 1) == 1:
         return weight[:, idx].reshape(weight.shape[0], len(idx), -1).sum(2) @ mean
-    if node.op_type == "Gemm" and not _attr(node, "transA", 0):
-        return weight[:, idx] @ mean if _attr(node, "transB", 0) else mean @ weight[idx, :]
+    if node.op_type == "Gemm" and not node_attr(node, "transA", 0):
+        return weight[:, idx] @ mean if node_attr(node, "transB", 0) else mean @ weight[idx, :]
     if node.op_type == "MatMul" and weight is not None and weight.ndim == 2 and data.space[0] == node.input[0]:
         return mean @ weight[idx, :]
     return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray) -> int:
@@ -65,7 +62,7 @@ def _add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray) -
     if node.op_type == "Conv":
         return _add_to_input(model, node, 2, delta)
     if node.op_type == "Gemm":
-        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        beta = node_attr(node, "beta", 1.0)
         return _add_to_input(model, node, 2, delta / beta) if beta else 0
     follower = [n for n in model.graph.node if node.output[0] in n.input]
     if len(follower) == 1 and follower[0].op_type == "Add":
@@ -115,7 +112,7 @@ def refit_layers(analysis: Analysis, plan: Plan) -> list[str]:
     names: set[str] = set()
     for gid in plan.keep:
         for node, _ in consumers(analysis.groups[gid], analysis.index):
-            if node.op_type in _REFIT_OPS and _attr(node, "group", 1) == 1 and not _attr(node, "transA", 0):
+            if node.op_type in _REFIT_OPS and node_attr(node, "group", 1) == 1 and not node_attr(node, "transA", 0):
                 names.add(node.name)
     return [n.name for n in analysis.index.model.graph.node if n.name in names]
 
@@ -235,17 +232,17 @@ def _apply_fit(model: onnx.ModelProto, node: onnx.NodeProto, system: _NormalEqua
 def _weight_rows(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
     if node.op_type == "Conv":
         return weight.reshape(weight.shape[0], -1).T.astype(np.float64)
-    alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0) if node.op_type == "Gemm" else 1.0
-    rows = weight.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight
+    alpha = node_attr(node, "alpha", 1.0) if node.op_type == "Gemm" else 1.0
+    rows = weight.T if node.op_type == "Gemm" and node_attr(node, "transB", 0) else weight
     return rows.astype(np.float64) * alpha
 
 
 def _rows_to_weight(node: onnx.NodeProto, rows: np.ndarray, like: np.ndarray) -> np.ndarray:
     if node.op_type == "Conv":
         return rows.T.reshape(like.shape)
-    alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0) if node.op_type == "Gemm" else 1.0
+    alpha = node_attr(node, "alpha", 1.0) if node.op_type == "Gemm" else 1.0
     rows = rows / alpha
-    return rows.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else rows
+    return rows.T if node.op_type == "Gemm" and node_attr(node, "transB", 0) else rows
 
 
 def _current_bias(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict, outputs: int) -> np.ndarray | None:
@@ -253,7 +250,7 @@ def _current_bias(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict, out
     Gemm has none yet, None where there is no place for one."""
     if node.op_type in ("Conv", "Gemm"):
         name = node.input[2] if len(node.input) > 2 else ""
-        scale = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+        scale = node_attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
     else:
         follower = [n for n in model.graph.node if node.output[0] in n.input]
         name = ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .graph import node_attr
 from .groups import Group, Member
 from .patches import conv_patches, input_rows
 
@@ -51,7 +52,7 @@ class ContributionGram:
 
 
 def _transposed(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    return node.op_type == "Gemm" and bool(node_attr(node, "transB", 0))
 
 
 def removal_order(gram: np.ndarray) -> np.ndarray:

@@ -38,6 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .graph import node_attr
+
 __all__ = [
     "METADATA_KEY",
     "strip_weights",
@@ -183,13 +185,6 @@ def _iter_nodes(graph: onnx.GraphProto):
                     yield from _iter_nodes(sub)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _role(
     name: str,
     dims: List[int],
@@ -209,15 +204,15 @@ def _role(
         if op in ("Conv", "ConvInteger") and idx == 1 and len(dims) >= 2:
             return "he", dims[1] * _numel(dims[2:]), node
         if op == "ConvTranspose" and idx == 1 and len(dims) >= 2:
-            group = int(_attr(node, "group", 1) or 1)
-            strides = _attr(node, "strides", None) or [1] * (len(dims) - 2)
+            group = int(node_attr(node, "group", 1) or 1)
+            strides = node_attr(node, "strides", None) or [1] * (len(dims) - 2)
             fan = (dims[0] / max(group, 1)) * _numel(dims[2:]) / max(_numel(strides), 1)
             return "he", max(fan, 1.0), node
         if op == "Gemm" and idx in (0, 1) and len(dims) == 2:
             if idx == 1:
-                fan = dims[1] if _attr(node, "transB", 0) else dims[0]
+                fan = dims[1] if node_attr(node, "transB", 0) else dims[0]
             else:
-                fan = dims[0] if _attr(node, "transA", 0) else dims[1]
+                fan = dims[0] if node_attr(node, "transA", 0) else dims[1]
             return "he", fan, node
         if op == "MatMul" and idx in (0, 1) and len(dims) >= 1:
             if len(dims) == 1:
@@ -230,7 +225,7 @@ def _role(
         if op in _PASSTHROUGH and idx == 0 and depth < 8:
             new_dims = list(dims)
             if op == "Transpose":
-                perm = _attr(node, "perm", None) or list(reversed(range(len(dims))))
+                perm = node_attr(node, "perm", None) or list(reversed(range(len(dims))))
                 new_dims = [dims[p] for p in perm]
             found = _role(node.output[0], new_dims, consumers, depth + 1)
             if found[0] != "small":

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import Dims, infer_shapes
+from .graph import Dims, infer_shapes, node_attr
 from .groups import Analysis
 
 # Roles whose removed channels are zeroed so that the channel's activation is exactly zero (see elementwise._ROLES).
@@ -72,10 +72,6 @@ def _batch1(dims: Dims | None) -> tuple[int, ...]:
     return dims
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
 def _conv_macs(node, shape) -> int:
     weight = shape(node.input[1])  # (O, I/g, k...)
     return int(np.prod(shape(node.output[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
@@ -88,7 +84,7 @@ def _conv_transpose_macs(node, shape) -> int:
 
 def _gemm_macs(node, shape) -> int:
     b = shape(node.input[1])  # the weight's shape is known even where a run-time reshape hides the input's
-    k = b[1] if _attr(node, "transB", 0) else b[0]
+    k = b[1] if node_attr(node, "transB", 0) else b[0]
     return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import Dims
+from ..graph import Dims, node_attr
 from .registry import (Barrier, Couple, Expand, FixContext, In, NodeView, Out, Pseudo, Rule, compose, couple, expand,
                        identity_couples, is_static, rule)
 
@@ -225,7 +225,7 @@ def _read_positions(n: NodeView, length: int) -> set[int]:
     everything = set(range(length))
     for consumer in n.index.consumers.get(n.node.output[0], []):
         inputs = [n.index.array(i) if i else None for i in consumer.input]
-        if consumer.op_type == "Gather" and inputs[1] is not None and _attr(consumer, "axis", 0) == 0:
+        if consumer.op_type == "Gather" and inputs[1] is not None and node_attr(consumer, "axis", 0) == 0:
             read |= {int(i) % length for i in inputs[1].reshape(-1)}
         elif (consumer.op_type == "Slice" and len(inputs) >= 3 and inputs[1] is not None and inputs[2] is not None
               and all(x is None or list(x.reshape(-1)) in ([0], [1]) for x in inputs[3:5])):
@@ -235,10 +235,6 @@ def _read_positions(n: NodeView, length: int) -> set[int]:
     if n.node.output[0] in n.index.graph_outputs:
         return everything
     return read
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 @rule("Transpose")
