@@ -35,9 +35,7 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats)
     nodes = {n.name: n for n in pruned.graph.node}
     changed = 0
     for name, delta in deltas.items():
-        output = nodes[name].output[0]
-        kept = analysis.kept_indices((output, len(analysis.index.shapes[output]) - 1 if nodes[name].op_type == "MatMul"
-                                      else 1), plan.keep)
+        kept = _kept_outputs(nodes[name], analysis, plan)
         changed += _add_bias(pruned, nodes[name], delta if kept is None else delta[kept])
     return changed
 
@@ -64,12 +62,19 @@ def _add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray) -
     if node.op_type == "Gemm":
         beta = node_attr(node, "beta", 1.0)
         return _add_to_input(model, node, 2, delta / beta) if beta else 0
-    follower = [n for n in model.graph.node if node.output[0] in n.input]
-    if len(follower) == 1 and follower[0].op_type == "Add":
-        other = 1 - list(follower[0].input).index(node.output[0])
-        return _add_to_input(model, follower[0], other, delta, create=False)
+    add = _bias_add(model, node)
+    if add is not None:
+        return _add_to_input(model, *add, delta, create=False)
     log.warning("bias recovery skipped for %s '%s': no bias to adjust", node.op_type, node.name)
     return 0
+
+
+def _bias_add(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+    """The Add right after a MatMul that holds its bias, and which of its inputs is the bias."""
+    follower = [n for n in model.graph.node if node.output[0] in n.input]
+    if len(follower) == 1 and follower[0].op_type == "Add":
+        return follower[0], 1 - list(follower[0].input).index(node.output[0])
+    return None
 
 
 def _add_to_input(model: onnx.ModelProto, node: onnx.NodeProto, index: int, delta: np.ndarray,
@@ -252,10 +257,8 @@ def _current_bias(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict, out
         name = node.input[2] if len(node.input) > 2 else ""
         scale = node_attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
     else:
-        follower = [n for n in model.graph.node if node.output[0] in n.input]
-        name = ""
-        if len(follower) == 1 and follower[0].op_type == "Add":
-            name = follower[0].input[1 - list(follower[0].input).index(node.output[0])]
+        add = _bias_add(model, node)
+        name = add[0].input[add[1]] if add is not None else ""
         scale = 1.0
     if name in inits:
         bias = numpy_helper.to_array(inits[name]).astype(np.float64).reshape(-1) * scale
