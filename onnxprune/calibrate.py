@@ -61,14 +61,22 @@ def load_arrays(path: str | Path, specs: list[InputSpec]) -> dict[str, np.ndarra
         arrays = {specs[0].name: loaded} if isinstance(loaded, np.ndarray) else dict(loaded)
     except Exception as exc:
         raise OnnxPruneError(f"cannot read calibration data {p}: {first_line(exc)}") from None
-    for key in ("label", "labels", "y"):
+    for key in LABEL_KEYS:
         arrays.pop(key, None)
+    return arrays_for_inputs(arrays, specs, f"calibration data {p}")
+
+
+LABEL_KEYS = ("label", "labels", "y")
+
+
+def arrays_for_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec], what: str) -> dict[str, np.ndarray]:
+    """The array for each graph input, by name; a single array serves a one-input model whatever its name."""
     names = [s.name for s in specs]
     if len(specs) == 1 and names[0] not in arrays and len(arrays) == 1:
         arrays = {names[0]: next(iter(arrays.values()))}
-    for spec in specs:
-        if spec.name not in arrays:
-            raise OnnxPruneError(f"calibration data {p} has no array for input '{spec.name}' "
+    for name in names:
+        if name not in arrays:
+            raise OnnxPruneError(f"{what} has no array for input '{name}' "
                                  f"(has: {', '.join(sorted(arrays)) or 'nothing'})")
     return {n: arrays[n] for n in names}
 

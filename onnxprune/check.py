@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import input_specs
+from .calibrate import LABEL_KEYS, arrays_for_inputs, input_specs
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import tensor_bytes
 from .verify import count_macs, count_params, random_feeds, session
-
-LABEL_KEYS = ("label", "labels", "y")
-
 
 @dataclass
 class OutputComparison:
@@ -78,13 +75,7 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels: str | None = Non
     except Exception as exc:
         raise OnnxPruneError(f"cannot read data {path}: {first_line(exc)}") from None
     found = _labels(data, labels)
-    names = [s.name for s in input_specs(model)]
-    if len(names) == 1 and names[0] not in data and len(data) == 1:
-        data = {names[0]: next(iter(data.values()))}
-    missing = [n for n in names if n not in data]
-    if missing:
-        raise OnnxPruneError(f"data {path} has no array for input '{missing[0]}' (has: {', '.join(sorted(data))})")
-    return {n: data[n] for n in names}, found
+    return arrays_for_inputs(data, input_specs(model), f"data {path}"), found
 
 
 def _labels(data: dict[str, np.ndarray], labels: str | None) -> np.ndarray | None:
