@@ -291,7 +291,7 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
     sess = session(probed, threads=threads)
     names = [o.name for o in probed.graph.output]
     stats = Statistics({p: ChannelStats() for p in probes}, extra)
-    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    progress = Progress(enabled=not quiet)
     for feed in batches:
         try:
             outputs = dict(zip(names, sess.run(names, feed)))
@@ -310,11 +310,12 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
     return stats
 
 
-class _Progress:
-    """One self-overwriting line on a terminal's stderr, at most five updates a second."""
+class Progress:
+    """One self-overwriting line on a terminal's stderr (nothing when stderr is not a terminal), at most five updates
+    a second."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.last, self.shown = enabled, 0.0, False
+        self.enabled, self.last, self.shown = enabled and sys.stderr.isatty(), 0.0, False
 
     def show(self, text: str) -> None:
         now = time.monotonic()
