@@ -21,7 +21,7 @@ class Plan:
         return {"keep": {str(g): [int(i) for i in idx] for g, idx in sorted(self.keep.items())}}
 
 
-def _step(group: Group, round_to: int) -> int:
+def step_for(group: Group, round_to: int) -> int:
     """Channels per rounding step: every weight dimension the group spans stays a multiple of `round_to`."""
     step = 1
     for inner in {m.inner for m in group.members if m.constant} or {1}:
@@ -31,7 +31,7 @@ def _step(group: Group, round_to: int) -> int:
 
 def round_count(group: Group, keep: int, round_to: int) -> int:
     """`keep` rounded to the group's step, at least one step (or the whole group when it is not larger)."""
-    step = _step(group, round_to)
+    step = step_for(group, round_to)
     keep = max(1, keep)
     if step <= 1:
         return min(keep, group.size)
@@ -129,12 +129,16 @@ def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocat
                       reference: dict[tuple[str, int], int] | None = None) -> dict[int, int]:
     """Per-group channel counts: uniform (the same ratio everywhere) or global (one threshold on normalised scores),
     meeting a channel ratio, or a budget: (cost model with `cost(counts)`, fraction of the unpruned cost to keep),
-    by bisection; the budget is met or undershot."""
+    by bisection; the budget is met or undershot. A cost model with `prefer(counts)` (the latency table) may adjust
+    the counts at each step."""
     total = sum(g.size for g in analysis.prunable)
 
+    refine = getattr(budget[0], "prefer", None) if budget is not None else None
+
     def counts_at(x: float) -> dict[int, int]:  # x grows with pruning
-        return uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \
+        counts = uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \
             global_counts(analysis, scores, x, round_to)
+        return refine(counts) if refine else counts  # a cost model may widen groups where that costs nothing
 
     if budget is None and allocation == "uniform":
         return counts_at(ratio)

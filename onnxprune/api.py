@@ -15,7 +15,7 @@ from .calibrate import Preprocess, Statistics, calibration_batches, collect_stat
 from .criteria import NEEDS_DATA, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex, node_attr
-from .latency import LatencyModel
+from .latency import LatencyTable, load_table, save_table
 from .groups import Analysis, analyze as analyze_graph
 from .report import PruneReport, channel_groups, frozen_reasons
 from .regression import ContributionGram
@@ -65,7 +65,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
           quiet: bool = True, plan: Plan | str | os.PathLike | None = None, allocation: str = "uniform",
           target_macs: float | None = None, schedule: str = "oneshot", steps: int = 1,
           reference: dict | None = None, preprocess: Preprocess | str | None = None,
-          target_latency: float | None = None, threads: int = 1) -> tuple[onnx.ModelProto, PruneReport]:
+          target_latency: float | None = None, threads: int = 1,
+          latency_table: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove round(ratio * C) channels from every prunable group (keeping at least one, and a multiple of
     `round_to`), ranked by `criterion`, then optionally recover (`recover="bias"` or `"lsq"`).
 
@@ -73,7 +74,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     says), a `get_next()` reader (onnxruntime.quantization style) or an iterable of feed dicts.
     `allocation="global"` ranks channels across groups by normalised score, `"sensitivity"` by measured damage,
     instead of taking the same ratio from each; `target_macs=F` replaces the ratio by "keep this fraction of the
-    MACs", `target_latency=F` by "keep this fraction of the onnxruntime latency measured here" (at `threads`).
+    MACs", `target_latency=F` by "keep this fraction of the onnxruntime latency measured here" (at `threads`),
+    from a per-layer latency table kept in the file `latency_table` when given (reused by later runs).
     `plan` (a Plan or a plan file) replaces ratio and criterion: the same channels are removed again.
     `schedule="iterative"` reaches the target in `steps` steps of growing ratio, with the recovery between steps and
     re-scoring each time (`reference`, the group sizes the steps started from, is the schedule's).
@@ -97,11 +99,15 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
                     allocation == "sensitivity") if calib is not None else None
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
+    latency = None
     if plan is None:
         probe = _sensitivity_feeds(calib, model, batch_size) if allocation == "sensitivity" else None
-        latency = LatencyModel(model, analysis, threads) if target_latency is not None else None
+        latency = LatencyTable(model, analysis, round_to, threads, load_table(latency_table) if latency_table else None,
+                               progress=not quiet) if target_latency is not None else None
         plan = make_plan(analysis, ratio, criterion, round_to, seed, context, allocation, target_macs, reference,
                          probe, (latency, target_latency) if latency else None)
+        if latency and latency_table:
+            save_table(latency_table, latency.table)
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
     params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
@@ -124,7 +130,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
         calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks),
-        plan_dict=plan_to_dict(plan, analysis))
+        plan_dict=plan_to_dict(plan, analysis), target_latency=latency.outcome if latency else None)
 
 
 def _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib) -> bool:
@@ -187,7 +193,8 @@ def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", ro
         counts = sensitivity_counts(analysis, curves, mac_model, ratio, target_macs)
     else:
         budget = budget or ((mac_model, target_macs) if target_macs else None)
-        counts = counts_for_target(analysis, scores, allocation, round_to, ratio, budget, reference)
+        search = lambda b: counts_for_target(analysis, scores, allocation, round_to, ratio, b, reference)  # noqa: E731
+        counts = budget[0].fit(search, budget[1]) if hasattr(budget[0] if budget else None, "fit") else search(budget)
     return plan_from_counts(analysis, scores, counts)
 
 

@@ -110,6 +110,9 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--target-latency", type=float,
               help="Instead of --ratio: keep this fraction of the onnxruntime latency measured on this machine "
                    "(at --threads), in (0, 1].")
+@click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --target-latency: keep the per-layer latency measurements in this JSON file and reuse "
+                   "them in later runs on this machine.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: the same ratio in every group; global: one ranking of normalised scores across groups.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True,
@@ -136,7 +139,8 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @calibration_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None, allocation: str, schedule: str, steps: int,
+def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None,
+          latency_table: Path | None, allocation: str, schedule: str, steps: int,
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
@@ -150,11 +154,13 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
                          f"{' and '.join(given)} exclude each other")
     if target_latency is not None and not 0 < target_latency <= 1:
         raise UsageError(f"target-latency must be in (0, 1], got {target_latency}")
+    if latency_table is not None and target_latency is None:
+        raise UsageError("--latency-table needs --target-latency")
     if plan_in is None and target_latency is None:
         api.validate_options(ratio, round_to, target_macs, allocation)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
-    _check_paths(model, output, report, plan_out)
+    _check_paths(model, output, report, plan_out, latency_table)
     original = load_model(model)
     if data:
         load_data(data, original, labels)  # bad data fails before the work
@@ -163,7 +169,7 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
                                recover=recover, quiet=quiet, plan=plan_in, allocation=allocation,
                                target_macs=target_macs, schedule=schedule, steps=steps,
                                preprocess=Preprocess.parse(preprocess), target_latency=target_latency,
-                               threads=threads)
+                               threads=threads, latency_table=latency_table)
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
@@ -192,12 +198,14 @@ def _print_summary(result, gate: CheckReport | None, quiet: bool) -> None:
             click.echo(line)
 
 
-def _check_paths(model: Path, output: Path, report: Path | None, plan_out: Path | None) -> None:
+def _check_paths(model: Path, output: Path, report: Path | None, plan_out: Path | None,
+                 latency_table: Path | None = None) -> None:
     if not model.exists():
         raise OnnxPruneError(f"model not found: {model}")
     if not model.is_file():
         raise OnnxPruneError(f"not a file: {model}")
-    for path, what in ((output, "-o"), (report, "--report"), (plan_out, "--plan-out")):
+    for path, what in ((output, "-o"), (report, "--report"), (plan_out, "--plan-out"),
+                       (latency_table, "--latency-table")):
         if path is not None and os.path.realpath(path) == os.path.realpath(model):
             raise UsageError(f"{what} must not be the input model")
         if path is not None:

@@ -31,6 +31,7 @@ class PruneReport:
     recovered_layers: int = 0
     calibration_samples: int = 0
     criterion_fallbacks: int = 0  # groups the criterion could not rank (ranked by l1)
+    target_latency: dict | None = None  # latency.LatencyTable.outcome: target, predicted and measured fractions
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -68,6 +69,11 @@ class PruneReport:
         if self.calibration_samples:
             lines.append(f"calibration {self.calibration_samples} samples; criterion {self.criterion}, "
                          f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)")
+        if self.target_latency:
+            t = self.target_latency
+            lines.append(f"latency     {t['measured_kept']:.1%} of the original measured here, for a target of "
+                         f"{t['target']:.1%} (table: {t['predicted_kept']:.1%}; {t['one_layer_models']} one-layer "
+                         f"models measured, {t['threads']} thread(s))")
         for item in self.frozen_reasons[:8]:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
         return lines

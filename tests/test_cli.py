@@ -101,6 +101,14 @@ def test_ratio_out_of_range(workdir, ratio):
     assert files(workdir) == before
 
 
+def test_latency_table_needs_a_latency_target_and_a_writable_path(workdir):
+    one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "--latency-table", workdir / "t.json"), 2,
+                   "--latency-table needs --target-latency")
+    one_line_error(invoke(workdir / "m.onnx", "--target-latency", "0.5", "--latency-table",
+                          workdir / "no" / "t.json"), 1, "cannot write")
+    assert not (workdir / "m.pruned.onnx").exists()
+
+
 def test_output_equal_to_input(workdir):
     original = (workdir / "m.onnx").read_bytes()
     one_line_error(invoke(workdir / "m.onnx", "--ratio", "0.5", "-o", workdir / "m.onnx"), 2, "input")
