@@ -130,7 +130,8 @@ def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocat
     """Per-group channel counts: uniform (the same ratio everywhere) or global (one threshold on normalised scores),
     meeting a channel ratio, or a budget: (cost model with `cost(counts)`, fraction of the unpruned cost to keep),
     by bisection; the budget is met or undershot. A cost model with `prefer(counts)` (the latency table) may adjust
-    the counts at each step."""
+    the counts at each step; its cost then jumps where many groups switch width at once (equal groups move in
+    lockstep under a uniform ratio), so the budget left is filled group by group afterwards."""
     total = sum(g.size for g in analysis.prunable)
 
     refine = getattr(budget[0], "prefer", None) if budget is not None else None
@@ -154,7 +155,20 @@ def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocat
     for _ in range(getattr(budget[0], "steps", 40) if budget is not None else 40):
         mid = (low + high) / 2
         low, high = (mid, high) if too_big(mid) else (low, mid)
-    return counts_at(high)
+    if refine is None:
+        return counts_at(high)
+    return _fill(budget[0], budget[1] * full, counts_at(high), counts_at(low))
+
+
+def _fill(model, limit: float, fits: dict[int, int], wider: dict[int, int]) -> dict[int, int]:
+    """`fits` with groups, one at a time, widened to their count in `wider` while the cost stays within `limit`."""
+    counts = dict(fits)
+    for gid, width in wider.items():
+        if width > counts.get(gid, width):
+            previous, counts[gid] = counts[gid], width
+            if model.cost(counts) > limit:
+                counts[gid] = previous
+    return counts
 
 
 def _max_threshold(scores: dict[int, np.ndarray]) -> float:

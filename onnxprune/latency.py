@@ -1,13 +1,14 @@
 """Latency as a cost: a table of onnxruntime latencies, per layer and per width, measured on this machine.
 
 Every Conv, ConvTranspose, Gemm and MatMul with a constant weight is a layer. Its latency at given input and output
-widths is measured alone (a one-node model with random weights, on demand, cached by what the node computes, so the
-repeated blocks of a network share entries). The model's latency is the sum over its layers plus the rest (norms,
+widths is measured alone (a one-node model, on demand, cached by what the node computes, so the repeated blocks of a
+network share entries). The model's latency is the sum over its layers plus the rest (norms,
 activations, pools, copies), taken from one measurement of the whole model and scaled with the layers' output sizes.
 
 The table sees what MACs miss: onnxruntime's NCHWc kernels work on blocks of 8 or 16 channels, so a depthwise conv
 with 143 channels can take 4x as long as one with 144. `prefer` uses this: a group whose count can grow to an aligned
 width at no more latency keeps the extra channels. A few whole-model measurements at the end correct the level.
+A layer whose one-node model onnxruntime refuses counts as part of the rest.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ log = logging.getLogger("onnxprune")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ALIGNMENTS = (8, 16)  # widths above a count worth trying: SIMD lanes and onnxruntime's channel blocks
 TIE = 0.02  # latencies within 2% count as equal (measurement noise): the wider choice wins
-CORRECTIONS = 2  # whole-model measurements that correct the table's level
+CORRECTIONS = 4  # searches, each followed by a whole-model measurement that corrects the table's level
 WHOLE_RUNS = 11  # interleaved runs of the original and the pruned model per whole-model measurement
 
 
@@ -118,18 +119,29 @@ class LatencyTable:
     def fit(self, search: Callable[[tuple], dict[int, int]], target: float) -> dict[int, int]:
         """Counts that keep `target` of the measured latency: `search((self, goal))` bisects on the table; the
         whole pruned model is then measured against the original (interleaved runs) and the goal corrected by what
-        the table missed. Returns the tried counts closest to the target from below, or the fastest; `outcome`
-        says what was predicted and measured."""
-        goal, tried = target, {}
+        the table missed: scaled until one measurement falls on each side of the target, then interpolated between
+        them. Returns the tried counts closest to the target from below, or the fastest; `outcome` says what was
+        predicted and measured."""
+        goal, tried, below, above = target, {}, None, None
         for _ in range(CORRECTIONS):
             counts = search((self, goal))
             key = tuple(sorted(counts.items()))
-            if key in tried:
+            if key not in tried:
+                tried[key] = (self.measure_kept(counts), counts)
+            kept = tried[key][0]
+            log.debug("latency: table goal %.3f predicts %.3f, measured %.3f", goal,
+                      self.cost(counts) / self.cost({}), kept)
+            if abs(kept - target) <= TIE * target:
                 break
-            tried[key] = (self.measure_kept(counts), counts)
-            if abs(tried[key][0] - target) <= TIE * target:
-                break
-            goal = min(1.0, goal * target / tried[key][0])
+            if kept < target:
+                below = (goal, kept)
+            else:
+                above = (goal, kept)
+            if below and above:
+                (g0, k0), (g1, k1) = below, above
+                goal = g0 + (g1 - g0) * (target - k0) / (k1 - k0) if k1 > k0 else (g0 + g1) / 2
+            else:
+                goal = min(1.0, goal * target / kept)
         under = [t for t in tried.values() if t[0] <= target * (1 + TIE)]
         kept, counts = max(under, key=lambda t: t[0]) if under else min(tried.values(), key=lambda t: t[0])
         self.progress.close()
@@ -190,7 +202,11 @@ class LatencyTable:
         node = _one_node(layer.node, shapes)
         key = _key(node, shapes, self.threads)
         if key not in self.table:
-            self.table[key] = self._measure(node, layer, shapes)
+            try:
+                self.table[key] = self._measure(node, layer, shapes)
+            except Exception as err:  # noqa: BLE001 - onnxruntime's errors have no common type; never fatal here
+                log.debug("latency of %s not measured: %s", layer.node.name, first_line(err))
+                self.table[key] = 0.0
             self.measured += 1
             self.progress.show(f"latency table: {self.measured} one-layer models measured")
         return self.table[key]

@@ -118,3 +118,15 @@ def test_a_table_from_elsewhere_is_not_used(tmp_path, caplog):
     path.write_text("{not json")
     with pytest.raises(onnxprune.UsageError, match="cannot read latency table"):
         onnxprune.prune(builders.residual_block(), None, target_latency=0.6, latency_table=path)
+
+
+def test_budget_left_by_a_lockstep_jump_is_filled_group_by_group():
+    """Equal groups switch width together under a uniform ratio; what the jump leaves of the budget is used."""
+    from onnxprune.allocate import _fill
+
+    class Sum:
+        def cost(self, counts):
+            return sum(counts.values())
+
+    filled = _fill(Sum(), 60, {0: 16, 1: 16, 2: 16}, {0: 24, 1: 24, 2: 24})
+    assert sorted(filled.values()) == [16, 16, 24]
