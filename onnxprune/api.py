@@ -83,13 +83,14 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     modified."""
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
-    if schedule == "iterative":
-        return prune_iteratively(model_or_path, steps, ratio, target_macs, criterion=criterion, round_to=round_to,
-                                 exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
-                                 batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
-                                 allocation=allocation, preprocess=preprocess)
     if target_latency is not None and (not 0 < target_latency <= 1 or allocation == "sensitivity"):
         raise UsageError("target-latency must be in (0, 1], with uniform or global allocation")
+    if schedule == "iterative":
+        return prune_iteratively(model_or_path, steps, ratio, target_macs, target_latency, criterion=criterion,
+                                 round_to=round_to, exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
+                                 batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
+                                 allocation=allocation, preprocess=preprocess, threads=threads,
+                                 latency_table=latency_table)
     needs_data = _check_request(ratio if target_latency is None else 0.0, round_to, target_macs, allocation,
                                 criterion, recover, plan, calib)
     start = time.perf_counter()

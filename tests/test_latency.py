@@ -130,3 +130,11 @@ def test_budget_left_by_a_lockstep_jump_is_filled_group_by_group():
 
     filled = _fill(Sum(), 60, {0: 16, 1: 16, 2: 16}, {0: 24, 1: 24, 2: 24})
     assert sorted(filled.values()) == [16, 16, 24]
+
+
+def test_iterative_schedule_reaches_a_latency_target_in_steps():
+    pruned, report = onnxprune.prune(builders.residual_block(), None, target_latency=0.6, round_to=1,
+                                     schedule="iterative", steps=2)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.target_latency["target"] == 0.6 and report.macs_after < report.macs_before
+    assert 0 < report.target_latency["measured_kept"] < 1.5  # a product of the two steps' measured fractions
