@@ -23,8 +23,9 @@ import numpy as np
 import onnx
 
 import onnxprune
+from onnxprune.check import measure_latency
 from onnxprune.skeleton import materialize
-from onnxprune.verify import count_macs, random_feeds, session
+from onnxprune.verify import count_macs, random_feeds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,19 +54,9 @@ def cli_time(model: onnx.ModelProto) -> float:
 
 
 def latency_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, runs: int) -> tuple[float, float]:
-    """Interleaved medians (seconds) of single-threaded runs, after warm-up."""
-    feeds = random_feeds(original, seed=0)
-    first, second = session(original, threads=1), session(pruned, threads=1)
-    for _ in range(3):
-        first.run(None, feeds)
-        second.run(None, feeds)
-    a, b = [], []
-    for _ in range(runs):
-        for sess, acc in ((first, a), (second, b)):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            acc.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+    """Interleaved medians (seconds) of single-threaded runs, after warm-up: the timer of `onnxprune check`."""
+    timing = measure_latency(original, pruned, random_feeds(original, seed=0), threads=1, runs=runs)
+    return timing["before_ms"]["median"] / 1e3, timing["after_ms"]["median"] / 1e3
 
 
 def ratio_for_half_macs(model: onnx.ModelProto, round_to: int) -> float:
