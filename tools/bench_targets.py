@@ -3,7 +3,8 @@
     python tools/bench_targets.py [--models mobilenet_v2,resnet50] [--runs 21]
 
 Each model (a zoo skeleton with seeded random weights) is pruned to each target with and without channel rounding,
-then original and pruned run interleaved (1 thread, warm-up, median of --runs).
+then original and pruned run interleaved (1 thread, warm-up, median of --runs). "widths ÷ 8": pruned groups whose
+width is a multiple of 8.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def main() -> None:
     parser.add_argument("--models", default="mobilenet_v2,resnet50")
     parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
-    print("| model | target | round-to | MACs kept | ORT ms before → after | latency kept | prune s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | target | round-to | MACs kept | ORT ms before → after | latency kept | widths ÷ 8 | prune s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = load_zoo(name)
         for round_to in (16, 1):
@@ -33,9 +34,11 @@ def main() -> None:
                 pruned, report = onnxprune.prune(model, None, round_to=round_to, **{target: 0.5})
                 seconds = time.perf_counter() - start
                 before, after = latency_pair(model, pruned, args.runs)
+                widths = [g["kept"] for g in report.pruned_groups]
                 print(f"| {name} | --{target.replace('_', '-')} 0.5 | {round_to} | "
                       f"{report.macs_after / report.macs_before:.1%} | {before * 1e3:.2f} → {after * 1e3:.2f} | "
-                      f"{after / before:.1%} | {seconds:.1f} |", flush=True)
+                      f"{after / before:.1%} | {sum(w % 8 == 0 for w in widths)}/{len(widths)} | {seconds:.1f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
