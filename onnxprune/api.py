@@ -96,22 +96,25 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
+    runtime_sized = bool(graph_mod.runtime_dims(model))
     calib = _source(calib, model, calib_size, batch_size, preprocess, replayed=recover == "lsq" or
-                    allocation == "sensitivity") if calib is not None else None
+                    allocation == "sensitivity" or runtime_sized) if calib is not None else None
+    sample, shapes = _counted_at(model, analysis, calib if runtime_sized else None,
+                                 "--target-macs" if target_macs else "--target-latency" if target_latency else None)
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
     latency = None
     if plan is None:
         probe = _sensitivity_feeds(calib, model, batch_size) if allocation == "sensitivity" else None
         latency = LatencyTable(model, analysis, round_to, threads, load_table(latency_table) if latency_table else None,
-                               progress=not quiet) if target_latency is not None else None
+                               progress=not quiet, feed=sample, shapes=shapes) if target_latency is not None else None
         plan = make_plan(analysis, ratio, criterion, round_to, seed, context, allocation, target_macs, reference,
-                         probe, (latency, target_latency) if latency else None)
+                         probe, (latency, target_latency) if latency else None, shapes)
         if latency and latency_table:
             save_table(latency_table, latency.table)
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
-    params_before, macs_before = count_params(model), count_macs(model, analysis.index.shapes)
+    params_before, macs_before = count_params(model), count_macs(model, shapes)
     original = copy.deepcopy(model) if recover == "lsq" else None
     pruned = apply_plan(model, analysis, plan)
     if recover == "bias":
@@ -126,12 +129,32 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     return pruned, PruneReport(
         ratio=ratio, criterion=criterion, round_to=round_to,
         params_before=params_before, params_after=count_params(pruned),
-        macs_before=macs_before, macs_after=count_macs(pruned),
+        macs_before=macs_before, macs_after=count_macs(pruned, _shapes_of_sample(pruned, sample)),
         weight_bytes_before=prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
         calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks),
         plan_dict=plan_to_dict(plan, analysis), target_latency=latency.outcome if latency else None)
+
+
+def _counted_at(model: onnx.ModelProto, analysis: Analysis, calib: object,
+                budget: str | None) -> tuple[dict | None, dict]:
+    """Where MACs and latency are counted: at the declared sizes, or, for a model with sizes known only at run time
+    (a sequence length) and calibration data, at one calibration sample's (returned as well). A MAC or latency
+    target on such a model without calibration data is refused: it would count nothing, or a length of 1."""
+    dims = graph_mod.runtime_dims(model)
+    if dims and calib is None and budget:
+        raise UsageError(f"{budget} needs --calib for this model: the size of {', '.join(dims[:3])} is known only "
+                         "at run time, and is taken from a calibration sample")
+    sample = next(iter(calibration_batches(calib, model, 1, 1)), None) if dims and calib is not None else None
+    if sample:  # a reader's batches can be larger than asked for: the first sample, at batch 1 like the MACs
+        batched = graph_mod.batched_inputs(model)
+        sample = {k: v[:1] if k in batched else v for k, v in sample.items()}
+    return sample, _shapes_of_sample(model, sample) or analysis.index.shapes
+
+
+def _shapes_of_sample(model: onnx.ModelProto, sample: dict | None) -> dict | None:
+    return graph_mod.shapes_at(model, {k: v.shape for k, v in sample.items()}) if sample else None
 
 
 def _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib) -> bool:
@@ -182,13 +205,13 @@ def _plain_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
 def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", round_to: int = DEFAULT_ROUND_TO,
               seed: int = 0, context: ScoringContext | None = None, allocation: str = "uniform",
               target_macs: float | None = None, reference: dict | None = None,
-              feeds: list | None = None, budget: tuple | None = None) -> Plan:
+              feeds: list | None = None, budget: tuple | None = None, shapes: dict | None = None) -> Plan:
     """Score every prunable group with `criterion`, decide how many channels each keeps (`allocation`, to meet
-    `ratio` or `target_macs`) and keep the best ones."""
+    `ratio` or `target_macs`, MACs counted at `shapes` when given) and keep the best ones."""
     score = get_criterion(criterion)
     context = context or ScoringContext(analysis.index, seed=seed)
     scores = {g.id: score(g, context) for g in analysis.prunable}
-    mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes))
+    mac_model = MacModel(analysis, layer_macs(analysis.index.model, shapes or analysis.index.shapes))
     if allocation == "sensitivity":
         curves = sensitivity_curves(analysis.index.model, analysis, scores, feeds, round_to, mac_model)
         counts = sensitivity_counts(analysis, curves, mac_model, ratio, target_macs)
@@ -255,7 +278,8 @@ def sensitivity(model_or_path: onnx.ModelProto | str | os.PathLike, calib: objec
     stats = _calibrate(prepared, calib, None, batch_size, True, criterion) if needs_stats else None
     context = ScoringContext(analysis.index, stats=stats)
     scores = {g.id: get_criterion(criterion)(g, context) for g in analysis.prunable}
-    mac_model = MacModel(analysis, layer_macs(analysis.index.model, analysis.index.shapes))
+    _, shapes = _counted_at(prepared.model, analysis, calib, None)
+    mac_model = MacModel(analysis, layer_macs(analysis.index.model, shapes))
     curves = sensitivity_curves(prepared.model, analysis, scores, _sensitivity_feeds(calib, prepared.model, batch_size),
                                 round_to, mac_model)
     return {"criterion": criterion, "round_to": round_to, "macs": mac_model.cost({}),

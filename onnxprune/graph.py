@@ -244,6 +244,33 @@ def infer(model: onnx.ModelProto) -> tuple[dict[str, Dims], dict[str, np.ndarray
     return shapes, values
 
 
+def runtime_dims(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs' dimensions known only at run time, other than a leading batch: 'input_ids[1] (sequence)'."""
+    inits = {i.name for i in model.graph.initializer}
+    return [f"{vi.name}[{k}]" + (f" ({d})" if d else "") for vi in model.graph.input if vi.name not in inits
+            for k, d in enumerate(_dims_of(vi.type) or ()) if k > 0 and not isinstance(d, int)]
+
+
+def batched_inputs(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs whose leading dimension is known only at run time (a batch)."""
+    return {vi.name for vi in model.graph.input if (dims := _dims_of(vi.type)) and not isinstance(dims[0], int)}
+
+
+def shapes_at(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, Dims]:
+    """Shapes of every tensor when the graph inputs have these sizes (a calibration sample's): what the MACs and
+    the latency of a model with run-time sizes are counted at."""
+    fixed = copy.deepcopy(model.graph.input)
+    for vi in fixed:
+        if vi.name in input_shapes:
+            vi.type.tensor_type.shape.ClearField("dim")
+            for size in input_shapes[vi.name]:
+                vi.type.tensor_type.shape.dim.add().dim_value = int(size)
+    shapes = _shapes_of(inferred_value_infos(model, inputs=fixed))
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    return shapes
+
+
 def _shapes_of(infos: dict[str, onnx.ValueInfoProto]) -> dict[str, Dims]:
     shapes: dict[str, Dims] = {}
     for name, vi in infos.items():

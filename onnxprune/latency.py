@@ -70,17 +70,20 @@ class LatencyTable:
     """Cost model for `allocate.counts_for_target`: predicted milliseconds when group g keeps counts[g] channels.
 
     `store` is a dict of measurements kept between runs (key: what the one-node model computes, value: ms); it is
-    filled as layers are measured."""
+    filled as layers are measured. `feed` (default: random, run-time sizes 1) is what the whole model runs on, and
+    `shapes` (default: the analysis's) the sizes its layers are timed at."""
 
     steps = 8  # bisection steps; each measures only the (layer, width) pairs not in the table yet
 
     def __init__(self, model: onnx.ModelProto, analysis: Analysis, round_to: int = 1, threads: int = 1,
-                 store: dict[str, float] | None = None, progress: bool = False):
+                 store: dict[str, float] | None = None, progress: bool = False,
+                 feed: dict[str, np.ndarray] | None = None, shapes: dict | None = None):
         self.model, self.analysis, self.round_to, self.threads = model, analysis, round_to, threads
         self.table: dict[str, float] = store if store is not None else {}
         self.measured = 0  # one-layer models measured by this instance (the rest came from `store`)
         self.progress, self.outcome = Progress(enabled=progress), None
-        self.feed = random_feeds(model)
+        self.feed = feed or random_feeds(model)
+        self.shapes = shapes or analysis.index.shapes
         self.layers = [layer for node in model.graph.node if (layer := self._layer(node))]
         self.by_group: dict[int, list[_Layer]] = defaultdict(list)
         for layer in self.layers:
@@ -175,7 +178,7 @@ class LatencyTable:
         if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in index.initializers:
             return None
         tensors = [t for t in node.input if t] + [node.output[0]]
-        shapes = [[d if isinstance(d, int) else 1 for d in index.shapes.get(t) or []] for t in tensors]
+        shapes = [[d if isinstance(d, int) else 1 for d in self.shapes.get(t) or []] for t in tensors]
         if any(not s for s in shapes):
             return None
         groups = {gid for t, s in zip(tensors, shapes) for a in range(len(s))

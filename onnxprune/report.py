@@ -61,7 +61,8 @@ class PruneReport:
         lines = [
             f"parameters  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})",
             f"MACs        {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})"
-            if self.macs_before else "MACs        not counted: the layers' sizes are known only at run time",
+            if self.macs_before else "MACs        not counted: the layers' sizes are known only at run time "
+                                     "(--calib counts them at a sample's)",
             self._size_line(),
             f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
             f"{len(self.frozen_groups)} frozen" + self._whole_note(),

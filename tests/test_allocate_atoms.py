@@ -150,3 +150,17 @@ def test_target_latency_prunes_to_a_valid_smaller_model():
     assert report.macs_after < report.macs_before  # the measured latency itself is for the benchmarks, not tests
     with pytest.raises(onnxprune.UsageError, match="target-latency"):
         onnxprune.prune(model, None, target_latency=0.5, allocation="sensitivity", calib=[])
+
+
+def test_a_model_with_a_run_time_length_counts_macs_at_a_calibration_sample():
+    b = builders.GraphBuilder()
+    h = b.op("Relu", [b.matmul(b.input(["N", "S", 16]), 16, 32)])
+    model = b.model(b.matmul(h, 32, 16))
+    _, report = onnxprune.prune(model, 0.5, round_to=1)
+    assert report.macs_before == 0 and "--calib counts them" in report.summary_lines()[1]
+    with pytest.raises(onnxprune.UsageError, match=r"needs --calib .* x\[1\] \(S\)"):
+        onnxprune.prune(model, None, target_macs=0.5)
+    calib = [{"x": np.random.default_rng(k).standard_normal((4, 12, 16)).astype(np.float32)} for k in range(2)]
+    _, report = onnxprune.prune(model, None, target_macs=0.5, round_to=1, calib=calib)
+    assert report.macs_before == 12 * 16 * 32 + 12 * 32 * 16  # one sample (batch 1) of length 12
+    assert report.macs_after == report.macs_before // 2
