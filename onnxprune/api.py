@@ -134,7 +134,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
         calibration_samples=stats.samples if stats else 0, criterion_fallbacks=len(context.fallbacks),
-        plan_dict=plan_to_dict(plan, analysis), target_latency=latency.outcome if latency else None)
+        plan_dict=plan_to_dict(plan, analysis), target_latency=latency.outcome if latency else None,
+        padding_mask=stats.mask if stats else None)
 
 
 def _counted_at(model: onnx.ModelProto, analysis: Analysis, calib: object,

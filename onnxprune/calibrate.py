@@ -239,6 +239,28 @@ def _resize_and_crop(image, spec: InputSpec, pre: Preprocess):
 
 # ------------------------------------------------------------------------------------------------ statistics
 
+def mask_input(model: onnx.ModelProto) -> str | None:
+    """The graph input that marks a sequence's padding (a 2-D input named like 'attention_mask' or 'input_mask':
+    0 at padded positions), or None."""
+    inits = {i.name for i in model.graph.initializer}
+    names = [vi.name for vi in model.graph.input if vi.name not in inits and "mask" in vi.name.lower()
+             and len(vi.type.tensor_type.shape.dim) == 2]
+    return names[0] if len(names) == 1 else None
+
+
+def padding_of(feed: Feed, mask_name: str | None) -> np.ndarray | None:
+    """True at the real (not padded) positions of a batch, (batch, sequence); None without a mask input."""
+    return np.asarray(feed[mask_name]) != 0 if mask_name and mask_name in feed else None
+
+
+def real_positions(value: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """`value` of shape (batch, sequence, ...) with its padded positions left out: (positions, ...). Other values
+    come back unchanged."""
+    if real is None or value.ndim < 3 or value.shape[:2] != real.shape:
+        return value
+    return value[real]
+
+
 @dataclass
 class ChannelStats:
     """Running per-channel sums of one (tensor, axis): memory is O(channels), whatever the number of samples."""
@@ -249,7 +271,11 @@ class ChannelStats:
     abs_total: np.ndarray | None = None
     squares: np.ndarray | None = None
 
-    def update(self, value: np.ndarray, axis: int) -> None:
+    def update(self, value: np.ndarray, axis: int, real: np.ndarray | None = None) -> None:
+        """Add a batch; with `real` (see padding_of), a channel axis after (batch, sequence) counts real positions
+        only."""
+        if axis >= 2 and real_positions(value, real) is not value:
+            value, axis = real_positions(value, real), axis - 1
         moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1).astype(np.float64)
         sums = (np.count_nonzero(moved == 0, axis=1), moved.sum(1), np.abs(moved).sum(1), (moved ** 2).sum(1))
         if self.zeros is None:
@@ -279,28 +305,32 @@ class Statistics:
     extra: dict = field(default_factory=dict)  # key -> accumulator with `tensors` and `update(outputs)`
     samples: int = 0
     batches: int = 0
+    mask: str | None = None  # the input whose zeros marked padding, left out of the statistics
 
 
 def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches: Iterable[Feed],
                   quiet: bool = True, threads: int = 0, extra: dict | None = None) -> Statistics:
     """Run `batches` through `model` and accumulate ChannelStats for every probed (tensor, axis), and feed the
-    `extra` accumulators (e.g. the regression criterion's Gram matrices) the tensors they ask for."""
+    `extra` accumulators (e.g. the regression criterion's Gram matrices) the tensors they ask for. For a model with
+    a padding mask input (a transformer's attention_mask), padded positions are left out."""
     extra = extra or {}
     tensors = sorted({t for t, _ in probes} | {t for acc in extra.values() for t in acc.tensors})
-    probed = _with_outputs(model, tensors)
+    probed = with_outputs(model, tensors)
     sess = session(probed, threads=threads)
     names = [o.name for o in probed.graph.output]
     stats = Statistics({p: ChannelStats() for p in probes}, extra)
     progress = Progress(enabled=not quiet)
+    stats.mask = mask_input(model)
     for feed in batches:
         try:
             outputs = dict(zip(names, sess.run(names, feed)))
         except Exception as exc:
             raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+        real = padding_of(feed, stats.mask)
         for (tensor, axis), channel_stats in stats.channels.items():
-            channel_stats.update(outputs[tensor], axis)
+            channel_stats.update(outputs[tensor], axis, real)
         for accumulator in extra.values():
-            accumulator.update(outputs)
+            accumulator.update(outputs, real)
         stats.batches += 1
         stats.samples += len(next(iter(feed.values())))
         progress.show(f"calibrating: {stats.batches} batches, {stats.samples} samples")
@@ -328,7 +358,7 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of the model that also returns `tensors`."""
     probed = copy.deepcopy(model)
     existing = {o.name for o in probed.graph.output}

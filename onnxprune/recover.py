@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from .allocate import Plan
+from .calibrate import with_outputs, mask_input, padding_of, real_positions
 from .criteria import consumers
 from .graph import node_attr
 from .groups import Analysis, Group, Member
@@ -128,16 +129,16 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
     calibration data match the original model's: ridge-regularised least squares on the pruned model's own inputs
     to that layer, so errors made upstream are compensated too. `batches()` yields the calibration feeds afresh.
     A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
-    from .calibrate import _with_outputs
     from .verify import session
 
     original_nodes = {n.name: n for n in original.graph.node}
+    mask = mask_input(original)
     changed = 0
     layers = refit_layers(analysis, plan)
     for position, name in enumerate(layers):
         node = next(n for n in pruned.graph.node if n.name == name)
-        reference = _with_outputs(original, [original_nodes[name].output[0]])
-        current = _with_outputs(pruned, [node.input[0]])
+        reference = with_outputs(original, [original_nodes[name].output[0]])
+        current = with_outputs(pruned, [node.input[0]])
         target_session, input_session = session(reference, threads=0), session(current, threads=0)
         kept = _kept_outputs(node, analysis, plan)
         system = _NormalEquations()
@@ -147,7 +148,7 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
             inputs = input_session.run([node.input[0]], feed)[0]
             if kept is not None:
                 target = np.take(target, kept, axis=1 if node.op_type != "MatMul" else -1)
-            system.add(*_rows(node, inputs, target, rng, positions))
+            system.add(*_rows(node, inputs, target, rng, positions, padding_of(feed, mask)))
         changed += _apply_fit(pruned, node, system, ridge)
         if not quiet:
             log.info("recovered %s (%d/%d)", name, position + 1, len(layers))
@@ -161,13 +162,14 @@ def _kept_outputs(node: onnx.NodeProto, analysis: Analysis, plan: Plan) -> np.nd
 
 
 def _rows(node: onnx.NodeProto, inputs: np.ndarray, target: np.ndarray, rng: np.random.Generator,
-          positions: int) -> tuple[np.ndarray, np.ndarray]:
+          positions: int, real: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features, targets) rows: im2col patches at sampled output positions for a Conv, rows of the input for
-    Gemm and MatMul; a column of ones for the bias."""
+    Gemm and MatMul (padded sequence positions left out); a column of ones for the bias."""
     if node.op_type == "Conv":
         patches, images, oy, ox = conv_patches(node, inputs, rng, positions)
         features, target = patches.reshape(len(patches), -1), target[images, :, oy, ox]
     else:
+        inputs, target = real_positions(inputs, real), real_positions(target, real)
         features, pick = input_rows(inputs, rng, positions * 16)
         target = target.reshape(-1, target.shape[-1])[pick]
     ones = np.ones((len(features), 1), features.dtype)

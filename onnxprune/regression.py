@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .calibrate import real_positions
 from .graph import node_attr
 from .groups import Group, Member
 from .patches import conv_patches, input_rows
@@ -29,13 +30,14 @@ class ContributionGram:
         self.positions = positions
         self.rng = np.random.default_rng(group.id)
 
-    def update(self, outputs: dict[str, np.ndarray]) -> None:
+    def update(self, outputs: dict[str, np.ndarray], real: np.ndarray | None = None) -> None:
         for node, member, weight in self.consumers:
-            z = self._contributions(node, member, weight, outputs[member.space[0]])
+            z = self._contributions(node, member, weight, outputs[member.space[0]], real)
             if z is not None:
                 self.gram += z.T @ z
 
-    def _contributions(self, node, member: Member, weight: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+    def _contributions(self, node, member: Member, weight: np.ndarray, x: np.ndarray,
+                       real: np.ndarray | None) -> np.ndarray | None:
         """(samples, channels): each sampled (position, output) split into the group's channels' contributions."""
         idx = member.offset + np.arange(self.group.size * member.inner)
         if node.op_type == "Conv":
@@ -44,7 +46,7 @@ class ContributionGram:
             outputs = self.rng.integers(0, len(kernels), (len(patches), _OUTPUTS_PER_ROW))
             z = np.einsum("rckl,rsckl->rsc", patches, kernels[outputs]).reshape(-1, len(idx))
         else:
-            rows = input_rows(x, self.rng, self.positions * 16)[0][:, idx]                 # (rows, ci)
+            rows = input_rows(real_positions(x, real), self.rng, self.positions * 16)[0][:, idx]  # (rows, ci)
             columns = weight[idx] if not _transposed(node) else weight[:, idx].T           # (ci, O)
             outputs = self.rng.integers(0, columns.shape[1], (len(rows), _OUTPUTS_PER_ROW))
             z = (rows[:, None, :] * columns.T[outputs]).reshape(-1, len(idx))

@@ -32,6 +32,7 @@ class PruneReport:
     calibration_samples: int = 0
     criterion_fallbacks: int = 0  # groups the criterion could not rank (ranked by l1)
     target_latency: dict | None = None  # latency.LatencyTable.outcome: target, predicted and measured fractions
+    padding_mask: str | None = None  # the input whose zeros marked padded positions, left out of calibration
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -69,7 +70,8 @@ class PruneReport:
         ]
         if self.calibration_samples:
             lines.append(f"calibration {self.calibration_samples} samples; criterion {self.criterion}, "
-                         f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)")
+                         f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)" +
+                         (f"; positions where '{self.padding_mask}' is 0 left out" if self.padding_mask else ""))
         if self.target_latency:
             t = self.target_latency
             lines.append(f"latency     {t['measured_kept']:.1%} of the original measured here, for a target of "

@@ -279,3 +279,59 @@ def test_image_folder_errors(tmp_path):
     one_line_error(prune_with(tmp_path), 1, "no images")
     one_line_error(CliRunner().invoke(cli, [str(DIGITS), "--ratio", "0.5", "-c", "apoz", "--calib", str(tmp_path),
                                             "--preprocess", "size=3"]), 2, "bad --preprocess item 'size=3'")
+
+
+def token_mlp() -> onnx.ModelProto:
+    """Tokens (N, S, 8) and an attention_mask (N, S): relu(x W1 + b1) W2, zeroed at padded positions."""
+    b = GraphBuilder()
+    x = b.input(["N", "S", 8])
+    mask = b.input(["N", "S"], name="attention_mask", elem_type=onnx.TensorProto.INT64)
+    h = b.op("Relu", [b.matmul(x, 8, 16)])
+    keep = b.op("Unsqueeze", [b.op("Cast", [mask], to=onnx.TensorProto.FLOAT), b.const(np.array([2], np.int64))])
+    return b.model(b.op("Mul", [b.matmul(h, 16, 4), keep]))
+
+
+def padded_tokens(seed: int = 0) -> dict[str, np.ndarray]:
+    """Sentences of 2 to 6 real tokens in 6 positions; the padding holds large garbage."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 7, 10)
+    mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int64)
+    x = np.where(mask[..., None] == 1, rng.standard_normal((10, 6, 8)), 50.0).astype(np.float32)
+    return {"x": x, "attention_mask": mask}
+
+
+def test_padding_positions_are_left_out_of_the_statistics():
+    prepared = prepare(token_mlp())
+    relu_out = next(n.output[0] for n in prepared.model.graph.node if n.op_type == "Relu")
+    data = padded_tokens()
+    stats = collect_stats(prepared.model, {(relu_out, 2)}, calibration_batches(iter([data]), prepared.model))
+    probed = onnx.ModelProto()
+    probed.CopyFrom(prepared.model)
+    probed.graph.output.append(onnx.helper.make_tensor_value_info(relu_out, onnx.TensorProto.FLOAT, None))
+    hidden = run(probed, data)[1]
+    real = hidden[data["attention_mask"] == 1]  # (real positions, 16)
+    assert stats.mask == "attention_mask" and stats.channels[(relu_out, 2)].count == len(real)
+    np.testing.assert_allclose(stats.channels[(relu_out, 2)].mean, real.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_least_squares_rows_are_real_positions_only():
+    from onnxprune.recover import _rows
+    model = token_mlp()
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    data = padded_tokens()
+    real = data["attention_mask"] == 1
+    target = np.random.default_rng(1).standard_normal((10, 6, 16))
+    features, targets = _rows(matmul, data["x"], target, np.random.default_rng(0), 64, real)
+    np.testing.assert_array_equal(features[:, :-1], data["x"][real])
+    np.testing.assert_array_equal(targets, target[real])
+    assert not np.any(features == 50.0)
+
+
+def test_the_report_names_the_padding_mask():
+    pruned, report = onnxprune.prune(token_mlp(), 0.5, round_to=1, criterion="activation", recover="lsq",
+                                     calib=[padded_tokens(seed) for seed in range(3)])
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.padding_mask == "attention_mask" and report.to_dict()["padding_mask"] == "attention_mask"
+    assert "positions where 'attention_mask' is 0 left out" in "\n".join(report.summary_lines())
+    _, plain = onnxprune.prune(relu_chain(), 0.5, criterion="activation", calib=[samples()])
+    assert plain.padding_mask is None
