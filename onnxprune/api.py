@@ -24,7 +24,7 @@ from .sensitivity import sensitivity_counts, sensitivity_curves
 from .plan_io import plan_to_dict, read_plan
 from .recover import RECOVERY, recover_bias, recover_lsq
 from .surgery import apply_plan
-from .verify import count_macs, count_params, layer_macs
+from .verify import count_macs, count_params, first_sample, layer_macs, sample_shapes
 
 log = logging.getLogger("onnxprune")
 
@@ -129,7 +129,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     return pruned, PruneReport(
         ratio=ratio, criterion=criterion, round_to=round_to,
         params_before=params_before, params_after=count_params(pruned),
-        macs_before=macs_before, macs_after=count_macs(pruned, _shapes_of_sample(pruned, sample)),
+        macs_before=macs_before, macs_after=count_macs(pruned, sample_shapes(pruned, sample)),
         weight_bytes_before=prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers,
         seconds=time.perf_counter() - start, plan=plan, recovery=recover, recovered_layers=recovered,
@@ -148,14 +148,8 @@ def _counted_at(model: onnx.ModelProto, analysis: Analysis, calib: object,
         raise UsageError(f"{budget} needs --calib for this model: the size of {', '.join(dims[:3])} is known only "
                          "at run time, and is taken from a calibration sample")
     sample = next(iter(calibration_batches(calib, model, 1, 1)), None) if dims and calib is not None else None
-    if sample:  # a reader's batches can be larger than asked for: the first sample, at batch 1 like the MACs
-        batched = graph_mod.batched_inputs(model)
-        sample = {k: v[:1] if k in batched else v for k, v in sample.items()}
-    return sample, _shapes_of_sample(model, sample) or analysis.index.shapes
-
-
-def _shapes_of_sample(model: onnx.ModelProto, sample: dict | None) -> dict | None:
-    return graph_mod.shapes_at(model, {k: v.shape for k, v in sample.items()}) if sample else None
+    sample = first_sample(model, sample) if sample else None  # a reader's batches can be larger than asked for
+    return sample, sample_shapes(model, sample) or analysis.index.shapes
 
 
 def _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib) -> bool:

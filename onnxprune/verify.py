@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import Dims, infer_shapes, node_attr
+from .graph import Dims, batched_inputs, infer_shapes, node_attr, runtime_dims, shapes_at
 from .groups import Analysis
 
 # Roles whose removed channels are zeroed so that the channel's activation is exactly zero (see elementwise._ROLES).
@@ -46,6 +46,20 @@ def count_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) ->
 
     A leading symbolic dimension counts as the batch (1); a node with any other unknown size counts 0."""
     return int(sum(layer_macs(model, shapes).values()))
+
+
+def first_sample(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first sample of a batch of feeds (batch 1, as MACs are counted)."""
+    batched = batched_inputs(model)
+    return {k: v[:1] if k in batched else v for k, v in feeds.items()}
+
+
+def sample_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) -> dict[str, Dims] | None:
+    """For a model with sizes known only at run time (a sequence length), every tensor's shape at `sample`'s
+    sizes: what its MACs are counted at. None otherwise (the declared shapes serve)."""
+    if not sample or not runtime_dims(model):
+        return None
+    return shapes_at(model, {k: np.shape(v) for k, v in sample.items()})
 
 
 def layer_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> dict[str, int]:

@@ -87,3 +87,12 @@ def test_multi_input_multi_output_integer_inputs_and_dynamic_batch():
     assert [o.name for o in report.outputs] == [o.name for o in model.graph.output]
     assert report.outputs[1].agreement is not None and report.samples == 6
     assert check(model, model, feeds).outputs[0].cosine == pytest.approx(1.0)
+
+
+def test_macs_of_a_model_with_a_run_time_length_are_counted_at_the_data():
+    from test_calibration import padded_tokens, token_mlp
+
+    model = token_mlp()
+    pruned, _ = onnxprune.prune(model, 0.5, round_to=1)
+    report = check(model, pruned, padded_tokens())
+    assert report.model["macs"] == [6 * (8 * 16 + 16 * 4), 6 * (8 * 8 + 8 * 4)]  # one sample of 6 tokens
