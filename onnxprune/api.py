@@ -97,7 +97,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
     runtime_sized = bool(graph_mod.runtime_dims(model))
-    calib = _source(calib, model, calib_size, batch_size, preprocess, replayed=recover == "lsq" or
+    calib = _source(calib, model, calib_size, batch_size, preprocess, replayed=recover != "none" or
                     allocation == "sensitivity" or runtime_sized) if calib is not None else None
     sample, shapes = _counted_at(model, analysis, calib if runtime_sized else None,
                                  "--target-macs" if target_macs else "--target-latency" if target_latency else None)
@@ -115,12 +115,12 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     elif not isinstance(plan, Plan):
         plan = read_plan(plan, analysis)
     params_before, macs_before = count_params(model), count_macs(model, shapes)
-    original = copy.deepcopy(model) if recover == "lsq" else None
+    original = copy.deepcopy(model) if recover != "none" else None
     pruned = apply_plan(model, analysis, plan)
+    replay = lambda: calibration_batches(calib, original, calib_size, batch_size)  # noqa: E731
     if recover == "bias":
-        recovered = recover_bias(pruned, analysis, plan, stats)
+        recovered = recover_bias(pruned, analysis, plan, stats, original, replay)
     elif recover == "lsq":
-        replay = lambda: calibration_batches(calib, original, calib_size, batch_size)  # noqa: E731
         recovered = recover_lsq(pruned, original, analysis, plan, replay, quiet=quiet)
     else:
         recovered = 0

@@ -104,7 +104,9 @@ def test_bn_criterion_uses_gamma_and_falls_back_where_folded(caplog):
 
 def test_bias_recovery_is_exact_when_removed_channels_are_constant():
     """A dead ReLU channel with a positive bias and zero weights outputs a constant: folding it into the next
-    layer's bias loses nothing."""
+    layer's bias loses nothing. Means that would make the outputs worse are not folded in."""
+    import copy
+
     b = GraphBuilder()
     x = b.input(["N", 3, 6, 6])
     w = np.random.default_rng(0).standard_normal((8, 3, 1, 1)).astype(np.float32)
@@ -121,9 +123,17 @@ def test_bias_recovery_is_exact_when_removed_channels_are_constant():
     stats = collect_stats(prepared.model, {m.space for m in group.members if not m.constant and
                                            m.space[0] in {n.input[0] for n in prepared.model.graph.node}},
                           calibration_batches(iter([data]), prepared.model))
+    original = copy.deepcopy(prepared.model)
     pruned = apply_plan(prepared.model, prepared.analysis, plan)
     assert not np.allclose(run(pruned, data)[0], run(model, data)[0], atol=1e-3)  # pruning alone loses them
-    assert recover_bias(pruned, prepared.analysis, plan, stats) == 1
+    untouched = pruned.SerializeToString()
+    for channel_stats in stats.channels.values():
+        channel_stats.total = channel_stats.total * -50  # means that would make things worse: left out
+    assert recover_bias(pruned, prepared.analysis, plan, stats, original, lambda: iter([data])) == 0
+    assert pruned.SerializeToString() == untouched
+    for channel_stats in stats.channels.values():
+        channel_stats.total = channel_stats.total / -50
+    assert recover_bias(pruned, prepared.analysis, plan, stats, original, lambda: iter([data])) == 1
     onnx.checker.check_model(pruned, full_check=True)
     np.testing.assert_allclose(run(pruned, data)[0], run(model, data)[0], atol=1e-5)
 
