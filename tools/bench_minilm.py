@@ -27,8 +27,9 @@ L2-normalised 384-d embedding); calibration /tmp/minilm/calib.npz (256 sentences
 sentence at a time. Before onnxprune sized run-time dimensions by probe inference, only this copy had prunable
 attention heads; now both get the same 13 groups (6 MLP, 6 attention-head, 1 frozen residual stream) and the same
 plans for the data-free criteria.
-`--calib-trim` calibrates on the same sentences in length-sorted batches of 16 cut to their longest sentence, so that
-padding (about three quarters of the 64 positions) does not dominate the statistics and the least-squares fits.
+`--calib-trim` calibrates on the same sentences in length-sorted batches of 16 cut to their longest sentence. It was
+the workaround for padding (about three quarters of the 64 positions) dominating the statistics and the
+least-squares fits; onnxprune now leaves positions where `attention_mask` is 0 out by itself.
 `--exclude attention` freezes the attention heads (MLP neurons only).
 The frozen reasons (the same for every setting of one model) are printed once after the table.
 """
