@@ -96,3 +96,12 @@ def test_macs_of_a_model_with_a_run_time_length_are_counted_at_the_data():
     pruned, _ = onnxprune.prune(model, 0.5, round_to=1)
     report = check(model, pruned, padded_tokens())
     assert report.model["macs"] == [6 * (8 * 16 + 16 * 4), 6 * (8 * 8 + 8 * 4)]  # one sample of 6 tokens
+
+
+def test_latency_with_several_threads_runs_in_blocks():
+    from onnxprune.check import measure_latency
+    from onnxprune.verify import random_feeds
+    model = onnx.load(DIGITS)
+    timing = measure_latency(model, model, random_feeds(model), threads=2, runs=4)
+    assert timing["threads"] == 2 and timing["runs"] == 6  # 3 blocks of 2 runs per model
+    assert timing["before_ms"]["median"] > 0 and timing["after_ms"]["p90"] >= timing["after_ms"]["median"]
