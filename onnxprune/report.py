@@ -55,8 +55,9 @@ class PruneReport:
 
     def _whole_note(self) -> str:
         whole = len(self.groups) - len(self.pruned_groups) - len(self.frozen_groups)
-        return f", {whole} prunable but kept whole (too small for the ratio and --round-to {self.round_to})" \
-            if whole else ""
+        why = f"too small for the ratio and --round-to {self.round_to}" if self.ratio is not None else \
+            "the MAC or latency budget took nothing from them"
+        return f", {whole} prunable but kept whole ({why})" if whole else ""
 
     def summary_lines(self) -> list[str]:
         lines = [
