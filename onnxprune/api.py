@@ -213,7 +213,8 @@ def make_plan(analysis: Analysis, ratio: float | None, criterion: str = "l1", ro
     else:
         budget = budget or ((mac_model, target_macs) if target_macs else None)
         search = lambda b: counts_for_target(analysis, scores, allocation, round_to, ratio, b, reference)  # noqa: E731
-        counts = budget[0].fit(search, budget[1]) if hasattr(budget[0] if budget else None, "fit") else search(budget)
+        fit = getattr(budget[0], "fit", None) if budget else None  # a measured cost corrects its own level
+        counts = fit(search, budget[1]) if fit else search(budget)
     return plan_from_counts(analysis, scores, counts)
 
 

@@ -121,7 +121,7 @@ class LatencyTable:
 
     def fit(self, search: Callable[[tuple], dict[int, int]], target: float) -> dict[int, int]:
         """Counts that keep `target` of the measured latency: `search((self, goal))` bisects on the table; the
-        whole pruned model is then measured against the original (interleaved runs) and the goal corrected by what
+        whole pruned model is then measured against the original (check.measure_latency) and the goal corrected by what
         the table missed: scaled until one measurement falls on each side of the target, then interpolated between
         them. Returns the tried counts closest to the target from below, or the fastest; `outcome` says what was
         predicted and measured."""
@@ -155,7 +155,7 @@ class LatencyTable:
 
     def measure_kept(self, counts: dict[int, int]) -> float:
         """Measured latency of the whole model pruned to `counts` (which channels does not matter), as a fraction of
-        the original's, from runs of the two interleaved, so that the machine's drift cancels."""
+        the original's, both timed by `onnxprune check`'s timer (interleaved, so that the machine's drift cancels)."""
         keep = {g: np.arange(n) for g, n in counts.items() if n < self.analysis.groups[g].size}
         pruned = apply_plan(copy.deepcopy(self.model), self.analysis, Plan(keep)) if keep else self.model
         timing = measure_latency(self.model, pruned, self.feed, self.threads, runs=WHOLE_RUNS)
