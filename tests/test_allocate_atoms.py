@@ -164,3 +164,5 @@ def test_a_model_with_a_run_time_length_counts_macs_at_a_calibration_sample():
     _, report = onnxprune.prune(model, None, target_macs=0.5, round_to=1, calib=calib)
     assert report.macs_before == 12 * 16 * 32 + 12 * 32 * 16  # one sample (batch 1) of length 12
     assert report.macs_after == report.macs_before // 2
+    curves = onnxprune.api.sensitivity(model, calib, round_to=1)
+    assert curves["macs"] == report.macs_before and curves["groups"][0]["points"][0]["macs_saved"] > 0
