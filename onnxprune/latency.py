@@ -282,9 +282,11 @@ def _layer_model(node: onnx.NodeProto, constant: list[bool], shapes: list[list[i
             inputs.append(helper.make_tensor_value_info(f"x{k}", onnx.TensorProto.FLOAT, shape))
     nodes = [node]
     if context:
-        node = copy.copy(node)
-        nodes = [_context_node("x0", "in", shapes[0][1], "w_in"), node, _context_node("out", "y", shapes[-1][1], "w_out")]
-        node.input[0], node.output[0] = "in", "out"
+        inner = onnx.NodeProto()
+        inner.CopyFrom(node)
+        inner.input[0], inner.output[0] = "in", "out"
+        nodes = [_context_node("x0", "in", shapes[0][1], "w_in"), inner,
+                 _context_node("out", "y", shapes[-1][1], "w_out")]
         weights += [_constant("w_in", [shapes[0][1], 1, 1, 1]), _constant("w_out", [shapes[-1][1], 1, 1, 1])]
     graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
                                                                                        None)], weights)
