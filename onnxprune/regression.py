@@ -58,15 +58,21 @@ def _transposed(node: onnx.NodeProto) -> bool:
 
 
 def removal_order(gram: np.ndarray) -> np.ndarray:
-    """Scores from the greedy removal order: the channel removed first scores 0, the last one highest."""
+    """Scores in the greedy removal order, the channel removed first lowest. Each score is the reconstruction error
+    once that channel and all removed before it are gone (kept non-decreasing, with the order breaking ties), so
+    that the scores of different groups compare by damage, not only by rank (global allocation reads them)."""
     size = len(gram)
     removed = np.zeros(size, bool)
     cross = np.zeros(size)  # H[:, S].sum(1) for the removed set S
     scores = np.zeros(size)
+    error = floor = 0.0
+    tie = 1e-9 * (float(np.trace(gram)) / max(size, 1) or 1.0)
     for step in range(size):
         cost = np.where(removed, np.inf, np.diag(gram) + 2 * cross)
         channel = int(np.argmin(cost))
         removed[channel] = True
         cross += gram[:, channel]
-        scores[channel] = step
+        error += float(cost[channel])
+        floor = max(floor, error)
+        scores[channel] = floor + step * tie
     return scores

@@ -235,10 +235,14 @@ def test_removal_order_prefers_channels_that_cancel():
     z = np.random.default_rng(0).standard_normal((500, 1))
     contributions = np.hstack([z, -z, 0.3 * np.random.default_rng(1).standard_normal((500, 1)),
                                3 * np.random.default_rng(2).standard_normal((500, 1))])
-    scores = removal_order(contributions.T @ contributions)
-    assert scores[3] == 3  # the large one is removed last
-    assert scores[2] == 0  # the smallest alone goes first ...
-    assert {scores[0], scores[1]} == {1, 2}  # ... then the pair that cancels, before the large one
+    gram = contributions.T @ contributions
+    order = list(np.argsort(removal_order(gram)))
+    assert order[3] == 3  # the large one is removed last
+    assert order[0] == 2  # the smallest alone goes first ...
+    assert set(order[1:3]) == {0, 1}  # ... then the pair that cancels, before the large one
+    scores = removal_order(gram)  # scores are errors: removing everything costs the whole output energy
+    np.testing.assert_allclose(scores.max(), gram.sum(), rtol=1e-6)
+    np.testing.assert_allclose(removal_order(4 * gram), 4 * scores, rtol=1e-6)
 
 
 def test_regression_ranks_a_channel_without_contribution_first():
