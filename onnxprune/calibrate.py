@@ -36,6 +36,11 @@ class InputSpec:
         return "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in self.dims) + ")"
 
 
+def batch_step(specs: list[InputSpec], batch_size: int) -> int:
+    """Samples per onnxruntime run: one where the model's batch dimension is fixed at 1, else `batch_size`."""
+    return 1 if any(s.fixed_batch and s.dims[0] == 1 for s in specs) else batch_size
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     weights = {i.name for i in model.graph.initializer}
     specs = []
@@ -88,7 +93,7 @@ def array_batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], size: i
     if len(counts) != 1:
         raise OnnxPruneError(f"calibration arrays hold different sample counts: {sorted(counts)}")
     total = min(counts.pop(), size) if size else counts.pop()
-    step = 1 if any(s.fixed_batch and s.dims[0] == 1 for s in specs) else batch_size
+    step = batch_step(specs, batch_size)
     for start in range(0, total, step):
         yield {n: a[start:min(start + step, total)] for n, a in arrays.items()}
 
@@ -201,7 +206,7 @@ def image_batches(folder: Path, specs: list[InputSpec], size: int | None, batch_
     if not paths:
         raise OnnxPruneError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     spec = specs[0]
-    step = 1 if spec.fixed_batch and spec.dims[0] == 1 else batch_size
+    step = batch_step(specs, batch_size)
     for start in range(0, len(paths), step):
         yield {spec.name: np.stack([_image(p, spec, preprocess) for p in paths[start:start + step]])}
 
@@ -274,8 +279,10 @@ class ChannelStats:
     def update(self, value: np.ndarray, axis: int, real: np.ndarray | None = None) -> None:
         """Add a batch; with `real` (see padding_of), a channel axis after (batch, sequence) counts real positions
         only."""
-        if axis >= 2 and real_positions(value, real) is not value:
-            value, axis = real_positions(value, real), axis - 1
+        if axis >= 2:
+            real_only = real_positions(value, real)
+            if real_only is not value:
+                value, axis = real_only, axis - 1
         moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1).astype(np.float64)
         sums = (np.count_nonzero(moved == 0, axis=1), moved.sum(1), np.abs(moved).sum(1), (moved ** 2).sum(1))
         if self.zeros is None:

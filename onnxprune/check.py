@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import LABEL_KEYS, arrays_for_inputs, input_specs
+from .calibrate import LABEL_KEYS, arrays_for_inputs, batch_step, input_specs
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import tensor_bytes
 from .verify import count_macs, count_params, first_sample, random_feeds, sample_shapes, session
@@ -123,7 +123,7 @@ def check(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, n
 def _compare(original, pruned, feeds, batch_size) -> tuple[list[OutputComparison], tuple[np.ndarray, np.ndarray]]:
     first, second = session(original), session(pruned)
     names = [o.name for o in original.graph.output]
-    step = 1 if any(s.fixed_batch and s.dims[0] == 1 for s in input_specs(original)) else batch_size
+    step = batch_step(input_specs(original), batch_size)
     count = len(next(iter(feeds.values())))
     chunks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
     for start in range(0, count, step):
