@@ -239,9 +239,7 @@ def infer(model: onnx.ModelProto) -> tuple[dict[str, Dims], dict[str, np.ndarray
         infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
     shapes = _shapes_of(infos)
     _fill_from_probes(model, shapes)
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(int(d) for d in init.dims)
-    return shapes, values
+    return _with_initializers(model, shapes), values
 
 
 def runtime_dims(model: onnx.ModelProto) -> list[str]:
@@ -265,7 +263,10 @@ def shapes_at(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
             vi.type.tensor_type.shape.ClearField("dim")
             for size in input_shapes[vi.name]:
                 vi.type.tensor_type.shape.dim.add().dim_value = int(size)
-    shapes = _shapes_of(inferred_value_infos(model, inputs=fixed))
+    return _with_initializers(model, _shapes_of(inferred_value_infos(model, inputs=fixed)))
+
+
+def _with_initializers(model: onnx.ModelProto, shapes: dict[str, Dims]) -> dict[str, Dims]:
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
     return shapes
@@ -296,13 +297,11 @@ def _fill_from_probes(model: onnx.ModelProto, shapes: dict[str, Dims]) -> None:
     symbols = sorted({name for _, _, name in dynamic})  # one size per name: inputs that share "batch" agree
     probes = []
     for sizes in _PROBE_SIZES:
-        fixed = copy.deepcopy(model.graph.input)
+        input_shapes = {vi.name: list(dims) for vi in model.graph.input if (dims := _dims_of(vi.type)) is not None}
         for i, k, name in dynamic:
-            dim = fixed[i].type.tensor_type.shape.dim[k]
-            dim.Clear()
-            dim.dim_value = sizes[symbols.index(name) % len(sizes)]
+            input_shapes[model.graph.input[i].name][k] = sizes[symbols.index(name) % len(sizes)]
         try:
-            probes.append(_shapes_of(inferred_value_infos(model, inputs=fixed)))
+            probes.append(shapes_at(model, input_shapes))
         except Exception:
             return
     for name, dims in list(shapes.items()) + [(n, None) for n in probes[0] if n not in shapes]:
