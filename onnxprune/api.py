@@ -83,16 +83,14 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     modified."""
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
-    if target_latency is not None and (not 0 < target_latency <= 1 or allocation == "sensitivity"):
-        raise UsageError("target-latency must be in (0, 1], with uniform or global allocation")
+    needs_data = _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib,
+                                target_latency)
     if schedule == "iterative":
         return prune_iteratively(model_or_path, steps, ratio, target_macs, target_latency, criterion=criterion,
                                  round_to=round_to, exclude=exclude, seed=seed, calib=calib, calib_size=calib_size,
                                  batch_size=batch_size, recover=recover, quiet=quiet, plan=plan,
                                  allocation=allocation, preprocess=preprocess, threads=threads,
                                  latency_table=latency_table)
-    needs_data = _check_request(ratio if target_latency is None else 0.0, round_to, target_macs, allocation,
-                                criterion, recover, plan, calib)
     start = time.perf_counter()
     prepared = prepare(model_or_path, exclude)
     analysis, model = prepared.analysis, prepared.model
@@ -152,9 +150,9 @@ def _counted_at(model: onnx.ModelProto, analysis: Analysis, calib: object,
     return sample, sample_shapes(model, sample) or analysis.index.shapes
 
 
-def _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib) -> bool:
+def _check_request(ratio, round_to, target_macs, allocation, criterion, recover, plan, calib, target_latency) -> bool:
     """Usage errors before any work; returns whether the run needs calibration data."""
-    validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation)
+    validate_options(ratio if plan is None else 0.0, round_to, target_macs, allocation, target_latency)
     get_criterion(criterion)
     if recover not in RECOVERY:
         raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(RECOVERY)})")
@@ -249,10 +247,16 @@ def _sensitivity_feeds(calib: object, model: onnx.ModelProto, batch_size: int) -
 
 
 def validate_options(ratio: float | None, round_to: int, target_macs: float | None = None,
-                     allocation: str = "uniform") -> None:
+                     allocation: str = "uniform", target_latency: float | None = None) -> None:
+    """The target (a channel ratio, a MAC or a latency fraction), allocation and rounding of a run."""
+    if target_latency is not None:
+        if not 0 < target_latency <= 1:
+            raise UsageError(f"target-latency must be in (0, 1], got {target_latency}")
+        if allocation == "sensitivity":
+            raise UsageError("target-latency needs uniform or global allocation, not sensitivity")
     if target_macs is not None and not 0 < target_macs <= 1:
         raise UsageError(f"target-macs must be in (0, 1], got {target_macs}")
-    if target_macs is None and (ratio is None or not 0 <= ratio < 1):
+    if target_macs is None and target_latency is None and (ratio is None or not 0 <= ratio < 1):
         raise UsageError(f"ratio must be in [0, 1), got {ratio}")
     if allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")

@@ -152,12 +152,10 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
     if len(given) != 1:
         raise UsageError("give one of --ratio, --target-macs, --target-latency or --plan-in" if not given else
                          f"{' and '.join(given)} exclude each other")
-    if target_latency is not None and not 0 < target_latency <= 1:
-        raise UsageError(f"target-latency must be in (0, 1], got {target_latency}")
     if latency_table is not None and target_latency is None:
         raise UsageError("--latency-table needs --target-latency")
-    if plan_in is None and target_latency is None:
-        api.validate_options(ratio, round_to, target_macs, allocation)
+    if plan_in is None:
+        api.validate_options(ratio, round_to, target_macs, allocation, target_latency)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
     _check_paths(model, output, report, plan_out, latency_table)
