@@ -97,7 +97,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float, crit
     runtime_sized = bool(graph_mod.runtime_dims(model))
     calib = _source(calib, model, calib_size, batch_size, preprocess, replayed=recover != "none" or
                     allocation == "sensitivity" or runtime_sized) if calib is not None else None
-    sample, shapes = _counted_at(model, analysis, calib if runtime_sized else None,
+    sample, shapes = _counted_at(model, analysis, calib,
                                  "--target-macs" if target_macs else "--target-latency" if target_latency else None)
     stats = _calibrate(prepared, calib, calib_size, batch_size, quiet, criterion) if needs_data else None
     context = ScoringContext(analysis.index, seed=seed, stats=stats)
