@@ -7,7 +7,7 @@ import pytest
 from exactness import prune_exact
 
 import onnxprune
-from onnxprune.skeleton import materialize
+from onnxprune.testing.skeleton import materialize
 from onnxprune.verify import check_valid, io_signature, random_feeds, run
 
 ZOO = sorted((Path(__file__).resolve().parent.parent / "models" / "zoo").glob("*.onnx"))

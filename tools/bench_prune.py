@@ -24,7 +24,7 @@ import onnx
 
 import onnxprune
 from onnxprune.check import measure_latency
-from onnxprune.skeleton import materialize
+from onnxprune.testing.skeleton import materialize
 from onnxprune.verify import count_macs, random_feeds
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ eval mode and exported at opset 17, batch 1, input "input" / output "output",
 with the TorchScript exporter (``dynamo=False``, file suffix ``.ts.onnx``) and
 the dynamo exporter (``dynamo=True``, ``.dynamo.onnx``). Each export is checked
 (``onnx.checker`` full check, onnxruntime vs torch on a random input), stripped
-with ``onnxprune.skeleton.strip_weights`` and written to ``<out>/<model>.<ts|dynamo>.onnx``.
+with ``onnxprune.testing.skeleton.strip_weights`` and written to ``<out>/<model>.<ts|dynamo>.onnx``.
 The skeleton is verified too: ``materialize(strip_weights(m))`` must have the
 same initializers (name/shape/dtype) as ``m`` and give finite onnxruntime output.
 ``resnet18_bn`` is an extra TorchScript export of resnet18 that keeps its
@@ -55,9 +55,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _load_skeleton_module():
-    """Import onnxprune/skeleton.py by path (it needs only onnx + numpy), so the
+    """Import onnxprune/testing/skeleton.py by path (it needs only onnx + numpy), so the
     rest of the onnxprune package and its dependencies are not required here."""
-    path = REPO / "onnxprune" / "skeleton.py"
+    path = REPO / "onnxprune" / "testing" / "skeleton.py"
     spec = importlib.util.spec_from_file_location("_onnxprune_skeleton", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -435,8 +435,8 @@ def write_readme(out_dir: Path) -> None:
         "",
         "These are **skeletons**: float tensors with >= 64 elements (other than mask-like ones with <= 16",
         "distinct values) were removed and recorded as shape/dtype in",
-        "`metadata_props[\"onnxprune.skeleton\"]` (see `onnxprune/skeleton.py`). Load them with",
-        "`onnxprune.skeleton.load_materialized(path, seed)` or `materialize(onnx.load(path), seed)` to get a",
+        "`metadata_props[\"onnxprune.skeleton\"]` (see `onnxprune/testing/skeleton.py`). Load them with",
+        "`onnxprune.testing.skeleton.load_materialized(path, seed)` or `materialize(onnx.load(path), seed)` to get a",
         "runnable model with seeded random weights. Torch is not needed to use them.",
         "",
         "Notes:",

@@ -23,7 +23,7 @@ from bench_prune import latency_pair  # noqa: E402
 
 import onnxprune  # noqa: E402
 from onnxprune.api import prepare  # noqa: E402
-from onnxprune.skeleton import materialize  # noqa: E402
+from onnxprune.testing.skeleton import materialize  # noqa: E402
 from onnxprune.verify import _MAC_COUNTERS, _batch1  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

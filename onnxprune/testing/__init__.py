@@ -1,0 +1,1 @@
+"""Test and tool support (zoo skeletons with seeded random weights); never used by pruning."""
