@@ -7,6 +7,7 @@ running sums, so memory does not grow with the number of samples.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,16 +140,79 @@ def check_feed(feed: Feed, specs: list[InputSpec]) -> Feed:
 def calibration_batches(source: object, model: onnx.ModelProto, size: int | None = None,
                         batch_size: int = 16, preprocess: "Preprocess | None" = None) -> Iterator[Feed]:
     """Checked feed dicts from a path (.npz / .npy, or a folder of images), a `get_next()` reader, or an iterable
-    of dicts."""
-    specs = input_specs(model)
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        batches = image_batches(Path(source), specs, size, batch_size, preprocess or Preprocess())
-    elif isinstance(source, (str, Path)):
-        batches = array_batches(load_arrays(source, specs), specs, size, batch_size)
-    else:
-        batches = reader_batches(source, size)
-    for feed in batches:
-        yield check_feed(feed, specs)
+    of dicts, read once (see `Calibration` for data that several steps read)."""
+    return Calibration(CalibrationSource(source, size, batch_size, preprocess), model, replayable=False).batches()
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Where calibration samples come from: a .npz / .npy path, a folder of images (read as `preprocess` says),
+    a `get_next()` reader (onnxruntime.quantization style) or an iterable of feed dicts; at most `size` samples,
+    `batch_size` per onnxruntime run."""
+
+    data: object
+    size: int | None = None
+    batch_size: int = 16
+    preprocess: "Preprocess | str | None" = None
+
+    @property
+    def images(self) -> "Preprocess":
+        return self.preprocess if isinstance(self.preprocess, Preprocess) else Preprocess.parse(self.preprocess)
+
+    @property
+    def folder(self) -> Path | None:
+        data = self.data
+        return Path(data) if isinstance(data, (str, os.PathLike)) and Path(data).is_dir() else None
+
+
+class Calibration:
+    """Calibration data opened once and handed to every step that reads it; `batches()` reads from the start each
+    time. Arrays are loaded once; a folder of images is read afresh each time (one batch in memory); a Python reader
+    is read once and kept when the run reads it several times (`replayable`), else streamed, once."""
+
+    def __init__(self, source: CalibrationSource, model: onnx.ModelProto, replayable: bool):
+        self.source, self.specs, self.mask = source, input_specs(model), mask_input(model)
+        self._arrays = self._kept = self._reader = None
+        if source.folder is None and isinstance(source.data, (str, os.PathLike)):
+            self._arrays = load_arrays(source.data, self.specs)
+        elif source.folder is None and replayable:
+            self._kept = [check_feed(f, self.specs) for f in reader_batches(source.data, source.size)]
+        elif source.folder is None:
+            self._reader = reader_batches(source.data, source.size)
+
+    def batches(self, size: int | None = None, batch_size: int | None = None) -> Iterator[Feed]:
+        """Checked feeds of at most `size` samples (and the source's limit), `batch_size` per run (default the
+        source's). A Python reader yields its own batches."""
+        size = min(s for s in (size, self.source.size, sys.maxsize) if s)
+        batch_size = batch_size or self.source.batch_size
+        if self._kept is not None:
+            return reader_batches(self._kept, size)
+        if self._arrays is not None:
+            batches = array_batches(self._arrays, self.specs, size, batch_size)
+        elif self.source.folder is not None:
+            batches = image_batches(self.source.folder, self.specs, size, batch_size, self.source.images)
+        else:
+            batches = self._stream(size)
+        return (check_feed(feed, self.specs) for feed in batches)
+
+    def _stream(self, size: int) -> Iterator[Feed]:
+        reader, self._reader = self._reader, None
+        if reader is None:
+            raise OnnxPruneError("internal error: a calibration reader was read twice; open it as replayable")
+        return reader_batches(reader, size)
+
+    @property
+    def samples(self) -> int:
+        """How many samples `batches()` yields."""
+        return sum(len(next(iter(feed.values()))) for feed in self.batches()) if self._reader is None else 0
+
+    def first_sample(self) -> Feed | None:
+        """The first calibration sample (batch 1 where the model's batch is dynamic)."""
+        feed = next(iter(self.batches(1, 1)), None)
+        if feed is None:
+            return None
+        batched = {s.name for s in self.specs if s.dims and not s.fixed_batch}
+        return {k: v[:1] if k in batched else v for k, v in feed.items()}
 
 
 # ------------------------------------------------------------------------------------------------ images

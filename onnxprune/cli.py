@@ -15,11 +15,11 @@ import click
 
 from . import api
 from .allocate import ALLOCATIONS
-from .calibrate import Preprocess
+from .calibrate import CalibrationSource, Preprocess
 from .criteria import CRITERIA
+from .options import DEFAULT_ROUND_TO, SCHEDULES, Options, Target, validate
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
-from .schedule import SCHEDULES
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import check_writable, load_model, save_model
 from .check import CheckReport, check as check_models, load_data
@@ -120,7 +120,7 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Steps of --schedule iterative.")
 @click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
               help="How channels are ranked.")
-@click.option("--round-to", type=int, default=api.DEFAULT_ROUND_TO, show_default=True,
+@click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True,
               help="Keep a multiple of N channels per group (onnxruntime's CPU convolutions are fastest on multiples of 16).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Freeze groups touching nodes or tensors whose name matches (glob; plain text matches a part).")
@@ -146,28 +146,18 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
           preprocess: str | None, calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
-    given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs),
-                                      ("--target-latency", target_latency), ("--plan-in", plan_in))
-             if value is not None]
-    if len(given) != 1:
-        raise UsageError("give one of --ratio, --target-macs, --target-latency or --plan-in" if not given else
-                         f"{' and '.join(given)} exclude each other")
-    if latency_table is not None and target_latency is None:
-        raise UsageError("--latency-table needs --target-latency")
-    if plan_in is None:
-        api.validate_options(ratio, round_to, target_macs, allocation, target_latency)
+    target = _target(ratio, target_macs, target_latency, plan_in)
+    options = Options(criterion=criterion, round_to=round_to, exclude=exclude, seed=seed, allocation=allocation,
+                      recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
+                      quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess))
+    validate(target, options)
     output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                        else model.name + ".pruned.onnx")
     _check_paths(model, output, report, plan_out, latency_table)
     original = load_model(model)
     if data:
         load_data(data, original, labels)  # bad data fails before the work
-    pruned, result = api.prune(original, ratio=ratio, criterion=criterion, round_to=round_to, exclude=exclude,
-                               seed=seed, calib=calib, calib_size=calib_size, batch_size=batch_size,
-                               recover=recover, quiet=quiet, plan=plan_in, allocation=allocation,
-                               target_macs=target_macs, schedule=schedule, steps=steps,
-                               preprocess=Preprocess.parse(preprocess), target_latency=target_latency,
-                               threads=threads, latency_table=latency_table)
+    pruned, result = api.prune(original, target, options)
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
@@ -186,6 +176,23 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
     _print_summary(result, gate, quiet)
     if not quiet:
         click.echo(f"wrote {output}")
+
+
+def _target(ratio: float | None, target_macs: float | None, target_latency: float | None,
+            plan_in: Path | None) -> Target:
+    """The one target the options name."""
+    given = [(flag, kind, value) for flag, kind, value in (
+        ("--ratio", "ratio", ratio), ("--target-macs", "macs", target_macs),
+        ("--target-latency", "latency", target_latency), ("--plan-in", "plan", plan_in)) if value is not None]
+    if len(given) != 1:
+        raise UsageError("give one of --ratio, --target-macs, --target-latency or --plan-in" if not given else
+                         f"{' and '.join(flag for flag, _, _ in given)} exclude each other")
+    return Target(given[0][1], given[0][2])
+
+
+def _calibration(calib: Path | None, size: int | None, batch_size: int,
+                 preprocess: str | None) -> CalibrationSource | None:
+    return CalibrationSource(calib, size, batch_size, Preprocess.parse(preprocess)) if calib is not None else None
 
 
 def _print_summary(result, gate: CheckReport | None, quiet: bool) -> None:
@@ -248,7 +255,7 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @calibration_options
 @click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True)
-@click.option("--round-to", type=int, default=api.DEFAULT_ROUND_TO, show_default=True)
+@click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the curves as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the curves as a PNG (needs matplotlib: pip install 'onnxprune[plot]').")
@@ -256,6 +263,8 @@ def sensitivity_command(model: Path, calib: Path | None, preprocess: str | None,
                         batch_size: int, criterion: str, round_to: int, json_path: Path | None,
                         plot: Path | None) -> None:
     """Prune each channel group of MODEL alone at several ratios and print how much the outputs change."""
+    options = Options(criterion=criterion, round_to=round_to, calib=_calibration(calib, calib_size, batch_size,
+                                                                                  preprocess))
     if calib is None:
         raise UsageError("sensitivity needs calibration data (--calib)")
     for path in (json_path, plot):
@@ -264,8 +273,7 @@ def sensitivity_command(model: Path, calib: Path | None, preprocess: str | None,
     if plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')")
-    curves = api.sensitivity(load_model(model), calib, criterion, round_to, batch_size,
-                             preprocess=Preprocess.parse(preprocess))
+    curves = api.sensitivity(load_model(model), options)
     for group in curves["groups"]:
         points = ", ".join(f"{p['kept']}:{p['damage']:.3g}" for p in group["points"]) or "-"
         click.echo(f"group {group['id']:>4} {group['channels']:>5} ch  kept:damage  {points}")

@@ -1,7 +1,8 @@
 """Importance criteria: `(group, context) -> scores`, one score per channel of the group, higher = keep.
 
-Criteria are chosen by name from CRITERIA; data-driven ones (later) plug into the same signature through the
-context, which carries whatever the run collected.
+Criteria are chosen by name from CRITERIA; data-driven ones plug into the same signature through the context, which
+carries the calibration statistics each criterion declares it reads (STATISTICS): "channels", per-channel activation
+sums where a group enters its consumers, and "contributions", the regression criterion's Gram matrices.
 """
 from __future__ import annotations
 
@@ -30,16 +31,20 @@ class ScoringContext:
 
 Criterion = Callable[[Group, ScoringContext], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
-NEEDS_DATA: set[str] = set()
+STATISTICS: dict[str, frozenset[str]] = {}  # criterion -> the calibration statistics it reads
 
 
-def criterion(name: str, needs_data: bool = False) -> Callable[[Criterion], Criterion]:
+def criterion(name: str, reads: tuple[str, ...] = ()) -> Callable[[Criterion], Criterion]:
     def register(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
-        if needs_data:
-            NEEDS_DATA.add(name)
+        STATISTICS[name] = frozenset(reads)
         return fn
     return register
+
+
+def needs_data(name: str) -> bool:
+    """Whether the criterion reads calibration statistics."""
+    return bool(STATISTICS.get(name))
 
 
 def get_criterion(name: str) -> Criterion:
@@ -80,8 +85,8 @@ def _norm_criterion(order: int) -> Criterion:
     return score
 
 
-CRITERIA["l1"] = _norm_criterion(1)
-CRITERIA["l2"] = _norm_criterion(2)
+criterion("l1")(_norm_criterion(1))
+criterion("l2")(_norm_criterion(2))
 
 
 @criterion("random")
@@ -154,7 +159,7 @@ def _probe_channels(group: Group, ctx: ScoringContext, value: str) -> np.ndarray
     return total / len(found)
 
 
-@criterion("apoz", needs_data=True)
+@criterion("apoz", reads=("channels",))
 def apoz(group: Group, ctx: ScoringContext) -> np.ndarray:
     """Average percentage of zeros where the channels enter their consumers: the most-zero channels go first."""
     zeros = _probe_channels(group, ctx, "zero_fraction")
@@ -165,7 +170,7 @@ def apoz(group: Group, ctx: ScoringContext) -> np.ndarray:
     return 1.0 - zeros + 1e-3 * mean_abs / max(float(mean_abs.max()), 1e-12)
 
 
-@criterion("activation", needs_data=True)
+@criterion("activation", reads=("channels",))
 def activation(group: Group, ctx: ScoringContext) -> np.ndarray:
     """Mean |activation| where the channels enter their consumers."""
     mean_abs = _probe_channels(group, ctx, "mean_abs")
@@ -174,7 +179,7 @@ def activation(group: Group, ctx: ScoringContext) -> np.ndarray:
     return mean_abs
 
 
-@criterion("regression", needs_data=True)
+@criterion("regression", reads=("contributions",))
 def regression(group: Group, ctx: ScoringContext) -> np.ndarray:
     """ThiNet-style greedy selection: channels whose removal adds the least reconstruction error to the consumer
     layers' outputs on calibration data go first (see regression.py)."""

@@ -1,0 +1,260 @@
+"""One prune, as named steps that take and return data:
+
+    prepare ──> open calibration ──> score ──> allocate ──> apply ──> recover ──> report
+    (normalise,   (once; every step    (criterion,  (how many    (surgery)  (bias or lsq,  (PruneReport)
+     analyse)      reads it from here)  statistics)  per group)              on the data)
+
+`run_once` chains them; `schedule.prune_iteratively` runs it several times.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import graph as graph_mod
+from .allocate import MacModel, Plan, counts_for_target, plan_from_counts
+from .calibrate import Calibration, Statistics, collect_stats
+from .criteria import STATISTICS, ScoringContext, consumers, get_criterion, probes
+from .errors import UsageError
+from .graph import GraphIndex
+from .groups import Analysis, analyze as analyze_graph
+from .latency import counts_for_latency
+from .options import Options, Target, needs_calibration
+from .plan_io import plan_to_dict, read_plan
+from .recover import recover_bias, recover_lsq
+from .regression import ContributionGram
+from .report import PruneReport, channel_groups, frozen_reasons
+from .sensitivity import sensitivity_counts, sensitivity_curves
+from .surgery import apply_plan
+from .verify import count_macs, count_params, layer_macs, sample_shapes
+
+log = logging.getLogger("onnxprune")
+
+SENSITIVITY_SAMPLES = 64  # each group is pruned alone several times and compared on these samples
+
+
+@dataclass
+class Prepared:
+    """A normalised working copy of the model with its analysis."""
+
+    model: onnx.ModelProto
+    analysis: Analysis
+    weight_bytes: int
+
+
+@dataclass
+class Inputs:
+    """What every step after `prepare` reads: the model and its analysis, the calibration data (opened once), and
+    where MACs and latency are counted (`sample`: one calibration sample for a model with run-time sizes)."""
+
+    prepared: Prepared
+    calibration: Calibration | None
+    sample: dict[str, np.ndarray] | None
+    shapes: dict
+
+    @property
+    def analysis(self) -> Analysis:
+        return self.prepared.analysis
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.prepared.model
+
+
+@dataclass
+class Scores:
+    """Per prunable group, one score per channel (higher = keep), and what the scoring saw."""
+
+    values: dict[int, np.ndarray]
+    context: ScoringContext
+
+
+def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[str, ...] = ()) -> Prepared:
+    if isinstance(model_or_path, onnx.ModelProto):
+        graph_mod.check_loadable(model_or_path)
+        model = copy.deepcopy(model_or_path)
+    else:
+        model = graph_mod.load_model(model_or_path)
+    size = graph_mod.tensor_bytes(model)
+    graph_mod.node_names(model)
+    graph_mod.normalize(model)
+    graph_mod.validate(model)
+    index = GraphIndex.build(model)
+    return Prepared(model, analyze_graph(model, index, tuple(exclude)), size)
+
+
+def open_inputs(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target, options: Options) -> Inputs:
+    """Prepare the model and open its calibration data once: kept in memory for the steps that read it several
+    times (recovery, sensitivity, a model whose sizes come from a sample), streamed otherwise."""
+    prepared = prepare(model_or_path, options.exclude)
+    runtime_sized = bool(graph_mod.runtime_dims(prepared.model))
+    calibration = None
+    if options.calib is not None:
+        replayable = options.recover != "none" or options.allocation == "sensitivity" or runtime_sized
+        calibration = Calibration(options.calib, prepared.model, replayable)
+    sample, shapes = counted_at(prepared, calibration, target)
+    return Inputs(prepared, calibration, sample, shapes)
+
+
+def counted_at(prepared: Prepared, calibration: Calibration | None, target: Target | None) -> tuple[dict | None, dict]:
+    """Where MACs and latency are counted: at the declared sizes, or, for a model with sizes known only at run time
+    (a sequence length) and calibration data, at one calibration sample's (returned as well). A MAC or latency
+    target on such a model without calibration data is refused: it would count nothing, or a length of 1."""
+    dims = graph_mod.runtime_dims(prepared.model)
+    if dims and calibration is None and target is not None and target.budget is not None:
+        flag = "--target-macs" if target.kind == "macs" else "--target-latency"
+        raise UsageError(f"{flag} needs --calib for this model: the size of {', '.join(dims[:3])} is known only "
+                         "at run time, and is taken from a calibration sample")
+    sample = calibration.first_sample() if dims and calibration is not None else None
+    return sample, sample_shapes(prepared.model, sample) or prepared.analysis.index.shapes
+
+
+def collect_statistics(inputs: Inputs, reads: frozenset[str], quiet: bool) -> Statistics:
+    """One pass over the calibration data for the statistics asked for: "channels" (per-channel sums where every
+    prunable group enters its consumer layers) and "contributions" (each group's contribution Gram matrix)."""
+    analysis, index = inputs.analysis, inputs.analysis.index
+    spaces = {m.space for g in analysis.prunable for m in probes(g, index)} if "channels" in reads else set()
+    grams = contribution_grams(analysis) if "contributions" in reads else {}
+    return collect_stats(inputs.model, spaces, inputs.calibration.batches(), quiet=quiet, extra=grams)
+
+
+def contribution_grams(analysis: Analysis) -> dict[int, ContributionGram]:
+    """The regression criterion's accumulators, for every group read by a layer that least squares can re-fit."""
+    index, grams = analysis.index, {}
+    for group in analysis.prunable:
+        layers = [(node, member, index.array(node.input[1])) for node, member in consumers(group, index)
+                  if _refittable_TEMP(node, index)]
+        if layers:
+            grams[group.id] = ContributionGram(group, layers)
+    return grams
+
+
+def statistics_needed(target: Target, options: Options) -> frozenset[str]:
+    """The statistics the criterion declares (when it chooses the channels) and bias recovery's channel means."""
+    reads = STATISTICS[options.criterion] if target.kind != "plan" else frozenset()
+    return reads | ({"channels"} if options.recover == "bias" else set())
+
+
+def score(inputs: Inputs, options: Options, stats: Statistics | None) -> Scores:
+    context = ScoringContext(inputs.analysis.index, seed=options.seed, stats=stats)
+    return Scores(score_groups(inputs.analysis, options.criterion, context), context)
+
+
+def score_groups(analysis: Analysis, criterion: str, context: ScoringContext) -> dict[int, np.ndarray]:
+    scorer = get_criterion(criterion)
+    return {g.id: scorer(g, context) for g in analysis.prunable}
+
+
+def allocate(inputs: Inputs, target: Target, options: Options, scores: dict[int, np.ndarray],
+             reference: dict | None = None) -> tuple[Plan, dict | None]:
+    """The plan meeting `target`, and for a latency target what was predicted and measured. `reference` (the
+    group sizes an iterative schedule started from) makes a ratio refer to the original sizes."""
+    analysis, ratio = inputs.analysis, target.value if target.kind == "ratio" else None
+    search = lambda budget: counts_for_target(analysis, scores, options.allocation, options.round_to,  # noqa: E731
+                                              ratio, budget, reference)
+    if target.kind == "latency":
+        counts, outcome = counts_for_latency(
+            inputs.model, analysis, search, target.value, round_to=options.round_to, threads=options.threads,
+            table_path=options.latency_table, progress=not options.quiet, feed=inputs.sample, shapes=inputs.shapes)
+        return plan_from_counts(analysis, scores, counts), outcome
+    mac_model = MacModel(analysis, layer_macs(inputs.model, inputs.shapes))
+    if options.allocation == "sensitivity":
+        feeds = list(inputs.calibration.batches(SENSITIVITY_SAMPLES))
+        curves = sensitivity_curves(inputs.model, analysis, scores, feeds, options.round_to, mac_model)
+        counts = sensitivity_counts(analysis, curves, mac_model, ratio, target.budget)
+    else:
+        counts = search((mac_model, target.value) if target.kind == "macs" else None)
+    return plan_from_counts(analysis, scores, counts), None
+
+
+def recover(pruned: onnx.ModelProto, original: onnx.ModelProto, inputs: Inputs, plan: Plan, options: Options,
+            stats: Statistics | None) -> int:
+    """Training-free recovery of the pruned model against the original on the calibration data; the layers changed."""
+    if options.recover == "bias":
+        return recover_bias(pruned, inputs.analysis, plan, stats, original, inputs.calibration.batches)
+    if options.recover == "lsq":
+        return recover_lsq(pruned, original, inputs.analysis, plan, inputs.calibration.batches, quiet=options.quiet)
+    return 0
+
+
+@dataclass
+class Choice:
+    """What the scoring and allocation steps decided, with what they measured on the way."""
+
+    plan: Plan
+    stats: Statistics | None = None
+    scores: Scores | None = None
+    latency: dict | None = None  # for a latency target: predicted and measured fractions
+
+
+def choose(inputs: Inputs, target: Target, options: Options, reference: dict | None = None) -> Choice:
+    """Statistics, scores and allocation: the channels to remove (or the plan the target names)."""
+    reads = statistics_needed(target, options)
+    stats = collect_statistics(inputs, reads, options.quiet) if reads else None
+    if target.kind == "plan":
+        return Choice(_given_plan(target, inputs.analysis), stats)
+    scores = score(inputs, options, stats)
+    plan, latency = allocate(inputs, target, options, scores.values, reference)
+    _warn_fallbacks(options.criterion, scores.context, inputs.analysis)
+    return Choice(plan, stats, scores, latency)
+
+
+def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target, options: Options,
+             reference: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+    """One-shot pruning: every step once. The input is never modified."""
+    start = time.perf_counter()
+    inputs = open_inputs(model_or_path, target, options)
+    choice = choose(inputs, target, options, reference)
+    before = (count_params(inputs.model), count_macs(inputs.model, inputs.shapes))
+    original = copy.deepcopy(inputs.model) if options.recover != "none" else None
+    pruned = apply_plan(inputs.model, inputs.analysis, choice.plan)
+    recovered = recover(pruned, original, inputs, choice.plan, options, choice.stats)
+    report = build_report(inputs, target, options, choice, pruned, before)
+    report.recovered_layers, report.seconds = recovered, time.perf_counter() - start
+    return pruned, report
+
+
+def _given_plan(target: Target, analysis: Analysis) -> Plan:
+    return target.value if isinstance(target.value, Plan) else read_plan(target.value, analysis)
+
+
+def build_report(inputs: Inputs, target: Target, options: Options, choice: Choice, pruned: onnx.ModelProto,
+                 before: tuple[int, int]) -> PruneReport:
+    """What the run did; `before` is the (parameters, MACs) of the model before surgery."""
+    analysis, plan, stats = inputs.analysis, choice.plan, choice.stats
+    rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
+    used_data = needs_calibration(target, options)
+    return PruneReport(
+        ratio=target.value if target.kind == "ratio" else None, criterion=options.criterion,
+        round_to=options.round_to, params_before=before[0], params_after=count_params(pruned),
+        macs_before=before[1], macs_after=count_macs(pruned, sample_shapes(pruned, inputs.sample)),
+        weight_bytes_before=inputs.prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
+        groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers, plan=plan,
+        recovery=options.recover, calibration_samples=_samples(inputs, stats) if used_data else 0,
+        plan_dict=plan_to_dict(plan, analysis), padding_mask=inputs.calibration.mask if used_data else None,
+        target_latency=choice.latency,
+        criterion_fallbacks=len(choice.scores.context.fallbacks) if choice.scores is not None else 0)
+
+
+def _samples(inputs: Inputs, stats: Statistics | None) -> int:
+    return stats.samples if stats is not None else inputs.calibration.samples
+
+
+def _warn_fallbacks(criterion: str, context: ScoringContext, analysis: Analysis) -> None:
+    if context.fallbacks:
+        log.warning("criterion '%s' could not rank %d of %d groups (%s); they were ranked by l1", criterion,
+                    len(context.fallbacks), len(analysis.prunable),
+                    "no BatchNormalization: folded into the conv?" if criterion == "bn" else "no consumer layer")
+
+
+def _refittable_TEMP(node, index) -> bool:  # until layers.py lands
+    from .graph import node_attr
+    weight = index.array(node.input[1])
+    return (node.op_type in ("Conv", "Gemm", "MatMul") and weight is not None and node_attr(node, "group", 1) == 1
+            and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or weight.ndim == 2))
