@@ -8,7 +8,8 @@ from exactness import params, prune_exact
 from onnx import helper
 
 import onnxprune
-from onnxprune.api import prepare
+from onnxprune import Options
+from onnxprune.pipeline import prepare
 from onnxprune.errors import OnnxPruneError
 from onnxprune.verify import count_macs
 
@@ -89,7 +90,7 @@ def test_shapes_not_inferable_downstream_of_a_custom_op_are_frozen_not_guessed()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("vendor", 1)])
     analysis = prepare(model).analysis
     assert all(not g.prunable for g in analysis.groups if g.size == 16)
-    pruned, report = onnxprune.prune(model, 0.5, round_to=1)
+    pruned, report = onnxprune.prune(model, 0.5, Options(round_to=1))
     onnx.checker.check_model(pruned)  # no ORT run: the custom op has no kernel
     assert report.params_after <= report.params_before
 
@@ -114,7 +115,7 @@ def test_weights_listed_as_graph_inputs_are_pruned_as_constants():
     model = residual_block()
     model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
                              for i in model.graph.initializer)
-    pruned, report = onnxprune.prune(model, 0.5, round_to=1)
+    pruned, report = onnxprune.prune(model, 0.5, Options(round_to=1))
     onnx.checker.check_model(pruned, full_check=True)
     assert [i.name for i in pruned.graph.input] == ["x"]
     assert report.params_after == params(prune_exact(residual_block())[0])
@@ -124,7 +125,7 @@ def test_external_data_round_trip(tmp_path):
     model = residual_block()
     onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
                     location="ext.data", size_threshold=0)
-    pruned, report = onnxprune.prune(tmp_path / "ext.onnx", 0.5, round_to=1)
+    pruned, report = onnxprune.prune(tmp_path / "ext.onnx", 0.5, Options(round_to=1))
     assert report.params_after < report.params_before
     onnx.checker.check_model(pruned, full_check=True)
 

@@ -5,7 +5,7 @@ import pytest
 from builders import GraphBuilder
 from exactness import prune_exact
 
-from onnxprune.api import prepare
+from onnxprune.pipeline import prepare
 from onnxprune.rules.elementwise import UNARY
 
 C = 16

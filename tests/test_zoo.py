@@ -7,6 +7,7 @@ import pytest
 from exactness import prune_exact
 
 import onnxprune
+from onnxprune import Options
 from onnxprune.testing.skeleton import materialize
 from onnxprune.verify import check_valid, io_signature, random_feeds, run
 
@@ -22,7 +23,7 @@ def marks(path: Path):
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=marks(p)) for p in ZOO])
 def test_zoo_model_prunes_valid_exact_and_smaller(path):
     model = materialize(onnx.load(path))
-    pruned, report = onnxprune.prune(model, ratio=0.5, criterion="l1")
+    pruned, report = onnxprune.prune(model, 0.5, Options(criterion="l1"))
     check_valid(pruned)
     onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True)
     assert io_signature(pruned) == io_signature(model)

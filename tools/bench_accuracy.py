@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 import onnxprune
+from onnxprune import CalibrationSource, Options
 from onnxprune.check import check, load_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +42,7 @@ def main() -> None:
             cells = []
             for ratio in ratios:
                 start = time.perf_counter()
-                pruned, report = onnxprune.prune(model, ratio=ratio, criterion=criterion, round_to=args.round_to,
-                                                 calib=CALIB, recover=recover)
+                pruned, report = onnxprune.prune(model, ratio, Options(criterion=criterion, round_to=args.round_to, recover=recover, calib=CalibrationSource(CALIB)))
                 result = check(model, pruned, feeds, labels)
                 cells.append(f"{result.accuracy_after:.4f} ({report.macs_after / report.macs_before:.0%} MACs, "
                              f"{time.perf_counter() - start:.1f} s)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 
 import onnxprune
+from onnxprune import CalibrationSource, Options, Target
 from onnxprune.check import check, load_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +37,7 @@ def main() -> None:
         for allocation, schedule in VARIANTS:
             cells = []
             for recover in recoveries:
-                pruned, report = onnxprune.prune(model, None, target_macs=target, allocation=allocation,
-                                                 schedule=schedule, steps=3, criterion=args.criterion, round_to=1,
-                                                 recover=recover, calib=CALIB)
+                pruned, report = onnxprune.prune(model, Target.macs(target), Options(allocation=allocation, schedule=schedule, steps=3, criterion=args.criterion, round_to=1, recover=recover, calib=CalibrationSource(CALIB)))
                 top1 = check(model, pruned, feeds, labels).accuracy_after
                 cells.append(f"{top1:.4f} ({report.macs_after / report.macs_before:.1%})")
             print(f"| {target} | {allocation} | {schedule} | " + " | ".join(cells) + " |", flush=True)

@@ -47,6 +47,7 @@ import onnx
 import onnxruntime as ort
 
 import onnxprune
+from onnxprune import CalibrationSource, Options
 from onnxprune.verify import count_macs
 
 DIR = Path("/tmp/minilm")
@@ -157,9 +158,7 @@ def main() -> None:
         for recover in args.recover.split(","):
             for ratio in (float(r) for r in args.ratios.split(",")):
                 start = time.perf_counter()
-                pruned, report = onnxprune.prune(model, ratio=ratio, criterion=criterion, recover=recover,
-                                                 calib=calib, calib_size=args.calib_size,
-                                                 round_to=args.round_to, exclude=tuple(args.exclude))
+                pruned, report = onnxprune.prune(model, ratio, Options(criterion=criterion, recover=recover, round_to=args.round_to, exclude=tuple(args.exclude), calib=CalibrationSource(calib, size=args.calib_size)))
                 seconds = time.perf_counter() - start
                 emb = embed(pruned, eval_data, args.static)
                 cos = float((emb * reference).sum(1).mean())

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import latency_pair, load_zoo  # noqa: E402
 
 import onnxprune  # noqa: E402
+from onnxprune import Options, Target  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
         for round_to in map(int, args.round_to.split(",")):
             for target in args.targets.split(","):
                 start = time.perf_counter()
-                pruned, report = onnxprune.prune(model, None, round_to=round_to, **{target: 0.5})
+                pruned, report = onnxprune.prune(model, Target(target.removeprefix("target_"), 0.5), Options(round_to=round_to))
                 seconds = time.perf_counter() - start
                 before, after = latency_pair(model, pruned, args.runs)
                 widths = [g["kept"] for g in report.pruned_groups]

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_digits import DigitsCNN, export_onnx, load_data, set_determinism, train  # noqa: E402
 
 import onnxprune  # noqa: E402
+from onnxprune import Options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL, DATA = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_cnn.test.npz"
@@ -78,7 +79,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         target = args.ratio * step / args.steps  # removed share of the original channels after this round
         step_ratio = 1 - (1 - target) / (1 - args.ratio * (step - 1) / args.steps)
-        pruned_onnx, report = onnxprune.prune(str(current), step_ratio, round_to=1)
+        pruned_onnx, report = onnxprune.prune(str(current), step_ratio, Options(round_to=1))
         apply_plan(model, report.plan_dict)
         print(f"round {step}: pruned to {report.macs_after / report.macs_before:.1%} of this round's MACs, "
               f"top-1 {accuracy(model, x_te, y_te):.4f} before fine-tuning")

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import latency_pair  # noqa: E402
 
 import onnxprune  # noqa: E402
-from onnxprune.api import prepare  # noqa: E402
+from onnxprune import Options  # noqa: E402
+from onnxprune.pipeline import prepare  # noqa: E402
 from onnxprune.testing.skeleton import materialize  # noqa: E402
 from onnxprune.verify import _MAC_COUNTERS, _batch1  # noqa: E402
 
@@ -62,7 +63,7 @@ def reason_kind(reason: str) -> str:
 def cover(path: Path, ratio: float, runs: int) -> dict:
     model = materialize(onnx.load(path))
     start = time.perf_counter()
-    pruned, report = onnxprune.prune(model, ratio=ratio, criterion="l1")
+    pruned, report = onnxprune.prune(model, ratio, Options(criterion="l1"))
     seconds = time.perf_counter() - start
     before, after = latency_pair(model, pruned, runs) if runs else (float("nan"), float("nan"))
     reasons = Counter()
