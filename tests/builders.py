@@ -1,9 +1,40 @@
-"""Graphs built in code with onnx.helper, one small function per pattern, so a test is a few lines."""
+"""Plain helpers the tests share: graphs built in code with onnx.helper (one small function per pattern, so a test
+is a few lines), the repository's digits model and data, and CLI invocation and error checks. Test files import
+from here (and from exactness.py), never from one another."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
+from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+DIGITS_CALIB = ROOT / "models" / "digits_cnn.calib.npz"
+DIGITS_DATA = ROOT / "models" / "digits_cnn.test.npz"
+
+
+def invoke(*args: object) -> Result:
+    """Run the `onnxprune` command line in-process with these arguments (paths and numbers as text)."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def files(folder: Path) -> set[str]:
+    """The names in a folder: what a command wrote, or that it wrote nothing."""
+    return {p.name for p in folder.iterdir()}
+
+
+def one_line_error(result: Result, code: int, text: str) -> None:
+    """Exactly one line on stderr, the error; whatever summary came before it went to stdout."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), result.stderr
+    assert text in lines[0]
+    assert "Traceback" not in result.output
 
 
 class GraphBuilder:
@@ -150,3 +181,22 @@ def split_branches() -> onnx.ModelProto:
     x = b.conv_bn_relu(b.input(["N", 3, 8, 8]), 3, 24)
     left, right = b.op("Split", [x, b.const(np.array([16, 8], np.int64))], n_out=2, axis=1)
     return b.model(b.op("Add", [b.conv(left, 16, 4), b.conv(right, 8, 4)]))
+
+
+def token_mlp() -> onnx.ModelProto:
+    """Tokens (N, S, 8) and an attention_mask (N, S): relu(x W1 + b1) W2, zeroed at padded positions."""
+    b = GraphBuilder()
+    x = b.input(["N", "S", 8])
+    mask = b.input(["N", "S"], name="attention_mask", elem_type=onnx.TensorProto.INT64)
+    h = b.op("Relu", [b.matmul(x, 8, 16)])
+    keep = b.op("Unsqueeze", [b.op("Cast", [mask], to=onnx.TensorProto.FLOAT), b.const(np.array([2], np.int64))])
+    return b.model(b.op("Mul", [b.matmul(h, 16, 4), keep]))
+
+
+def padded_tokens(seed: int = 0) -> dict[str, np.ndarray]:
+    """Sentences of 2 to 6 real tokens in 6 positions; the padding holds large garbage."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 7, 10)
+    mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int64)
+    x = np.where(mask[..., None] == 1, rng.standard_normal((10, 6, 8)), 50.0).astype(np.float32)
+    return {"x": x, "attention_mask": mask}

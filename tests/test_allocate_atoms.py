@@ -2,6 +2,7 @@
 import builders
 import numpy as np
 import pytest
+from builders import DIGITS
 
 import onnxprune
 from onnxprune.allocate import keep_count
@@ -70,9 +71,6 @@ def test_kept_indices_follow_offsets_and_blocks():
     kept = prepared.analysis.kept_indices(gemm_weight.space, plan.keep)
     channels = plan.keep[conv_group.id]
     assert np.array_equal(kept, (channels[:, None] * 16 + np.arange(16)).ravel())
-
-
-DIGITS = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

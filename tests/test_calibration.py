@@ -2,9 +2,8 @@
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
+from builders import DIGITS, GraphBuilder, one_line_error, padded_tokens, token_mlp
 from click.testing import CliRunner
-from test_cli import DIGITS, one_line_error
 
 import onnxprune
 from onnxprune.allocate import Plan
@@ -293,25 +292,6 @@ def test_image_folder_errors(tmp_path):
     one_line_error(prune_with(tmp_path), 1, "no images")
     one_line_error(CliRunner().invoke(cli, [str(DIGITS), "--ratio", "0.5", "-c", "apoz", "--calib", str(tmp_path),
                                             "--preprocess", "size=3"]), 2, "bad --preprocess item 'size=3'")
-
-
-def token_mlp() -> onnx.ModelProto:
-    """Tokens (N, S, 8) and an attention_mask (N, S): relu(x W1 + b1) W2, zeroed at padded positions."""
-    b = GraphBuilder()
-    x = b.input(["N", "S", 8])
-    mask = b.input(["N", "S"], name="attention_mask", elem_type=onnx.TensorProto.INT64)
-    h = b.op("Relu", [b.matmul(x, 8, 16)])
-    keep = b.op("Unsqueeze", [b.op("Cast", [mask], to=onnx.TensorProto.FLOAT), b.const(np.array([2], np.int64))])
-    return b.model(b.op("Mul", [b.matmul(h, 16, 4), keep]))
-
-
-def padded_tokens(seed: int = 0) -> dict[str, np.ndarray]:
-    """Sentences of 2 to 6 real tokens in 6 positions; the padding holds large garbage."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, 7, 10)
-    mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int64)
-    x = np.where(mask[..., None] == 1, rng.standard_normal((10, 6, 8)), 50.0).astype(np.float32)
-    return {"x": x, "attention_mask": mask}
 
 
 def test_padding_positions_are_left_out_of_the_statistics():

@@ -5,13 +5,10 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder
-from click.testing import CliRunner
-from test_cli import DIGITS, DIGITS_DATA, files, one_line_error
+from builders import DIGITS, DIGITS_DATA, GraphBuilder, files, invoke, one_line_error, padded_tokens, token_mlp
 
 import onnxprune
 from onnxprune.check import check
-from onnxprune.cli import cli
 
 REPORT_KEYS = {"samples", "data", "outputs", "accuracy_before", "accuracy_after", "latency", "model", "thresholds",
                "failures", "passed"}
@@ -24,10 +21,6 @@ def pair(tmp_path):
                                 recover="lsq")
     onnx.save(pruned, tmp_path / "p.onnx")
     return tmp_path
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_check_passes_within_thresholds_and_writes_json(pair):
@@ -90,8 +83,6 @@ def test_multi_input_multi_output_integer_inputs_and_dynamic_batch():
 
 
 def test_macs_of_a_model_with_a_run_time_length_are_counted_at_the_data():
-    from test_calibration import padded_tokens, token_mlp
-
     model = token_mlp()
     pruned, _ = onnxprune.prune(model, 0.5, round_to=1)
     report = check(model, pruned, padded_tokens())

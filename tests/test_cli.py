@@ -1,31 +1,16 @@
 """The CLI through click's CliRunner: the happy path, the report, and every bad input."""
 import json
 import shutil
-from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
-
-from onnxprune.cli import cli
-
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = ROOT / "models" / "digits_cnn.onnx"
-DIGITS_DATA = ROOT / "models" / "digits_cnn.test.npz"
+from builders import DIGITS, DIGITS_DATA, files, invoke, one_line_error
 
 
 @pytest.fixture
 def workdir(tmp_path):
     shutil.copy(DIGITS, tmp_path / "m.onnx")
     return tmp_path
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def files(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()}
 
 
 def test_prune_writes_beside_the_input_and_reports(workdir):
@@ -62,15 +47,6 @@ def test_exclude_freezes_matching_groups(workdir):
     report = json.loads((workdir / "r.json").read_text())
     excluded = [g for g in report["groups"] if any("--exclude" in r for r in g["frozen"])]
     assert excluded and all(g["kept"] == g["channels"] for g in excluded)
-
-
-def one_line_error(result, code: int, text: str) -> None:
-    """Exactly one line on stderr, the error; whatever summary came before it went to stdout."""
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), result.stderr
-    assert text in lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_missing_model(workdir):
