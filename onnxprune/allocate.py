@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from .cost import CostModel
 from .groups import Analysis, Group
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -123,44 +125,53 @@ class MacModel:
             total += macs * fraction
         return total
 
+    steps = 40  # bisection steps (cheap: the cost is computed, not measured)
+    fill_gaps = False  # MACs change smoothly with the counts; they are what the bisection met
+
+    def prefer(self, counts: dict[int, int]) -> dict[int, int]:
+        """The counts as they are: MACs have no width that is cheaper than a narrower one."""
+        return counts
+
 
 def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocation: str, round_to: int,
-                      ratio: float | None, budget: tuple[object, float] | None = None,
+                      ratio: float | None, budget: tuple[CostModel, float] | None = None,
                       reference: dict[tuple[str, int], int] | None = None) -> dict[int, int]:
     """Per-group channel counts: uniform (the same ratio everywhere) or global (one threshold on normalised scores),
-    meeting a channel ratio, or a budget: (cost model with `cost(counts)`, fraction of the unpruned cost to keep),
-    by bisection; the budget is met or undershot. A cost model with `prefer(counts)` (the latency table) may adjust
-    the counts at each step; its cost then jumps where many groups switch width at once (equal groups move in
-    lockstep under a uniform ratio), so the budget left is filled group by group afterwards."""
-    total = sum(g.size for g in analysis.prunable)
-
-    refine = getattr(budget[0], "prefer", None) if budget is not None else None
+    meeting a channel ratio, or a budget: (cost model, fraction of the unpruned cost to keep), by bisection; the
+    budget is met or undershot. The cost model's `prefer` may adjust the counts at each step; where that makes its
+    cost jump because many groups switch width at once (equal groups move in lockstep under a uniform ratio: the
+    latency table), the budget left is filled group by group afterwards (`fill_gaps`)."""
+    model = budget[0] if budget is not None else None
 
     def counts_at(x: float) -> dict[int, int]:  # x grows with pruning
         counts = uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \
             global_counts(analysis, scores, x, round_to)
-        return refine(counts) if refine else counts  # a cost model may widen groups where that costs nothing
+        return model.prefer(counts) if model is not None else counts
 
-    if budget is None and allocation == "uniform":
-        return counts_at(ratio)
-    full = budget[0].cost({}) if budget is not None else None
+    if model is None:
+        if allocation == "uniform":
+            return counts_at(ratio)
+        total = sum(g.size for g in analysis.prunable)
+        low, high = _bisect(lambda x: total - sum(counts_at(x).values()) < round(ratio * total), 40,
+                            _max_threshold(scores))
+        return counts_at(high)
+    limit = budget[1] * model.cost({})
+    low, high = _bisect(lambda x: model.cost(counts_at(x)) > limit, model.steps,
+                        0.999 if allocation == "uniform" else _max_threshold(scores))
+    return _fill(model, limit, counts_at(high), counts_at(low)) if model.fill_gaps else counts_at(high)
 
-    def too_big(x: float) -> bool:
-        counts = counts_at(x)
-        if budget is not None:
-            return budget[0].cost(counts) > budget[1] * full
-        return total - sum(counts.values()) < round(ratio * total)
 
-    low, high = 0.0, (0.999 if allocation == "uniform" else _max_threshold(scores))
-    for _ in range(getattr(budget[0], "steps", 40) if budget is not None else 40):
+def _bisect(too_big: Callable[[float], bool], steps: int, high: float) -> tuple[float, float]:
+    """The interval [low, high] of the pruning parameter, `steps` halvings from [0, high], where `too_big` turns
+    false."""
+    low = 0.0
+    for _ in range(steps):
         mid = (low + high) / 2
         low, high = (mid, high) if too_big(mid) else (low, mid)
-    if refine is None:
-        return counts_at(high)
-    return _fill(budget[0], budget[1] * full, counts_at(high), counts_at(low))
+    return low, high
 
 
-def _fill(model, limit: float, fits: dict[int, int], wider: dict[int, int]) -> dict[int, int]:
+def _fill(model: CostModel, limit: float, fits: dict[int, int], wider: dict[int, int]) -> dict[int, int]:
     """`fits` with groups, one at a time, widened to their count in `wider` while the cost stays within `limit`."""
     counts = dict(fits)
     for gid, width in wider.items():

@@ -6,8 +6,6 @@ threads); parameters, MACs and sizes. Thresholds turn it into a pass / fail a pi
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import onnx
 from .calibrate import LABEL_KEYS, arrays_for_inputs, batch_step, input_specs
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import tensor_bytes
+from .timing import measure_latency
 from .verify import count_macs, count_params, first_sample, random_feeds, sample_shapes, session
 
 @dataclass
@@ -167,43 +166,6 @@ def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     if predictions.shape != labels.shape:
         raise OnnxPruneError(f"labels have shape {tuple(labels.shape)}, predictions {tuple(predictions.shape)}")
     return float(np.mean(predictions == labels))
-
-
-def measure_latency(original, pruned, feed: dict[str, np.ndarray], threads: int, runs: int) -> dict:
-    """Median and p90 over `runs` runs each, after a warm-up, with `threads` intra-op threads. With one thread the
-    two models run interleaved, run by run, so that the machine's drift cancels; with more, in alternating blocks
-    with one session alive at a time: onnxruntime's worker threads spin after a run, and the other session's would
-    take the cores (two sessions of one model, interleaved at 2 threads, each ran at half speed)."""
-    times: tuple[list[float], list[float]] = ([], [])
-    if threads == 1:
-        sessions = session(original, threads), session(pruned, threads)
-        _warm_up(sessions, feed)
-        for _ in range(runs):
-            for sess, acc in zip(sessions, times):
-                acc.append(_timed_run(sess, feed))
-    else:
-        blocks = 3
-        for block in range(blocks):
-            for model, acc in zip((original, pruned), times):
-                sess = session(model, threads)
-                _warm_up([sess], feed)
-                acc.extend(_timed_run(sess, feed) for _ in range(-(-runs // blocks)))
-                del sess
-    before, after = ({"median": statistics.median(t), "p90": float(np.percentile(t, 90))} for t in times)
-    return {"threads": threads, "runs": len(times[0]), "before_ms": before, "after_ms": after,
-            "speedup": before["median"] / after["median"]}
-
-
-def _warm_up(sessions, feed: dict[str, np.ndarray]) -> None:
-    for _ in range(3):
-        for sess in sessions:
-            sess.run(None, feed)
-
-
-def _timed_run(sess, feed: dict[str, np.ndarray]) -> float:
-    start = time.perf_counter()
-    sess.run(None, feed)
-    return (time.perf_counter() - start) * 1e3
 
 
 def _failures(report: CheckReport, min_agreement: float | None, max_drop: float | None) -> list[str]:

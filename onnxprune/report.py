@@ -31,7 +31,7 @@ class PruneReport:
     recovered_layers: int = 0
     calibration_samples: int = 0
     criterion_fallbacks: int = 0  # groups the criterion could not rank (ranked by l1)
-    target_latency: dict | None = None  # latency.LatencyTable.outcome: target, predicted and measured fractions
+    target_latency: dict | None = None  # latency.counts_for_latency: target, predicted and measured fractions
     padding_mask: str | None = None  # the input whose zeros marked padded positions, left out of calibration
 
     @property

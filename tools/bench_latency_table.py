@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import latency_pair, load_zoo  # noqa: E402
 
 from onnxprune.allocate import Plan, uniform_counts  # noqa: E402
-from onnxprune.api import prepare  # noqa: E402
-from onnxprune.latency import LatencyTable  # noqa: E402
+from onnxprune.pipeline import prepare  # noqa: E402
+from onnxprune.latency import LatencyCache, LatencyModel, LayerTimer  # noqa: E402
 from onnxprune.surgery import apply_plan  # noqa: E402
+from onnxprune.timing import OrtTimer  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     for name in args.models.split(","):
         prepared = prepare(load_zoo(name), ())
         start = time.perf_counter()
-        table = LatencyTable(prepared.model, prepared.analysis)
+        table = LatencyModel(prepared.model, prepared.analysis, LayerTimer(OrtTimer(), LatencyCache(), prepared.model))
         full = table.cost({})
         for ratio in map(float, args.ratios.split(",")):
             aligned = uniform_counts(prepared.analysis, ratio, 16)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 import onnxprune
-from onnxprune.check import measure_latency
+from onnxprune.timing import measure_latency
 from onnxprune.testing.skeleton import materialize
 from onnxprune.verify import count_macs, random_feeds
 
@@ -54,7 +54,7 @@ def cli_time(model: onnx.ModelProto) -> float:
 
 
 def latency_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, runs: int) -> tuple[float, float]:
-    """Interleaved medians (seconds) of single-threaded runs, after warm-up: the timer of `onnxprune check`."""
+    """Interleaved medians (seconds) of single-threaded runs, after warm-up: `onnxprune check`'s timer (timing.py)."""
     timing = measure_latency(original, pruned, random_feeds(original, seed=0), threads=1, runs=runs)
     return timing["before_ms"]["median"] / 1e3, timing["after_ms"]["median"] / 1e3
 
