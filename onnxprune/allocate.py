@@ -9,6 +9,7 @@ import numpy as np
 
 from .cost import CostModel
 from .groups import Analysis, Group
+from .layers import describe
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 
@@ -107,9 +108,9 @@ class MacModel:
         shapes = analysis.index.shapes
         for node in analysis.index.model.graph.node:
             macs = layer_macs.get(node.name, 0)
-            weight = node.input[1] if len(node.input) > 1 else ""
-            if weight in analysis.index.initializers and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                self.layers.append((macs, [((weight, a), d) for a, d in enumerate(shapes[weight])]))
+            layer = describe(node, analysis.index)
+            if layer is not None:
+                self.layers.append((macs, [((layer.weight, a), d) for a, d in enumerate(shapes[layer.weight])]))
             else:
                 self.fixed += macs
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError, UsageError, first_line
+from .layers import real_positions
 from .verify import session
 
 Feed = dict[str, np.ndarray]
@@ -320,14 +321,6 @@ def mask_input(model: onnx.ModelProto) -> str | None:
 def padding_of(feed: Feed, mask_name: str | None) -> np.ndarray | None:
     """True at the real (not padded) positions of a batch, (batch, sequence); None without a mask input."""
     return np.asarray(feed[mask_name]) != 0 if mask_name and mask_name in feed else None
-
-
-def real_positions(value: np.ndarray, real: np.ndarray | None) -> np.ndarray:
-    """`value` of shape (batch, sequence, ...) with its padded positions left out: (positions, ...). Other values
-    come back unchanged."""
-    if real is None or value.ndim < 3 or value.shape[:2] != real.shape:
-        return value
-    return value[real]
 
 
 @dataclass

@@ -14,10 +14,11 @@ import numpy as np
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Group, Member
+from .roles import Role
 from .regression import removal_order
 
 # Weight members that say how much a channel matters: the producer's and consumers' kernels, a norm's scale.
-_WEIGHT_ROLES = ("w_out", "w_in", "scale")
+_WEIGHT_ROLES = (Role.W_OUT, Role.W_IN, Role.SCALE)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def random_scores(group: Group, ctx: ScoringContext) -> np.ndarray:
 @criterion("bn")
 def bn_scale(group: Group, ctx: ScoringContext) -> np.ndarray:
     """|gamma| of the BatchNormalization on the channels (network slimming); l1 where BN was folded away."""
-    members = [m for m in group.members if m.role == "scale" and _read_by(ctx.index, m.space[0], "BatchNormalization")]
+    members = [m for m in group.members if m.role == Role.SCALE and _read_by(ctx.index, m.space[0], "BatchNormalization")]
     if not members:
         return _fallback(group, ctx)
     return sum(np.abs(member_values(group, m, ctx.index)).sum(1) for m in members)
@@ -127,7 +128,7 @@ def probes(group: Group, index: GraphIndex) -> list[Member]:
     spaces = {m.space: m for m in group.members if not m.constant}
     found: dict[tuple[str, int], Member] = {}
     for m in group.members:
-        if m.constant and m.role == "w_in":
+        if m.constant and m.role == Role.W_IN:
             for node in index.consumers.get(m.space[0], []):
                 for name in node.input:
                     found.update({s: spaces[s] for s in spaces if s[0] == name})
@@ -139,7 +140,7 @@ def consumers(group: Group, index: GraphIndex) -> list[tuple[object, Member]]:
     data = {m.space[0]: m for m in probes(group, index)}
     found = []
     for m in group.members:
-        if m.constant and m.role == "w_in":
+        if m.constant and m.role == Role.W_IN:
             for node in index.consumers.get(m.space[0], []):
                 member = next((data[i] for i in node.input if i in data), None)
                 if member is not None and (node, member) not in found:

@@ -15,6 +15,7 @@ import onnx
 
 from .atoms import Atoms
 from .graph import GraphIndex, ai_onnx_opset, outer_scope_names, subgraphs_of
+from .roles import Role
 from .rules import Barrier, NodeView, rule_for
 from .rules.registry import Compose, Couple, Ref
 
@@ -30,7 +31,7 @@ class Member:
     space: Space
     offset: int
     inner: int
-    role: str | None
+    role: Role | None
     constant: bool
 
 
@@ -49,7 +50,7 @@ class Group:
     @property
     def is_channel_group(self) -> bool:
         """A group that a layer's weights produce or consume (not a spatial or batch axis)."""
-        return any(m.role in ("w_out", "w_in", "scale") for m in self.members)
+        return any(m.role in (Role.W_OUT, Role.W_IN, Role.SCALE) for m in self.members)
 
     @property
     def prunable(self) -> bool:
@@ -163,7 +164,7 @@ class _Builder:
         self.split_choices: list[tuple[str, Space, Space]] = []  # (node, outer part, inner part) of split axes
         self.parent: dict[Space, Space] = {}
         self.size: dict[Space, int | None] = {}
-        self.role: dict[Space, str] = {}
+        self.role: dict[Space, Role] = {}
         self.frozen: dict[Space, list[str]] = {}
         self.frozen_tensors: dict[str, str] = {}
         self.inexact: dict[Space, str] = {}
@@ -232,7 +233,7 @@ class _Builder:
         self._register(space, size, ref.role)
         return space
 
-    def _register(self, space: Space, size: int | None, role: str | None) -> None:
+    def _register(self, space: Space, size: int | None, role: Role | None) -> None:
         if space not in self.parent:
             self.parent[space] = space
             self.size[space] = size

@@ -9,12 +9,9 @@ streams through; `removal_order` removes channels greedily, each time the one th
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
-from .calibrate import real_positions
-from .graph import node_attr
 from .groups import Group, Member
-from .patches import conv_patches, input_rows
+from .layers import Layer
 
 _OUTPUTS_PER_ROW = 8  # output channels sampled per position, as ThiNet does
 
@@ -22,39 +19,29 @@ _OUTPUTS_PER_ROW = 8  # output channels sampled per position, as ThiNet does
 class ContributionGram:
     """H = sum of z z' for one group over all its consumer layers; memory: channels^2."""
 
-    def __init__(self, group: Group, consumers: list[tuple[onnx.NodeProto, Member, np.ndarray]], positions: int = 16):
+    def __init__(self, group: Group, consumers: list[tuple[Layer, Member, np.ndarray]], positions: int = 16):
         self.group = group
-        self.consumers = consumers  # (node, data member, weight)
+        self.consumers = consumers  # (re-fittable layer, its data input member, its weight)
         self.tensors = sorted({m.space[0] for _, m, _ in consumers})
         self.gram = np.zeros((group.size, group.size))
         self.positions = positions
         self.rng = np.random.default_rng(group.id)
 
     def update(self, outputs: dict[str, np.ndarray], real: np.ndarray | None = None) -> None:
-        for node, member, weight in self.consumers:
-            z = self._contributions(node, member, weight, outputs[member.space[0]], real)
-            if z is not None:
-                self.gram += z.T @ z
+        for layer, member, weight in self.consumers:
+            z = self._contributions(layer, member, weight, outputs[member.space[0]], real)
+            self.gram += z.T @ z
 
-    def _contributions(self, node, member: Member, weight: np.ndarray, x: np.ndarray,
-                       real: np.ndarray | None) -> np.ndarray | None:
+    def _contributions(self, layer: Layer, member: Member, weight: np.ndarray, x: np.ndarray,
+                       real: np.ndarray | None) -> np.ndarray:
         """(samples, channels): each sampled (position, output) split into the group's channels' contributions."""
         idx = member.offset + np.arange(self.group.size * member.inner)
-        if node.op_type == "Conv":
-            patches = conv_patches(node, x, self.rng, self.positions)[0][:, idx]          # (rows, ci, kh, kw)
-            kernels = weight[:, idx]                                                       # (O, ci, kh, kw)
-            outputs = self.rng.integers(0, len(kernels), (len(patches), _OUTPUTS_PER_ROW))
-            z = np.einsum("rckl,rsckl->rsc", patches, kernels[outputs]).reshape(-1, len(idx))
-        else:
-            rows = input_rows(real_positions(x, real), self.rng, self.positions * 16)[0][:, idx]  # (rows, ci)
-            columns = weight[idx] if not _transposed(node) else weight[:, idx].T           # (ci, O)
-            outputs = self.rng.integers(0, columns.shape[1], (len(rows), _OUTPUTS_PER_ROW))
-            z = (rows[:, None, :] * columns.T[outputs]).reshape(-1, len(idx))
+        patches = layer.sample(x, self.rng, self.positions, real).patches[:, idx]  # (rows, ci, kernel...)
+        kernels = layer.kernels(weight)[:, idx] * layer.alpha  # (O, ci, kernel...)
+        outputs = self.rng.integers(0, len(kernels), (len(patches), _OUTPUTS_PER_ROW))
+        taps = "klmnopq"[:patches.ndim - 2]  # kernel axes, none for a matrix layer
+        z = np.einsum(f"rc{taps},rsc{taps}->rsc", patches, kernels[outputs]).reshape(-1, len(idx))
         return z.reshape(len(z), self.group.size, member.inner).sum(2).astype(np.float64)
-
-
-def _transposed(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Gemm" and bool(node_attr(node, "transB", 0))
 
 
 def removal_order(gram: np.ndarray) -> np.ndarray:

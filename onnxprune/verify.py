@@ -10,11 +10,13 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import Dims, batched_inputs, infer_shapes, node_attr, runtime_dims, shapes_at
+from .graph import Dims, batched_inputs, infer_shapes, runtime_dims, shapes_at
 from .groups import Analysis
+from .layers import macs as node_macs
+from .roles import Role
 
 # Roles whose removed channels are zeroed so that the channel's activation is exactly zero (see elementwise._ROLES).
-PRODUCER_ROLES = ("w_out", "bias", "scale", "shift", "const")
+PRODUCER_ROLES = (Role.W_OUT, Role.BIAS, Role.SCALE, Role.SHIFT, Role.CONST)
 
 
 def check_valid(model: onnx.ModelProto) -> None:
@@ -65,16 +67,15 @@ def sample_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) 
 def layer_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> dict[str, int]:
     """MACs per node name, for the nodes count_macs counts."""
     shapes = shapes if shapes is not None else infer_shapes(model)
-    macs = {}
+    found = {}
     for node in model.graph.node:
-        counter = _MAC_COUNTERS.get(node.op_type)
-        if counter is None:
-            continue
         try:
-            macs[node.name] = counter(node, lambda name: _batch1(shapes.get(name)))
+            count = node_macs(node, lambda name: _batch1(shapes.get(name)))
         except (TypeError, KeyError, IndexError):
             continue
-    return macs
+        if count is not None:
+            found[node.name] = count
+    return found
 
 
 def _batch1(dims: Dims | None) -> tuple[int, ...]:
@@ -86,32 +87,6 @@ def _batch1(dims: Dims | None) -> tuple[int, ...]:
     return dims
 
 
-def _conv_macs(node, shape) -> int:
-    weight = shape(node.input[1])  # (O, I/g, k...)
-    return int(np.prod(shape(node.output[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
-
-
-def _conv_transpose_macs(node, shape) -> int:
-    weight = shape(node.input[1])  # (I, O/g, k...)
-    return int(np.prod(shape(node.input[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
-
-
-def _gemm_macs(node, shape) -> int:
-    b = shape(node.input[1])  # the weight's shape is known even where a run-time reshape hides the input's
-    k = b[1] if node_attr(node, "transB", 0) else b[0]
-    return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
-
-
-def _matmul_macs(node, shape) -> int:
-    b = shape(node.input[1])
-    k = b[-2] if len(b) >= 2 else b[0]
-    return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
-
-
-_MAC_COUNTERS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _gemm_macs,
-                 "MatMul": _matmul_macs}
-
-
 def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """A copy of the analysed model in which every channel the plan removes is exactly zero where it is produced
     (weights, bias, norm scale and shift, per-channel constants). Pruning this copy must not change its outputs."""
@@ -121,7 +96,7 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
     for gid, channels in removed.items():
         members = analysis.groups[gid].members
         # A group no weight produces (channels gathered from a frozen tensor) is silenced where it is consumed.
-        roles = PRODUCER_ROLES if any(m.role in PRODUCER_ROLES for m in members) else PRODUCER_ROLES + ("w_in",)
+        roles = PRODUCER_ROLES if any(m.role in PRODUCER_ROLES for m in members) else PRODUCER_ROLES + (Role.W_IN,)
         for m in members:
             if not m.constant or m.role not in roles:
                 continue

@@ -309,9 +309,10 @@ def test_padding_positions_are_left_out_of_the_statistics():
 
 
 def test_least_squares_rows_are_real_positions_only():
+    from onnxprune.layers import describe
     from onnxprune.recover import _rows
-    model = token_mlp()
-    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    prepared = prepare(token_mlp())
+    matmul = describe(next(n for n in prepared.model.graph.node if n.op_type == "MatMul"), prepared.analysis.index)
     data = padded_tokens()
     real = data["attention_mask"] == 1
     target = np.random.default_rng(1).standard_normal((10, 6, 16))

@@ -25,7 +25,7 @@ import onnxprune  # noqa: E402
 from onnxprune import Options  # noqa: E402
 from onnxprune.pipeline import prepare  # noqa: E402
 from onnxprune.testing.skeleton import materialize  # noqa: E402
-from onnxprune.verify import _MAC_COUNTERS, _batch1  # noqa: E402
+from onnxprune.verify import layer_macs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,15 +34,12 @@ def prunable_mac_share(model: onnx.ModelProto) -> float:
     prepared = prepare(model)
     analysis, shapes = prepared.analysis, prepared.analysis.index.shapes
     prunable_spaces = {m.space for g in analysis.prunable for m in g.members}
+    counted = layer_macs(prepared.model, shapes)
     total = prunable = 0
     for node in prepared.model.graph.node:
-        counter = _MAC_COUNTERS.get(node.op_type)
-        if counter is None:
+        if node.name not in counted:
             continue
-        try:
-            macs = counter(node, lambda name: _batch1(shapes.get(name)))
-        except (TypeError, KeyError, IndexError):
-            continue
+        macs = counted[node.name]
         total += macs
         touched = [(t, a) for t in list(node.input[:2]) + [node.output[0]] for a in range(len(shapes.get(t, ())))]
         prunable += macs if any(s in prunable_spaces for s in touched) else 0

@@ -1,12 +1,14 @@
 """Convolutions, linear layers and pooling."""
 from __future__ import annotations
 
+from ..layers import weight_axes
+from ..roles import Role
 from .elementwise import broadcast_couples
 from .registry import Barrier, FixContext, In, NodeView, Out, Pseudo, Rule, couple, expand, is_static, rule
 
 
 def _bias(n: NodeView, index: int) -> list:
-    return [In(index, 0, "bias")] if n.has_input(index) else []
+    return [In(index, 0, Role.BIAS)] if n.has_input(index) else []
 
 
 @rule("Conv")
@@ -15,9 +17,10 @@ def conv(n: NodeView) -> Rule:
     groups = int(n.attr("group", 1))
     if not all(is_static(d) for d in weight[:2]):
         raise Barrier("weight shape unknown")
-    outputs = couple(Out(0, 1), In(1, 0, "w_out"), *_bias(n, 2))
+    out_axis, in_axis = weight_axes(n.node)
+    outputs = couple(Out(0, 1), In(1, out_axis, Role.W_OUT), *_bias(n, 2))
     if groups == 1:
-        return Rule(couple(In(0, 0), Out(0, 0)), couple(In(0, 1), In(1, 1, "w_in")), outputs)
+        return Rule(couple(In(0, 0), Out(0, 0)), couple(In(0, 1), In(1, in_axis, Role.W_IN)), outputs)
     # Grouped (and depthwise) conv: prune whole groups; input and output channels of group g go together.
     per_group_out = weight[0] // groups
     return Rule(couple(In(0, 0), Out(0, 0)), outputs,
@@ -32,9 +35,10 @@ def conv_transpose(n: NodeView) -> Rule:
     groups = int(n.attr("group", 1))
     if not all(is_static(d) for d in weight[:2]):
         raise Barrier("weight shape unknown")
-    inputs = couple(In(0, 1), In(1, 0, "w_in"))
+    out_axis, in_axis = weight_axes(n.node)
+    inputs = couple(In(0, 1), In(1, in_axis, Role.W_IN))
     if groups == 1:
-        return Rule(couple(In(0, 0), Out(0, 0)), inputs, couple(Out(0, 1), In(1, 1, "w_out"), *_bias(n, 2)))
+        return Rule(couple(In(0, 0), Out(0, 0)), inputs, couple(Out(0, 1), In(1, out_axis, Role.W_OUT), *_bias(n, 2)))
     if n.has_input(2):
         raise Barrier("grouped ConvTranspose with bias")
     return Rule(couple(In(0, 0), Out(0, 0)), inputs,
@@ -51,14 +55,14 @@ def _set_group(n: NodeView, ctx: FixContext) -> None:
 def gemm(n: NodeView) -> Rule:
     if n.attr("transA", 0):
         raise Barrier("transA=1")
-    k_axis, n_axis = (1, 0) if n.attr("transB", 0) else (0, 1)
+    out_axis, in_axis = weight_axes(n.node)
     out = n.out_shape(0)
-    relations = [couple(In(0, 0), Out(0, 0)), couple(In(0, 1), In(1, k_axis, "w_in"))]
-    columns = [Out(0, 1), In(1, n_axis, "w_out")]
+    relations = [couple(In(0, 0), Out(0, 0)), couple(In(0, 1), In(1, in_axis, Role.W_IN))]
+    columns = [Out(0, 1), In(1, out_axis, Role.W_OUT)]
     if n.has_input(2):
         c = n.in_shape(2)
         if len(c) >= 1 and c[-1] == out[1] and out[1] != 1:
-            columns.append(In(2, len(c) - 1, "bias"))
+            columns.append(In(2, len(c) - 1, Role.BIAS))
         if len(c) == 2 and c[0] == out[0] and out[0] != 1:
             relations.append(couple(Out(0, 0), In(2, 0)))
     return Rule(*relations, couple(*columns))
@@ -72,9 +76,9 @@ def matmul(n: NodeView) -> Rule:
     a_const, b_const = n.const(0) is not None, n.const(1) is not None
     rank = len(n.out_shape(0))
     return Rule(
-        couple(In(0, len(a) - 1, "w_in" if a_const else None), In(1, len(b) - 2, "w_in" if b_const else None)),
-        couple(Out(0, rank - 2), In(0, len(a) - 2, "w_out" if a_const else None)),
-        couple(Out(0, rank - 1), In(1, len(b) - 1, "w_out" if b_const else None)),
+        couple(In(0, len(a) - 1, Role.W_IN if a_const else None), In(1, len(b) - 2, Role.W_IN if b_const else None)),
+        couple(Out(0, rank - 2), In(0, len(a) - 2, Role.W_OUT if a_const else None)),
+        couple(Out(0, rank - 1), In(1, len(b) - 1, Role.W_OUT if b_const else None)),
         *broadcast_couples(n, [0, 1], lambda i: None, trailing=2),
     )
 

@@ -1,6 +1,7 @@
 """Element-wise ops: unary ops keep every axis; n-ary ops couple the axes that broadcasting lines up."""
 from __future__ import annotations
 
+from ..roles import Role
 from .registry import In, NodeView, Out, Rule, couple, identity_couples, rule
 
 UNARY = (
@@ -25,12 +26,12 @@ def dropout(n: NodeView) -> Rule:
 
 
 # Role of a constant operand, for criteria and for the exactness harness (see verify.zero_removed_channels):
-# "const" operands can be zeroed with the channel, a divisor, exponent or slope cannot.
+# CONST operands can be zeroed with the channel, a divisor, exponent or slope cannot.
 _ROLES = {
-    "Div": {1: "divisor"},
-    "Pow": {1: "exponent"},
-    "PRelu": {1: "slope"},
-    "Where": {0: "condition"},
+    "Div": {1: Role.DIVISOR},
+    "Pow": {1: Role.EXPONENT},
+    "PRelu": {1: Role.SLOPE},
+    "Where": {0: Role.CONDITION},
 }
 
 
@@ -39,7 +40,7 @@ _ROLES = {
 def broadcast(n: NodeView) -> Rule:
     roles = _ROLES.get(n.op, {})
     inputs = [i for i in range(len(n.node.input)) if n.has_input(i)]
-    return Rule(*broadcast_couples(n, inputs, lambda i: roles.get(i, "const")))
+    return Rule(*broadcast_couples(n, inputs, lambda i: roles.get(i, Role.CONST)))
 
 
 def broadcast_couples(n: NodeView, inputs: list[int], role_of, trailing: int = 0) -> list:

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from ..graph import Dims, GraphIndex
+from ..roles import Role
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,11 @@ class Ref:
     side: str  # "in" | "out" | "pseudo"
     index: int | str
     axis: int = 0
-    role: str | None = None  # what a constant tensor on this axis is: w_out, w_in, bias, scale, shift, stat, const...
+    role: Role | None = None  # what a constant tensor on this axis is to this node
     size: int | None = None  # pseudo spaces only
 
 
-def In(index: int, axis: int, role: str | None = None) -> Ref:  # noqa: N802 - reads like the DESIGN notation
+def In(index: int, axis: int, role: Role | None = None) -> Ref:  # noqa: N802 - reads like the DESIGN notation
     return Ref("in", index, axis, role)
 
 

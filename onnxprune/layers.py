@@ -1,0 +1,375 @@
+"""One description per weight-bearing op: Conv, ConvTranspose, Gemm and MatMul whose weight (input 1) is a constant.
+
+Everything that depends on how such a layer stores its weight lives here, and only here: which weight axes hold its
+output and input channels, its group count, Gemm's transposition, alpha and beta, where its bias is (an input, or the
+Add right after a MatMul), its MACs, how its input activation is cut into rows for least squares (N-d im2col patches
+for a convolution at sampled output positions, rows of the input for a matrix layer), and how a re-fitted
+(features, outputs) matrix goes back into its weight and bias.
+
+The common currency is the weight seen as *kernels*: (output channels, input channels, kernel positions...), the
+layout of a Conv's weight; a matrix layer's kernels are (outputs, inputs). A layer's *rows* are its kernels
+flattened to (features, outputs), features input-channel-major, the order in which its patches flatten.
+
+Einsum is left out: a matmul-like equation would need its letters matched against this layout, and no exporter in
+the zoo writes a linear layer as an Einsum; its rule still couples its channels, it is only not re-fitted or counted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import GraphIndex, node_attr
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ROWS_PER_POSITION = 16  # a matrix layer samples this many input rows where a convolution samples one position
+
+ShapeOf = Callable[[str], Sequence[int]]
+
+
+# ------------------------------------------------------------------------------------------------ MACs
+
+def _conv_macs(node: onnx.NodeProto, shape: ShapeOf) -> int:
+    weight = shape(node.input[1])  # (O, I/g, k...)
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, shape: ShapeOf) -> int:
+    weight = shape(node.input[1])  # (I, O/g, k...)
+    return int(np.prod(shape(node.input[0]), dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+
+
+def _gemm_macs(node: onnx.NodeProto, shape: ShapeOf) -> int:
+    b = shape(node.input[1])  # the weight's shape is known even where a run-time reshape hides the input's
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * b[weight_axes(node)[1]])
+
+
+def _matmul_macs(node: onnx.NodeProto, shape: ShapeOf) -> int:
+    b = shape(node.input[1])
+    k = b[-2] if len(b) >= 2 else b[0]
+    return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
+
+
+_MACS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _gemm_macs, "MatMul": _matmul_macs}
+
+
+def macs(node: onnx.NodeProto, shape: ShapeOf) -> int | None:
+    """Multiply-accumulates of a Conv, ConvTranspose, Gemm or MatMul node (constant weight or not, an attention
+    MatMul counts too) from the shapes `shape(name)` gives; None for any other op. Raises KeyError, TypeError or
+    IndexError where `shape` does not know a size."""
+    counter = _MACS.get(node.op_type)
+    return None if counter is None else counter(node, shape)
+
+
+def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of a layer's weight; a MatMul's count from the end."""
+    if node.op_type == "ConvTranspose":
+        return 1, 0  # (I, O/g, k...)
+    if node.op_type == "Gemm":
+        return (0, 1) if node_attr(node, "transB", 0) else (1, 0)
+    if node.op_type == "MatMul":
+        return -1, -2
+    return 0, 1  # Conv: (O, I/g, k...)
+
+
+# ------------------------------------------------------------------------------------------------ descriptions
+
+@dataclass(frozen=True)
+class BiasSite:
+    """Where the bias of a layer's outputs lives: input `input` of node `node` (the layer itself, or the Add after a
+    MatMul); the outputs get `scale` times it (Gemm's beta). A layer `create`s a missing bias as a new input; an
+    Add's operand must already be there."""
+
+    node: str
+    input: int
+    scale: float = 1.0
+    create: bool = True
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A layer's inputs at sampled positions: `patches` (rows, C, kernel...) for a convolution, (rows, C) for a
+    matrix layer; `where` picks the outputs those rows produce; `real` marks the real (not padded) positions."""
+
+    patches: np.ndarray
+    where: tuple | np.ndarray
+    real: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """A weight-bearing node. Descriptions hold no arrays: they apply to the node before and after pruning (node
+    names, attributes and the meaning of every axis stay; only sizes change)."""
+
+    node: onnx.NodeProto
+    out_axis: int  # weight axis of the output channels
+    in_axis: int  # weight axis of the input channels
+    output_axis: int  # channel axis of the layer's output (MatMul: the last; others: 1)
+    groups: int = 1
+    alpha: float = 1.0  # the weight is used as alpha * W (Gemm)
+    refittable: bool = False  # outputs are rows times kernels, so least squares can re-fit the weight
+    bias: BiasSite | None = None
+
+    @property
+    def weight(self) -> str:
+        return self.node.input[1]
+
+    def kernels(self, weight: np.ndarray) -> np.ndarray:
+        """The weight as (output channels, input channels, kernel...): a view."""
+        return np.moveaxis(weight, (self.out_axis, self.in_axis), (0, 1))
+
+    def weight_rows(self, weight: np.ndarray) -> np.ndarray:
+        """The weight as float64 (features, outputs) rows, alpha folded in."""
+        kernels = self.kernels(weight)
+        return kernels.reshape(len(kernels), -1).T.astype(np.float64) * self.alpha
+
+    def rows_to_weight(self, rows: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """(features, outputs) rows back into a weight laid out as `like` (inverse of weight_rows)."""
+        kernels = (rows / self.alpha).T.reshape(self.kernels(like).shape)
+        return np.moveaxis(kernels, (0, 1), (self.out_axis, self.in_axis))
+
+    def mean_contribution(self, weight: np.ndarray, features: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """What input channels `features` with these `mean` values add to each output on average (a refittable
+        layer's outputs are sums over channels, so this is exact for constant channels up to border effects)."""
+        kernels = self.kernels(weight)[:, features]
+        return self.alpha * (kernels.reshape(len(kernels), len(features), -1).sum(2) @ mean)
+
+    def sample(self, x: np.ndarray, rng: np.random.Generator, positions: int,
+               real: np.ndarray | None = None) -> Sample:
+        """The layer's input `x` as rows at up to `positions` sampled output positions per image."""
+        raise TypeError(f"{self.node.op_type} '{self.node.name}' is not cut into rows")
+
+    def output_rows(self, y: np.ndarray, sample: Sample) -> np.ndarray:
+        """(rows, output channels): the layer's output `y` where `sample`'s rows produce it."""
+        raise TypeError(f"{self.node.op_type} '{self.node.name}' is not cut into rows")
+
+    def node_at(self, shapes: Sequence[Sequence[int]], inputs: list[str], output: str) -> onnx.NodeProto:
+        """The node alone at other widths (`shapes`: its inputs' then its output's), inputs and output renamed: a
+        grouped (de)convolution's group follows the widths (the weight's axis 1 holds one group's channels)."""
+        attrs = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+        if self.groups != 1:
+            side = shapes[0] if self.in_axis == 1 else shapes[-1]
+            attrs["group"] = max(1, side[1] // shapes[1][1])
+        return helper.make_node(self.node.op_type, inputs, [output], domain=self.node.domain, **attrs)
+
+
+@dataclass(frozen=True, eq=False)
+class MatrixLayer(Layer):
+    """Gemm and MatMul: every row of the input (leading axes flattened) times the weight."""
+
+    def sample(self, x: np.ndarray, rng: np.random.Generator, positions: int,
+               real: np.ndarray | None = None) -> Sample:
+        """Up to `positions * ROWS_PER_POSITION` input rows, padded positions left out."""
+        rows = real_positions(x, real)
+        rows = rows.reshape(-1, rows.shape[-1])
+        limit = positions * ROWS_PER_POSITION
+        pick = rng.choice(len(rows), limit, replace=False) if len(rows) > limit else np.arange(len(rows))
+        return Sample(rows[pick], pick, real)
+
+    def output_rows(self, y: np.ndarray, sample: Sample) -> np.ndarray:
+        y = real_positions(y, sample.real)
+        return y.reshape(-1, y.shape[-1])[sample.where]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Kernel, strides, dilations and pads (begins then ends, as the ONNX attribute) of an N-d convolution, with
+    the ONNX defaults where the attributes are left out (the kernel is then the weight's)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str = "NOTSET"
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto, weight_kernel: Sequence[int]) -> "ConvGeometry":
+        ones, zeros = (1,) * len(weight_kernel), (0,) * (2 * len(weight_kernel))
+        ints = lambda name, default: tuple(node_attr(node, name, None) or default)  # noqa: E731
+        auto_pad = node_attr(node, "auto_pad", b"NOTSET")
+        return cls(ints("kernel_shape", weight_kernel), ints("strides", ones), ints("dilations", ones),
+                   ints("pads", zeros), auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
+
+    def padding(self, spatial: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Pads before and after each spatial axis of an input of size `spatial`, auto_pad resolved."""
+        rank = len(self.kernel)
+        if self.auto_pad == "VALID":
+            return [0] * rank, [0] * rank
+        if self.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            return list(self.pads[:rank]), list(self.pads[rank:])
+        totals = [max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                  for n, s, k, d in zip(spatial, self.strides, self.kernel, self.dilations)]
+        small = [t // 2 for t in totals]
+        begins = small if self.auto_pad == "SAME_UPPER" else [t - b for t, b in zip(totals, small)]
+        return begins, [t - b for t, b in zip(totals, begins)]
+
+    def output_size(self, padded: Sequence[int]) -> list[int]:
+        return [(p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded, self.kernel, self.strides, self.dilations)]
+
+
+@dataclass(frozen=True, eq=False)
+class ConvLayer(Layer):
+    """Conv with any number of spatial axes: each output position is a patch of the (padded) input times the
+    kernels."""
+
+    geometry: ConvGeometry | None = None
+
+    def sample(self, x: np.ndarray, rng: np.random.Generator, positions: int,
+               real: np.ndarray | None = None) -> Sample:
+        """im2col patches (rows, C, kernel...) at up to `positions` random output positions per image."""
+        begins, ends = self.geometry.padding(x.shape[2:])
+        padded = np.pad(x, [(0, 0), (0, 0), *zip(begins, ends)])
+        out = self.geometry.output_size(padded.shape[2:])
+        count = min(positions, math.prod(out))
+        flat = np.stack([rng.choice(math.prod(out), count, replace=False) for _ in range(len(x))]).reshape(-1)
+        images = np.repeat(np.arange(len(x)), count)
+        coords = np.unravel_index(flat, out)
+        return Sample(padded[self._patch_index(images, x.shape[1], coords)], (images, slice(None), *coords))
+
+    def _patch_index(self, images: np.ndarray, channels: int, coords: tuple[np.ndarray, ...]) -> tuple:
+        """Index arrays that broadcast to (rows, C, kernel...) over the padded input."""
+        rank = 2 + len(coords)
+        along = lambda axis, values: values.reshape([-1 if a == axis else 1 for a in range(rank)])  # noqa: E731
+        index = [along(0, images), along(1, np.arange(channels))]
+        for axis, (start, k, s, d) in enumerate(zip(coords, self.geometry.kernel, self.geometry.strides,
+                                                    self.geometry.dilations), start=2):
+            taps = start[:, None] * s + np.arange(k) * d  # (rows, k): input coordinates along this axis
+            index.append(taps.reshape([len(start)] + [k if a == axis else 1 for a in range(1, rank)]))
+        return tuple(index)
+
+    def output_rows(self, y: np.ndarray, sample: Sample) -> np.ndarray:
+        return y[sample.where]
+
+
+def is_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A Conv, ConvTranspose, Gemm or MatMul whose weight (input 1) is an initializer of the indexed model."""
+    return node.op_type in _DESCRIBE and len(node.input) > 1 and node.input[1] in index.initializers
+
+
+def describe(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
+    """The description of a layer (see is_layer); None for any other node."""
+    if not is_layer(node, index):
+        return None
+    return _DESCRIBE[node.op_type](node, index, tuple(index.initializers[node.input[1]].dims))
+
+
+def refittable(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
+    """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight)."""
+    layer = describe(node, index)
+    return layer if layer is not None and layer.refittable else None
+
+
+def _input_bias(node: onnx.NodeProto, scale: float = 1.0) -> BiasSite | None:
+    return BiasSite(node.name, 2, scale) if scale else None  # beta 0: the bias is not used
+
+
+def _conv(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer:
+    groups = int(node_attr(node, "group", 1))
+    return ConvLayer(node, 0, 1, 1, groups, refittable=groups == 1, bias=_input_bias(node),
+                     geometry=ConvGeometry.of(node, dims[2:]))
+
+
+def _conv_transpose(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer:
+    return Layer(node, 1, 0, 1, int(node_attr(node, "group", 1)), bias=_input_bias(node))
+
+
+def _gemm(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer:
+    out_axis, in_axis = weight_axes(node)
+    return MatrixLayer(node, out_axis, in_axis, 1, alpha=float(node_attr(node, "alpha", 1.0)),
+                       refittable=not node_attr(node, "transA", 0),
+                       bias=_input_bias(node, float(node_attr(node, "beta", 1.0))))
+
+
+def _matmul(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer:
+    rank = len(index.shapes.get(node.output[0]) or ())
+    return MatrixLayer(node, -1, -2, rank - 1, refittable=len(dims) == 2, bias=_bias_add(node, index))
+
+
+def _bias_add(node: onnx.NodeProto, index: GraphIndex) -> BiasSite | None:
+    """The Add right after a MatMul, its only reader, holds its bias in its other operand."""
+    output = node.output[0]
+    readers = {id(n): n for n in index.consumers.get(output, [])}
+    if len(readers) != 1:
+        return None
+    add = next(iter(readers.values()))
+    if add.op_type != "Add":
+        return None
+    return BiasSite(add.name, 1 - list(add.input).index(output), create=False)
+
+
+_DESCRIBE = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
+
+
+# ------------------------------------------------------------------------------------------------ bias
+
+def current_bias(model: onnx.ModelProto, layer: Layer, outputs: int) -> np.ndarray | None:
+    """The bias the layer's `outputs` outputs get now in `model` (scale applied, float64); zeros where the layer
+    could take one but has none; None where there is no place for one (a MatMul without an Add after it, a bias
+    computed at run time or not per output)."""
+    site = layer.bias
+    if site is None:
+        return None
+    node = _node_named(model, site.node)
+    name = node.input[site.input] if site.input < len(node.input) else ""
+    inits = {i.name: i for i in model.graph.initializer}
+    if name in inits:
+        bias = numpy_helper.to_array(inits[name]).astype(np.float64).reshape(-1) * site.scale
+        return bias if bias.shape == (outputs,) else None
+    return np.zeros(outputs) if site.create and not name else None
+
+
+def add_to_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
+    """Add `delta` to what the layer's outputs get as bias in `model`: 1 when done, 0 where there is no place for it.
+    A bias shared with other nodes is copied first; a Conv or Gemm without one gets one."""
+    site = layer.bias
+    if site is None:
+        return 0
+    node = _node_named(model, site.node)
+    name = node.input[site.input] if site.input < len(node.input) else ""
+    inits = {i.name: i for i in model.graph.initializer}
+    if name:
+        return _update_bias(model, node, site.input, inits.get(name), delta / site.scale)
+    if not site.create:
+        return 0
+    bias = numpy_helper.from_array((delta / site.scale).astype(np.float32), f"{node.name}_recovered_bias")
+    model.graph.initializer.append(bias)
+    while len(node.input) <= site.input:
+        node.input.append("")
+    node.input[site.input] = bias.name
+    return 1
+
+
+def _update_bias(model: onnx.ModelProto, node: onnx.NodeProto, position: int, init: onnx.TensorProto | None,
+                 delta: np.ndarray) -> int:
+    if init is None:
+        return 0  # a bias computed at run time
+    bias = numpy_helper.to_array(init)
+    if bias.shape[-1:] != delta.shape:
+        return 0
+    users = sum(list(n.input).count(init.name) for n in model.graph.node)
+    new_name = init.name if users == 1 else f"{init.name}_recovered_{node.name}"
+    updated = numpy_helper.from_array((bias + delta).astype(bias.dtype), new_name)
+    if users == 1:
+        init.CopyFrom(updated)
+    else:
+        model.graph.initializer.append(updated)
+        node.input[position] = updated.name
+    return 1
+
+
+def _node_named(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+# ------------------------------------------------------------------------------------------------ positions
+
+def real_positions(value: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """`value` of shape (batch, sequence, ...) with its padded positions left out: (positions, ...). Other values
+    come back unchanged."""
+    if real is None or value.ndim < 3 or value.shape[:2] != real.shape:
+        return value
+    return value[real]
