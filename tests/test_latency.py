@@ -143,7 +143,7 @@ def mixed_layers() -> onnx.ModelProto:
 def test_one_layer_models_of_every_kind_run_at_pruned_widths():
     """On onnxruntime: a one-layer model it refused would be recorded as 0 ms."""
     prepared, table = table_for(mixed_layers(), OrtTimer(threads=1))
-    assert {layer.node.op_type for layer in table.layers} == {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+    assert {entry.layer.node.op_type for entry in table.layers} == {"Conv", "ConvTranspose", "MatMul", "Gemm"}
     counts = uniform_counts(prepared.analysis, 0.5, 1)
     assert any(n < g.size for g in prepared.analysis.prunable for n in [counts[g.id]])
     assert table.cost(counts) > 0 and all(ms > 0 for ms in table.layer_timer.cache.entries.values())

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 from ..calibrate import Progress
 from ..errors import first_line
+from ..layers import ConvLayer, Layer
 from ..timing import ModelTimer
 from .cache import LatencyCache
 
@@ -29,26 +30,26 @@ class LayerTimer:
         self.progress = progress or Progress(enabled=False)
         self.measured = 0
 
-    def ms(self, node: onnx.NodeProto, constant: list[bool], shapes: Shapes) -> float:
-        """`node` at the widths of `shapes`; `constant[k]`: input k is a weight (built in, not fed)."""
-        one = one_node(node, shapes)
+    def ms(self, layer: Layer, constant: list[bool], shapes: Shapes) -> float:
+        """`layer` at the widths of `shapes`; `constant[k]`: input k is a weight (built in, not fed)."""
+        one = layer.node_at(shapes, [f"x{k}" for k in range(len(shapes) - 1)], "y")
         entry = key(one, shapes, self.timer.threads)
         if entry not in self.cache:
             try:
-                self.cache[entry] = self._measure(one, constant, shapes)
+                self.cache[entry] = self._measure(layer, one, constant, shapes)
             except Exception as err:  # noqa: BLE001 - onnxruntime's errors have no common type; never fatal here
-                log.debug("latency of %s not measured: %s", node.name, first_line(err))
+                log.debug("latency of %s not measured: %s", layer.node.name, first_line(err))
                 self.cache[entry] = 0.0
             self.measured += 1
             self.progress.show(f"latency table: {self.measured} one-layer models measured")
         return self.cache[entry]
 
-    def _measure(self, node: onnx.NodeProto, constant: list[bool], shapes: Shapes) -> float:
+    def _measure(self, layer: Layer, node: onnx.NodeProto, constant: list[bool], shapes: Shapes) -> float:
         """A 2-D convolution is timed between two cheap depthwise 1x1 convolutions standing for its neighbours,
         whose time alone is then subtracted: onnxruntime keeps channel-aligned tensors in its blocked (NCHWc) layout
         from layer to layer, so an aligned layer alone would pay layout conversions that it does not pay in the
         model, and an unaligned one would not pay those it does."""
-        if not has_context(node, shapes):
+        if not has_context(layer, shapes):
             return self._timed(layer_model(node, constant, shapes, self.original, context=False), shapes[0])
         total = self._timed(layer_model(node, constant, shapes, self.original, context=True), shapes[0])
         return max(1e-3, total - self._context_ms(shapes[0]) - self._context_ms(shapes[-1]))
@@ -63,19 +64,9 @@ class LayerTimer:
         return self.timer.model_ms(model, {"x0": np.full(input_shape, 0.5, np.float32)})
 
 
-def has_context(node: onnx.NodeProto, shapes: Shapes) -> bool:
+def has_context(layer: Layer, shapes: Shapes) -> bool:
     """Whether the layer is timed between context nodes: a 2-D convolution, whose neighbours share its layout."""
-    return node.op_type == "Conv" and len(shapes[0]) == 4 and len(shapes[-1]) == 4
-
-
-def one_node(node: onnx.NodeProto, shapes: Shapes) -> onnx.NodeProto:
-    """The layer's node at pruned widths, inputs renamed x0, x1, ...; a (de)convolution's group follows its widths."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type in ("Conv", "ConvTranspose") and attrs.get("group", 1) != 1:
-        per_group = shapes[1][1]  # Conv: W is (O, I/g, k...); ConvTranspose: W is (I, O/g, k...)
-        attrs["group"] = max(1, (shapes[0][1] if node.op_type == "Conv" else shapes[-1][1]) // per_group)
-    inputs = [f"x{k}" for k in range(len(shapes) - 1)]
-    return helper.make_node(node.op_type, inputs, ["y"], domain=node.domain, **attrs)
+    return isinstance(layer, ConvLayer) and len(shapes[0]) == 4 and len(shapes[-1]) == 4
 
 
 def key(node: onnx.NodeProto, shapes: Shapes, threads: int) -> str:

@@ -1,7 +1,7 @@
 """The per-layer latency table as a cost model (`cost.CostModel`): predicted milliseconds of the model at given
 widths, from its layers' latencies measured alone (`one_layer`).
 
-Every Conv, ConvTranspose, Gemm and MatMul with a constant weight is a layer. The model's latency is the sum over its
+Every layer `layers.describe` knows (Conv, ConvTranspose, Gemm and MatMul with a constant weight) is timed. The model's latency is the sum over its
 layers plus the rest (norms, activations, pools, copies), taken from one measurement of the whole model and scaled
 with the layers' output sizes.
 
@@ -21,17 +21,17 @@ import onnx
 from ..allocate import step_for
 from ..cost import Counts
 from ..groups import Analysis, Group, Space
+from ..layers import Layer, describe
 from ..verify import random_feeds
 from .one_layer import LayerTimer
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ALIGNMENTS = (8, 16)  # widths above a count worth trying: SIMD lanes and onnxruntime's channel blocks
 TIE = 0.02  # latencies within 2% count as equal (measurement noise): the wider choice wins
 
 
 @dataclass
-class Layer:
-    node: onnx.NodeProto
+class TableLayer:
+    layer: Layer
     tensors: list[str]  # inputs then the output
     constant: list[bool]
     shapes: list[list[int]]
@@ -52,7 +52,7 @@ class LatencyModel:
         self.analysis, self.round_to, self.layer_timer = analysis, round_to, layer_timer
         self.layers = [layer for node in model.graph.node
                        if (layer := _layer(node, analysis, shapes or analysis.index.shapes))]
-        self.by_group: dict[int, list[Layer]] = defaultdict(list)
+        self.by_group: dict[int, list[TableLayer]] = defaultdict(list)
         for layer in self.layers:
             for gid in layer.groups:
                 self.by_group[gid].append(layer)
@@ -104,7 +104,7 @@ class LatencyModel:
             return size
         return sum(counts.get(gid, self.analysis.groups[gid].size) * inner for gid, _, inner in segments)
 
-    def _shapes(self, layer: Layer, counts: Counts) -> list[list[int]]:
+    def _shapes(self, layer: TableLayer, counts: Counts) -> list[list[int]]:
         return [[self._dim((t, a), d, counts) for a, d in enumerate(s)] for t, s in zip(layer.tensors, layer.shapes)]
 
     def _layers_ms(self, counts: Counts) -> float:
@@ -113,14 +113,15 @@ class LatencyModel:
     def _output_size(self, counts: Counts) -> float:
         return float(sum(math.prod(self._shapes(layer, counts)[-1]) for layer in self.layers))
 
-    def _layer_ms(self, layer: Layer, counts: Counts) -> float:
-        return self.layer_timer.ms(layer.node, layer.constant, self._shapes(layer, counts))
+    def _layer_ms(self, layer: TableLayer, counts: Counts) -> float:
+        return self.layer_timer.ms(layer.layer, layer.constant, self._shapes(layer, counts))
 
 
-def _layer(node: onnx.NodeProto, analysis: Analysis, sizes: dict) -> Layer | None:
+def _layer(node: onnx.NodeProto, analysis: Analysis, sizes: dict) -> TableLayer | None:
     """The node as a layer of the table: a weight layer with a constant weight and known shapes."""
     index = analysis.index
-    if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in index.initializers:
+    layer = describe(node, index)
+    if layer is None:
         return None
     tensors = [t for t in node.input if t] + [node.output[0]]
     shapes = [[d if isinstance(d, int) else 1 for d in sizes.get(t) or []] for t in tensors]
@@ -128,4 +129,4 @@ def _layer(node: onnx.NodeProto, analysis: Analysis, sizes: dict) -> Layer | Non
         return None
     groups = {gid for t, s in zip(tensors, shapes) for a in range(len(s))
               for gid, _, _ in analysis.layouts.get((t, a), [])}
-    return Layer(node, tensors, [t in index.initializers for t in tensors], shapes, groups)
+    return TableLayer(layer, tensors, [t in index.initializers for t in tensors], shapes, groups)
