@@ -22,6 +22,15 @@ BLOCKS = 3  # alternating blocks per model when timing with several threads
 WARM_UP = 3  # untimed runs of each model before a comparison
 
 
+class Runner(Protocol):
+    """What is timed: an onnxruntime InferenceSession, or a stand-in."""
+
+    def run(self, outputs: list[str] | None, feed: Feed) -> list: ...
+
+
+Opener = Callable[[onnx.ModelProto, int], Runner]  # (model, intra-op threads) -> session
+
+
 class ModelTimer(Protocol):
     """Milliseconds of models on this machine, at a fixed number of intra-op threads."""
 
@@ -48,20 +57,20 @@ class OrtTimer:
         return timing["after_ms"]["median"] / timing["before_ms"]["median"]
 
 
-def timed_run(sess, feed: Feed, clock: Clock = time.perf_counter) -> float:
+def timed_run(sess: Runner, feed: Feed, clock: Clock = time.perf_counter) -> float:
     """Milliseconds of one `sess.run`."""
     start = clock()
     sess.run(None, feed)
     return (clock() - start) * 1e3
 
 
-def warm_up(sessions, feed: Feed, rounds: int = WARM_UP) -> None:
+def warm_up(sessions: list[Runner], feed: Feed, rounds: int = WARM_UP) -> None:
     for _ in range(rounds):
         for sess in sessions:
             sess.run(None, feed)
 
 
-def median_ms(sess, feed: Feed, runs: int = 5, min_total_ms: float = 3.0, clock: Clock = time.perf_counter) -> float:
+def median_ms(sess: Runner, feed: Feed, runs: int = 5, min_total_ms: float = 3.0, clock: Clock = time.perf_counter) -> float:
     """Median milliseconds of `sess.run` after a warm-up; runs more than `runs` times when a run is short (at most
     200 runs), so that a fast one-layer model is timed over at least `min_total_ms`."""
     warm_up([sess], feed, rounds=1)
@@ -72,7 +81,7 @@ def median_ms(sess, feed: Feed, runs: int = 5, min_total_ms: float = 3.0, clock:
 
 
 def measure_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Feed, threads: int, runs: int,
-                    open_session: Callable = session, clock: Clock = time.perf_counter) -> dict:
+                    open_session: Opener = session, clock: Clock = time.perf_counter) -> dict:
     """Median and p90 over `runs` runs each, after a warm-up, with `threads` intra-op threads. With one thread the
     two models run interleaved, run by run, so that the machine's drift cancels; with more, in alternating blocks
     with one session alive at a time: onnxruntime's worker threads spin after a run, and the other session's would
@@ -87,7 +96,7 @@ def measure_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Fe
             "speedup": before["median"] / after["median"]}
 
 
-def _interleaved(sessions: list, feed: Feed, runs: int, clock: Clock) -> tuple[list[float], list[float]]:
+def _interleaved(sessions: list[Runner], feed: Feed, runs: int, clock: Clock) -> tuple[list[float], list[float]]:
     times: tuple[list[float], list[float]] = ([], [])
     warm_up(sessions, feed)
     for _ in range(runs):
@@ -96,8 +105,8 @@ def _interleaved(sessions: list, feed: Feed, runs: int, clock: Clock) -> tuple[l
     return times
 
 
-def _alternating_blocks(models: tuple, feed: Feed, threads: int, runs: int, open_session: Callable,
-                        clock: Clock) -> tuple[list[float], list[float]]:
+def _alternating_blocks(models: tuple[onnx.ModelProto, onnx.ModelProto], feed: Feed, threads: int, runs: int,
+                        open_session: Opener, clock: Clock) -> tuple[list[float], list[float]]:
     """`BLOCKS` blocks per model of ceil(runs / BLOCKS) runs, one session alive at a time."""
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(BLOCKS):
