@@ -189,10 +189,10 @@ class ConvGeometry:
     @classmethod
     def of(cls, node: onnx.NodeProto, weight_kernel: Sequence[int]) -> "ConvGeometry":
         ones, zeros = (1,) * len(weight_kernel), (0,) * (2 * len(weight_kernel))
-        ints = lambda name, default: tuple(node_attr(node, name, None) or default)  # noqa: E731
         auto_pad = node_attr(node, "auto_pad", b"NOTSET")
-        return cls(ints("kernel_shape", weight_kernel), ints("strides", ones), ints("dilations", ones),
-                   ints("pads", zeros), auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
+        return cls(_ints(node, "kernel_shape", weight_kernel), _ints(node, "strides", ones),
+                   _ints(node, "dilations", ones), _ints(node, "pads", zeros),
+                   auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
 
     def padding(self, spatial: Sequence[int]) -> tuple[list[int], list[int]]:
         """Pads before and after each spatial axis of an input of size `spatial`, auto_pad resolved."""
@@ -209,6 +209,11 @@ class ConvGeometry:
 
     def output_size(self, padded: Sequence[int]) -> list[int]:
         return [(p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded, self.kernel, self.strides, self.dilations)]
+
+
+def _ints(node: onnx.NodeProto, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    """An int-list attribute, or `default` where it is absent or empty."""
+    return tuple(node_attr(node, name, None) or default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,16 +238,23 @@ class ConvLayer(Layer):
     def _patch_index(self, images: np.ndarray, channels: int, coords: tuple[np.ndarray, ...]) -> tuple:
         """Index arrays that broadcast to (rows, C, kernel...) over the padded input."""
         rank = 2 + len(coords)
-        along = lambda axis, values: values.reshape([-1 if a == axis else 1 for a in range(rank)])  # noqa: E731
-        index = [along(0, images), along(1, np.arange(channels))]
+        index = [_along(images, 0, rank), _along(np.arange(channels), 1, rank)]
         for axis, (start, k, s, d) in enumerate(zip(coords, self.geometry.kernel, self.geometry.strides,
                                                     self.geometry.dilations), start=2):
             taps = start[:, None] * s + np.arange(k) * d  # (rows, k): input coordinates along this axis
-            index.append(taps.reshape([len(start)] + [k if a == axis else 1 for a in range(1, rank)]))
+            index.append(_along(taps, axis, rank, leading=True))
         return tuple(index)
 
     def output_rows(self, y: np.ndarray, sample: Sample) -> np.ndarray:
         return y[sample.where]
+
+
+def _along(values: np.ndarray, axis: int, rank: int, leading: bool = False) -> np.ndarray:
+    """`values` (and, with `leading`, their first axis kept first) reshaped to lie along `axis` of `rank` axes."""
+    shape = [-1 if a == axis else 1 for a in range(rank)]
+    if leading:
+        shape[0], shape[axis] = len(values), values.shape[-1]
+    return values.reshape(shape)
 
 
 def is_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
@@ -313,8 +325,7 @@ def current_bias(model: onnx.ModelProto, layer: Layer, outputs: int) -> np.ndarr
     site = layer.bias
     if site is None:
         return None
-    node = _node_named(model, site.node)
-    name = node.input[site.input] if site.input < len(node.input) else ""
+    node, name = _bias_input(model, site)
     inits = {i.name: i for i in model.graph.initializer}
     if name in inits:
         bias = numpy_helper.to_array(inits[name]).astype(np.float64).reshape(-1) * site.scale
@@ -328,10 +339,9 @@ def add_to_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
     site = layer.bias
     if site is None:
         return 0
-    node = _node_named(model, site.node)
-    name = node.input[site.input] if site.input < len(node.input) else ""
-    inits = {i.name: i for i in model.graph.initializer}
+    node, name = _bias_input(model, site)
     if name:
+        inits = {i.name: i for i in model.graph.initializer}
         return _update_bias(model, node, site.input, inits.get(name), delta / site.scale)
     if not site.create:
         return 0
@@ -361,8 +371,10 @@ def _update_bias(model: onnx.ModelProto, node: onnx.NodeProto, position: int, in
     return 1
 
 
-def _node_named(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if n.name == name)
+def _bias_input(model: onnx.ModelProto, site: BiasSite) -> tuple[onnx.NodeProto, str]:
+    """The node holding the bias in `model`, and the bias tensor's name ("" where the input is left out)."""
+    node = next(n for n in model.graph.node if n.name == site.node)
+    return node, node.input[site.input] if site.input < len(node.input) else ""
 
 
 # ------------------------------------------------------------------------------------------------ positions
