@@ -25,6 +25,7 @@ from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
+from .layers import refittable
 from .options import Options, Target, needs_calibration
 from .plan_io import plan_to_dict, read_plan
 from .recover import recover_bias, recover_lsq
@@ -128,8 +129,8 @@ def contribution_grams(analysis: Analysis) -> dict[int, ContributionGram]:
     """The regression criterion's accumulators, for every group read by a layer that least squares can re-fit."""
     index, grams = analysis.index, {}
     for group in analysis.prunable:
-        layers = [(node, member, index.array(node.input[1])) for node, member in consumers(group, index)
-                  if _refittable_TEMP(node, index)]
+        layers = [(layer, member, index.array(layer.weight)) for node, member in consumers(group, index)
+                  if (layer := refittable(node, index)) is not None]
         if layers:
             grams[group.id] = ContributionGram(group, layers)
     return grams
@@ -252,9 +253,3 @@ def _warn_fallbacks(criterion: str, context: ScoringContext, analysis: Analysis)
                     len(context.fallbacks), len(analysis.prunable),
                     "no BatchNormalization: folded into the conv?" if criterion == "bn" else "no consumer layer")
 
-
-def _refittable_TEMP(node, index) -> bool:  # until layers.py lands
-    from .graph import node_attr
-    weight = index.array(node.input[1])
-    return (node.op_type in ("Conv", "Gemm", "MatMul") and weight is not None and node_attr(node, "group", 1) == 1
-            and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or weight.ndim == 2))
