@@ -4,11 +4,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxprune import Options, Target
 from onnxprune.allocate import Plan
-from onnxprune.api import make_plan, prepare
 from onnxprune.groups import Analysis
+from onnxprune.pipeline import Prepared, choose, open_inputs, prepare
 from onnxprune.surgery import apply_plan
 from onnxprune.verify import check_valid, count_params, io_signature, random_feeds, run, zero_removed_channels
+
+
+def planned(model: onnx.ModelProto, ratio: float, criterion: str = "l1", round_to: int = 1,
+            exclude: tuple[str, ...] = ()) -> tuple[Prepared, object]:
+    """The prepared model and the plan a data-free run at `ratio` would apply to it."""
+    target, options = Target.ratio(ratio), Options(criterion=criterion, round_to=round_to, exclude=exclude)
+    inputs = open_inputs(model, target, options)
+    return inputs.prepared, choose(inputs, target, options).plan
 
 
 def prune_exact(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1", round_to: int = 1,
@@ -21,8 +30,7 @@ def prune_exact(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
     `exact_groups_only` leaves out groups marked inexact (a LayerNorm over the channels), whose removal changes the
     outputs by design. `length` is the size of every run-time dimension but the batch in the test inputs (a
     sequence, an image side): at 1, attention has one position to attend to. Returns (pruned model, analysis, plan)."""
-    prepared = prepare(model, exclude)
-    plan = make_plan(prepared.analysis, ratio, criterion, round_to)
+    prepared, plan = planned(model, ratio, criterion, round_to, exclude)
     if exact_groups_only:
         plan.keep = {g: k for g, k in plan.keep.items() if not prepared.analysis.groups[g].inexact}
     assert removed_channels(prepared.analysis, plan) > 0, "the plan removes no channel"

@@ -1,10 +1,14 @@
 """Channel counts per group, and the index-set algebra behind the groups."""
+import dataclasses
+
 import builders
 import numpy as np
 import pytest
 from builders import DIGITS
+from exactness import planned
 
 import onnxprune
+from onnxprune import CalibrationSource, Options, Target
 from onnxprune.allocate import keep_count
 from onnxprune.atoms import Atoms
 from onnxprune.groups import Group, Member
@@ -37,7 +41,7 @@ def test_ratio_zero_keeps_everything():
 
 
 def test_round_to_keeps_multiples():
-    _, report = onnxprune.prune(builders.conv_bn_relu_chain(), 0.4, round_to=8)
+    _, report = onnxprune.prune(builders.conv_bn_relu_chain(), 0.4, Options(round_to=8))
     assert all(g["kept"] % 8 == 0 for g in report.pruned_groups)
 
 
@@ -63,9 +67,7 @@ def test_atoms_expansion_and_contradiction():
 
 def test_kept_indices_follow_offsets_and_blocks():
     model = builders.flatten_gemm_head()
-    from onnxprune.api import make_plan, prepare
-    prepared = prepare(model)
-    plan = make_plan(prepared.analysis, 0.5, round_to=1)
+    prepared, plan = planned(model, 0.5)
     conv_group = next(g for g in prepared.analysis.groups if g.size == 16 and any(m.inner == 16 for m in g.members))
     gemm_weight = next(m for m in conv_group.members if m.role == "w_in")
     kept = prepared.analysis.kept_indices(gemm_weight.space, plan.keep)
@@ -78,7 +80,7 @@ def test_kept_indices_follow_offsets_and_blocks():
 def test_target_macs_is_met_within_one_rounding_step(allocation, target):
     import onnx
     model = onnx.load(DIGITS)
-    _, report = onnxprune.prune(model, None, target_macs=target, allocation=allocation, round_to=1)
+    _, report = onnxprune.prune(model, Target.macs(target), Options(allocation=allocation, round_to=1))
     kept = report.macs_after / report.macs_before
     assert kept <= target + 1e-9
     # One more channel in the widest layer pair would overshoot: the undershoot is at most a few per cent.
@@ -87,7 +89,7 @@ def test_target_macs_is_met_within_one_rounding_step(allocation, target):
 
 def test_global_allocation_removes_the_asked_share_of_channels():
     import onnx
-    _, report = onnxprune.prune(onnx.load(DIGITS), 0.4, allocation="global", round_to=1)
+    _, report = onnxprune.prune(onnx.load(DIGITS), 0.4, Options(allocation="global", round_to=1))
     total = sum(g["channels"] for g in report.groups if g["prunable"])
     removed = sum(g["channels"] - g["kept"] for g in report.groups)
     assert abs(removed - round(0.4 * total)) <= len(report.pruned_groups)
@@ -98,13 +100,14 @@ def test_iterative_with_one_step_is_one_shot_and_more_steps_land_on_the_same_cou
     import onnx
     model = onnx.load(DIGITS)
     calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
-    one, one_report = onnxprune.prune(model, 0.5, recover="bias", calib=calib)
-    single, _ = onnxprune.prune(model, 0.5, recover="bias", calib=calib, schedule="iterative", steps=1)
+    one, one_report = onnxprune.prune(model, 0.5, Options(recover="bias", calib=CalibrationSource(calib)))
+    iterative = Options(recover="bias", schedule="iterative", calib=CalibrationSource(calib))
+    single, _ = onnxprune.prune(model, 0.5, dataclasses.replace(iterative, steps=1))
     assert single.SerializeToString() == one.SerializeToString()
-    three, report = onnxprune.prune(model, 0.5, recover="bias", calib=calib, schedule="iterative", steps=3)
+    three, report = onnxprune.prune(model, 0.5, dataclasses.replace(iterative, steps=3))
     assert report.macs_after == one_report.macs_after and report.params_before == one_report.params_before
     assert sorted(g["kept"] for g in report.groups) == sorted(g["kept"] for g in one_report.groups)
-    replayed, _ = onnxprune.prune(model, None, plan=report.plan)
+    replayed, _ = onnxprune.prune(model, Target.plan(report.plan))
     assert replayed.graph.initializer[0].dims == three.graph.initializer[0].dims
 
 
@@ -112,16 +115,17 @@ def test_sensitivity_curves_and_allocation():
     import onnx
     model = onnx.load(DIGITS)
     calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
-    curves = onnxprune.api.sensitivity(model, calib, round_to=1)
+    curves = onnxprune.sensitivity(model, Options(round_to=1, calib=CalibrationSource(calib)))
     assert len(curves["groups"]) == 5
     for group in curves["groups"]:
         points = group["points"]
         assert [p["kept"] for p in points] == sorted((p["kept"] for p in points), reverse=True)
         assert all(p["damage"] > 0 and p["macs_saved"] > 0 for p in points)
-    _, report = onnxprune.prune(model, None, target_macs=0.5, allocation="sensitivity", calib=calib, round_to=1)
+    _, report = onnxprune.prune(model, Target.macs(0.5),
+                                Options(allocation="sensitivity", round_to=1, calib=CalibrationSource(calib)))
     assert 0.35 <= report.macs_after / report.macs_before <= 0.5
     with pytest.raises(onnxprune.UsageError, match="allocation sensitivity needs calibration"):
-        onnxprune.prune(model, 0.5, allocation="sensitivity")
+        onnxprune.prune(model, 0.5, Options(allocation="sensitivity"))
 
 
 def test_applying_a_plan_to_a_copy_leaves_the_analysed_model_alone():
@@ -129,11 +133,9 @@ def test_applying_a_plan_to_a_copy_leaves_the_analysed_model_alone():
     import copy
 
     import builders
-    from onnxprune.api import make_plan, prepare
     from onnxprune.surgery import apply_plan
-    prepared = prepare(builders.depthwise_separable())
+    prepared, plan = planned(builders.depthwise_separable(), 0.5)
     before = prepared.model.SerializeToString()
-    plan = make_plan(prepared.analysis, 0.5, round_to=1)
     pruned = apply_plan(copy.deepcopy(prepared.model), prepared.analysis, plan)
     assert prepared.model.SerializeToString() == before
     assert any(a.i == 8 for n in pruned.graph.node for a in n.attribute if a.name == "group")
@@ -143,24 +145,24 @@ def test_target_latency_prunes_to_a_valid_smaller_model():
     import builders
     import onnx
     model = builders.residual_block()
-    pruned, report = onnxprune.prune(model, None, target_latency=0.6, round_to=1)
+    pruned, report = onnxprune.prune(model, Target.latency(0.6), Options(round_to=1))
     onnx.checker.check_model(pruned, full_check=True)
     assert report.macs_after < report.macs_before  # the measured latency itself is for the benchmarks, not tests
     with pytest.raises(onnxprune.UsageError, match="target-latency"):
-        onnxprune.prune(model, None, target_latency=0.5, allocation="sensitivity", calib=[])
+        onnxprune.prune(model, Target.latency(0.5), Options(allocation="sensitivity", calib=CalibrationSource([])))
 
 
 def test_a_model_with_a_run_time_length_counts_macs_at_a_calibration_sample():
     b = builders.GraphBuilder()
     h = b.op("Relu", [b.matmul(b.input(["N", "S", 16]), 16, 32)])
     model = b.model(b.matmul(h, 32, 16))
-    _, report = onnxprune.prune(model, 0.5, round_to=1)
+    _, report = onnxprune.prune(model, 0.5, Options(round_to=1))
     assert report.macs_before == 0 and "--calib counts them" in report.summary_lines()[1]
     with pytest.raises(onnxprune.UsageError, match=r"needs --calib .* x\[1\] \(S\)"):
-        onnxprune.prune(model, None, target_macs=0.5)
+        onnxprune.prune(model, Target.macs(0.5))
     calib = [{"x": np.random.default_rng(k).standard_normal((4, 12, 16)).astype(np.float32)} for k in range(2)]
-    _, report = onnxprune.prune(model, None, target_macs=0.5, round_to=1, calib=calib)
+    _, report = onnxprune.prune(model, Target.macs(0.5), Options(round_to=1, calib=CalibrationSource(calib)))
     assert report.macs_before == 12 * 16 * 32 + 12 * 32 * 16  # one sample (batch 1) of length 12
     assert report.macs_after == report.macs_before // 2
-    curves = onnxprune.api.sensitivity(model, calib, round_to=1)
+    curves = onnxprune.sensitivity(model, Options(round_to=1, calib=CalibrationSource(calib)))
     assert curves["macs"] == report.macs_before and curves["groups"][0]["points"][0]["macs_saved"] > 0

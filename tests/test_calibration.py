@@ -6,8 +6,9 @@ from builders import DIGITS, GraphBuilder, one_line_error, padded_tokens, token_
 from click.testing import CliRunner
 
 import onnxprune
+from onnxprune import CalibrationSource, Options
 from onnxprune.allocate import Plan
-from onnxprune.api import prepare
+from onnxprune.pipeline import prepare
 from onnxprune.calibrate import ChannelStats, calibration_batches, collect_stats
 from onnxprune.cli import cli
 from onnxprune.criteria import ScoringContext, get_criterion
@@ -82,7 +83,8 @@ def test_statistics_memory_does_not_grow_with_batches():
 
 def test_apoz_ranks_an_always_zero_channel_first():
     model = relu_chain(dead=(5,))
-    _, report = onnxprune.prune(model, 0.125, criterion="apoz", round_to=1, calib=iter([samples()]))
+    _, report = onnxprune.prune(model, 0.125, Options(criterion="apoz", round_to=1,
+                                                      calib=CalibrationSource(iter([samples()]))))
     (group,) = report.plan.keep.values()
     assert 5 not in group and len(group) == 7
 
@@ -97,7 +99,7 @@ def test_bn_criterion_uses_gamma_and_falls_back_where_folded(caplog):
         gamma = next(m for m in group.members if m.role == "scale")
         np.testing.assert_allclose(scores, np.abs(prepared.analysis.index.array(gamma.space[0])))
     assert not context.fallbacks
-    _, report = onnxprune.prune(builders.matmul_mlp(), 0.5, criterion="bn")
+    _, report = onnxprune.prune(builders.matmul_mlp(), 0.5, Options(criterion="bn"))
     assert report.criterion_fallbacks == 2 and "ranked by l1" in caplog.text
 
 
@@ -142,8 +144,8 @@ def test_bias_recovery_improves_the_trained_model():
     model = onnx.load(DIGITS)
     feeds, labels = load_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
     calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
-    plain, _ = onnxprune.prune(model, 0.2, round_to=1)
-    recovered, report = onnxprune.prune(model, 0.2, round_to=1, calib=calib, recover="bias")
+    plain, _ = onnxprune.prune(model, 0.2, Options(round_to=1))
+    recovered, report = onnxprune.prune(model, 0.2, Options(round_to=1, recover="bias", calib=CalibrationSource(calib)))
     assert report.recovered_layers >= 4
     assert check(model, recovered, feeds, labels).accuracy_after > check(model, plain, feeds, labels).accuracy_after + 0.3
 
@@ -212,7 +214,7 @@ def test_lsq_survives_degenerate_calibration_data():
     no better than the current layer leaves it alone."""
     model = relu_chain()
     data = [{"x": np.zeros((4, 3, 6, 6), np.float32)}]
-    pruned, report = onnxprune.prune(model, 0.5, round_to=1, calib=data, recover="lsq")
+    pruned, report = onnxprune.prune(model, 0.5, Options(round_to=1, recover="lsq", calib=CalibrationSource(data)))
     onnx.checker.check_model(pruned, full_check=True)
     assert all(np.all(np.isfinite(onnx.numpy_helper.to_array(i))) for i in pruned.graph.initializer)
     assert np.all(np.isfinite(run(pruned, samples(4))[0]))
@@ -223,7 +225,7 @@ def test_lsq_recovers_the_trained_model():
     model = onnx.load(DIGITS)
     feeds, labels = load_data(str(DIGITS.with_suffix("").with_suffix(".test.npz")), model)
     calib = DIGITS.with_suffix("").with_suffix(".calib.npz")
-    recovered, report = onnxprune.prune(model, 0.5, calib=calib, recover="lsq")
+    recovered, report = onnxprune.prune(model, 0.5, Options(recover="lsq", calib=CalibrationSource(calib)))
     assert report.macs_after < 0.3 * report.macs_before
     assert check(model, recovered, feeds, labels).accuracy_after >= 0.95
 
@@ -250,7 +252,8 @@ def test_regression_ranks_a_channel_without_contribution_first():
     w = onnx.numpy_helper.to_array(consumer).copy()
     w[:, 3] *= 1e-4  # channel 3 barely reaches the consumer's output
     consumer.CopyFrom(onnx.numpy_helper.from_array(w, consumer.name))
-    _, report = onnxprune.prune(model, 0.125, criterion="regression", round_to=1, calib=[samples()])
+    _, report = onnxprune.prune(model, 0.125, Options(criterion="regression", round_to=1,
+                                                      calib=CalibrationSource([samples()])))
     (kept,) = report.plan.keep.values()
     assert 3 not in kept and report.criterion_fallbacks == 0
 
@@ -268,7 +271,8 @@ def test_a_folder_of_images_reads_like_the_same_arrays(tmp_path):
     assert [len(b["input"]) for b in from_images] == [8, 8, 4]
     np.testing.assert_allclose(np.concatenate([b["input"] for b in from_images]),
                                pixels[:, None].astype(np.float32) / 255, atol=1e-6)
-    _, report = onnxprune.prune(model, 0.5, criterion="apoz", calib=tmp_path, preprocess="order=L")
+    _, report = onnxprune.prune(model, 0.5, Options(criterion="apoz",
+                                                    calib=CalibrationSource(tmp_path, preprocess="order=L")))
     assert report.calibration_samples == 20
 
 
@@ -323,10 +327,11 @@ def test_least_squares_rows_are_real_positions_only():
 
 
 def test_the_report_names_the_padding_mask():
-    pruned, report = onnxprune.prune(token_mlp(), 0.5, round_to=1, criterion="activation", recover="lsq",
-                                     calib=[padded_tokens(seed) for seed in range(3)])
+    calib = CalibrationSource([padded_tokens(seed) for seed in range(3)])
+    pruned, report = onnxprune.prune(token_mlp(), 0.5, Options(round_to=1, criterion="activation", recover="lsq",
+                                                               calib=calib))
     onnx.checker.check_model(pruned, full_check=True)
     assert report.padding_mask == "attention_mask" and report.to_dict()["padding_mask"] == "attention_mask"
     assert "positions where 'attention_mask' is 0 left out" in "\n".join(report.summary_lines())
-    _, plain = onnxprune.prune(relu_chain(), 0.5, criterion="activation", calib=[samples()])
+    _, plain = onnxprune.prune(relu_chain(), 0.5, Options(criterion="activation", calib=CalibrationSource([samples()])))
     assert plain.padding_mask is None

@@ -8,6 +8,7 @@ import pytest
 from builders import DIGITS, DIGITS_DATA, GraphBuilder, files, invoke, one_line_error, padded_tokens, token_mlp
 
 import onnxprune
+from onnxprune import CalibrationSource, Options
 from onnxprune.check import check
 from onnxprune.verify import run
 
@@ -18,8 +19,8 @@ REPORT_KEYS = {"samples", "data", "outputs", "accuracy_before", "accuracy_after"
 @pytest.fixture
 def pair(tmp_path):
     shutil.copy(DIGITS, tmp_path / "m.onnx")
-    pruned, _ = onnxprune.prune(onnx.load(DIGITS), 0.5, calib=DIGITS.with_suffix("").with_suffix(".calib.npz"),
-                                recover="lsq")
+    calib = CalibrationSource(DIGITS.with_suffix("").with_suffix(".calib.npz"))
+    pruned, _ = onnxprune.prune(onnx.load(DIGITS), 0.5, Options(recover="lsq", calib=calib))
     onnx.save(pruned, tmp_path / "p.onnx")
     return tmp_path
 
@@ -74,7 +75,7 @@ def test_multi_input_multi_output_integer_inputs_and_dynamic_batch():
     features = b.op("Flatten", [b.op("GlobalAveragePool", [b.conv_bn_relu(x, 3, 16)])])
     joint = b.op("Relu", [b.op("Add", [features, embedded])])
     model = b.model(b.gemm(joint, 16, 5), b.op("ArgMax", [joint], axis=1, keepdims=0))
-    pruned, _ = onnxprune.prune(model, 0.5, round_to=1)
+    pruned, _ = onnxprune.prune(model, 0.5, Options(round_to=1))
     feeds = {"x": np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32),
              "ids": np.random.default_rng(2).integers(0, 10, (6, 4))}
     report = check(model, pruned, feeds)
@@ -89,7 +90,7 @@ def test_multi_input_multi_output_integer_inputs_and_dynamic_batch():
 
 def test_macs_of_a_model_with_a_run_time_length_are_counted_at_the_data():
     model = token_mlp()
-    pruned, _ = onnxprune.prune(model, 0.5, round_to=1)
+    pruned, _ = onnxprune.prune(model, 0.5, Options(round_to=1))
     report = check(model, pruned, padded_tokens())
     assert report.model["macs"] == [6 * (8 * 16 + 16 * 4), 6 * (8 * 8 + 8 * 4)]  # one sample of 6 tokens
 

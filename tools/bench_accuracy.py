@@ -42,7 +42,9 @@ def main() -> None:
             cells = []
             for ratio in ratios:
                 start = time.perf_counter()
-                pruned, report = onnxprune.prune(model, ratio, Options(criterion=criterion, round_to=args.round_to, recover=recover, calib=CalibrationSource(CALIB)))
+                options = Options(criterion=criterion, round_to=args.round_to, recover=recover,
+                                  calib=CalibrationSource(CALIB))
+                pruned, report = onnxprune.prune(model, ratio, options)
                 result = check(model, pruned, feeds, labels)
                 cells.append(f"{result.accuracy_after:.4f} ({report.macs_after / report.macs_before:.0%} MACs, "
                              f"{time.perf_counter() - start:.1f} s)")

@@ -37,7 +37,9 @@ def main() -> None:
         for allocation, schedule in VARIANTS:
             cells = []
             for recover in recoveries:
-                pruned, report = onnxprune.prune(model, Target.macs(target), Options(allocation=allocation, schedule=schedule, steps=3, criterion=args.criterion, round_to=1, recover=recover, calib=CalibrationSource(CALIB)))
+                options = Options(allocation=allocation, schedule=schedule, steps=3, criterion=args.criterion,
+                                  round_to=1, recover=recover, calib=CalibrationSource(CALIB))
+                pruned, report = onnxprune.prune(model, Target.macs(target), options)
                 top1 = check(model, pruned, feeds, labels).accuracy_after
                 cells.append(f"{top1:.4f} ({report.macs_after / report.macs_before:.1%})")
             print(f"| {target} | {allocation} | {schedule} | " + " | ".join(cells) + " |", flush=True)

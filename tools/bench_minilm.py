@@ -158,7 +158,9 @@ def main() -> None:
         for recover in args.recover.split(","):
             for ratio in (float(r) for r in args.ratios.split(",")):
                 start = time.perf_counter()
-                pruned, report = onnxprune.prune(model, ratio, Options(criterion=criterion, recover=recover, round_to=args.round_to, exclude=tuple(args.exclude), calib=CalibrationSource(calib, size=args.calib_size)))
+                options = Options(criterion=criterion, recover=recover, round_to=args.round_to,
+                                  exclude=tuple(args.exclude), calib=CalibrationSource(calib, size=args.calib_size))
+                pruned, report = onnxprune.prune(model, ratio, options)
                 seconds = time.perf_counter() - start
                 emb = embed(pruned, eval_data, args.static)
                 cos = float((emb * reference).sum(1).mean())

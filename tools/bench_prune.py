@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 import onnxprune
+from onnxprune import Options
 from onnxprune.timing import measure_latency
 from onnxprune.testing.skeleton import materialize
 from onnxprune.verify import count_macs, random_feeds
@@ -38,7 +39,7 @@ def prune_times(model: onnx.ModelProto, repeats: int = 5) -> tuple[float, float]
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        onnxprune.prune(model, ratio=0.5)
+        onnxprune.prune(model, 0.5)
         times.append(time.perf_counter() - start)
     return times[0], statistics.median(times[1:])
 
@@ -65,7 +66,7 @@ def ratio_for_half_macs(model: onnx.ModelProto, round_to: int) -> float:
     low, high = 0.0, 0.95
     for _ in range(12):
         mid = (low + high) / 2
-        _, report = onnxprune.prune(model, ratio=mid, round_to=round_to)
+        _, report = onnxprune.prune(model, mid, Options(round_to=round_to))
         if report.macs_after > total / 2:
             low = mid
         else:
@@ -79,7 +80,7 @@ def bench_model(name: str, runs: int, round_tos: list[int], sweep: list[float]) 
     row = {"model": name, "prune_first_s": first, "prune_median_s": median, "cli_s": cli_time(model), "cases": []}
     for round_to in round_tos:
         cases = [("ratio 0.5", 0.5), ("half MACs", ratio_for_half_macs(model, round_to))]
-        cases += [("sweep", r) for r in sweep if round_to == onnxprune.api.DEFAULT_ROUND_TO]
+        cases += [("sweep", r) for r in sweep if round_to == onnxprune.options.DEFAULT_ROUND_TO]
         for label, ratio in cases:
             row["cases"].append(latency_case(model, label, ratio, round_to, runs))
             print(json.dumps({"model": name, **row["cases"][-1]}), flush=True)
@@ -87,7 +88,7 @@ def bench_model(name: str, runs: int, round_tos: list[int], sweep: list[float]) 
 
 
 def latency_case(model: onnx.ModelProto, label: str, ratio: float, round_to: int, runs: int) -> dict:
-    pruned, report = onnxprune.prune(model, ratio=ratio, round_to=round_to)
+    pruned, report = onnxprune.prune(model, ratio, Options(round_to=round_to))
     before, after = latency_pair(model, pruned, runs)
     mac_cut = report.macs_before / report.macs_after
     return {"target": label, "ratio": round(ratio, 4), "round_to": round_to, "mac_reduction": mac_cut,

@@ -36,7 +36,8 @@ def main() -> None:
         for round_to in map(int, args.round_to.split(",")):
             for target in args.targets.split(","):
                 start = time.perf_counter()
-                pruned, report = onnxprune.prune(model, Target(target.removeprefix("target_"), 0.5), Options(round_to=round_to))
+                pruned, report = onnxprune.prune(model, Target(target.removeprefix("target_"), 0.5),
+                                                 Options(round_to=round_to))
                 seconds = time.perf_counter() - start
                 before, after = latency_pair(model, pruned, args.runs)
                 widths = [g["kept"] for g in report.pruned_groups]

@@ -13,7 +13,6 @@ a small transformer built in code. Latency targets are left out: they are measur
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
