@@ -17,6 +17,7 @@ from .calibrate import with_outputs, mask_input, padding_of
 from .criteria import consumers
 from .groups import Analysis
 from .layers import Layer, add_to_bias, current_bias, real_positions, refittable
+from .verify import session
 
 log = logging.getLogger("onnxprune")
 
@@ -49,7 +50,6 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats,
 def output_error(model: onnx.ModelProto, original: onnx.ModelProto, batches, samples: int = 64) -> float:
     """Squared error of `model`'s outputs relative to the `original`'s energy, summed over outputs, on up to
     `samples` calibration samples (real positions only where the model has a padding mask)."""
-    from .verify import session
     first, second = session(original, threads=0), session(model, threads=0)
     mask, seen, error, energy = mask_input(original), 0, 0.0, 0.0
     for feed in batches:
@@ -124,7 +124,6 @@ def _layer_rows(pruned: onnx.ModelProto, original: onnx.ModelProto, layer: Layer
                 rng: np.random.Generator, positions: int, mask: str | None):
     """Per calibration batch, (features, targets): the pruned model's inputs to the layer as rows, and the original
     model's outputs of the layer (its kept channels) at the same positions."""
-    from .verify import session
     output, data = layer.node.output[0], layer.node.input[0]
     target_session = session(with_outputs(original, [output]), threads=0)
     input_session = session(with_outputs(pruned, [data]), threads=0)

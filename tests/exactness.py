@@ -13,7 +13,7 @@ from onnxprune.verify import check_valid, count_params, io_signature, random_fee
 
 
 def planned(model: onnx.ModelProto, ratio: float, criterion: str = "l1", round_to: int = 1,
-            exclude: tuple[str, ...] = ()) -> tuple[Prepared, object]:
+            exclude: tuple[str, ...] = ()) -> tuple[Prepared, Plan]:
     """The prepared model and the plan a data-free run at `ratio` would apply to it."""
     target, options = Target.ratio(ratio), Options(criterion=criterion, round_to=round_to, exclude=exclude)
     inputs = open_inputs(model, target, options)
