@@ -1,7 +1,7 @@
 """Show that a change of code changed no result: prune the same models with the same options at two revisions and
 compare the written models, plans and reports byte for byte.
 
-    python tools/same_results.py --against REV [--cases all|quick] [--keep DIR]
+    python tools/same_results.py --against REV [--cases all|quick] [--keep DIR] [--time resnet50,mobilenet_v2]
 
 The revision REV is checked out into a temporary git worktree; each revision runs every case through the CLI
 (`onnxprune IN.onnx ... -o OUT --report R --plan-out P`) in its own interpreter, and prints, per case, the SHA-256
@@ -9,6 +9,9 @@ of the pruned model, of the plan and of the report without its wall time. Exit 0
 Cases: the digits model with every criterion, allocation, recovery and schedule; every zoo skeleton (materialised
 with seed 0) at --ratio 0.5 and, for a few, with data-driven criteria and recovery on random calibration data;
 a small transformer built in code. Latency targets are left out: they are measured, not computed.
+With --time, the in-memory `prune(model, 0.5)` of those zoo models is also timed at both revisions (median of 5
+after a first call, the revisions alternating three times, the fastest median of each kept), so that a refactoring
+can show it costs no time.
 """
 from __future__ import annotations
 
@@ -100,6 +103,38 @@ print(json.dumps(results))
 '''
 
 
+TIMER = r'''
+import json, statistics, sys, time
+import onnx, onnxprune
+try:
+    from onnxprune.testing.skeleton import materialize
+except ImportError:
+    from onnxprune.skeleton import materialize
+medians = {}
+for name in sys.argv[1].split(","):
+    model = materialize(onnx.load(f"models/zoo/{name}.ts.onnx"), seed=0)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        onnxprune.prune(model, 0.5)
+        times.append(time.perf_counter() - start)
+    medians[name] = statistics.median(times[1:])
+print(json.dumps(medians))
+'''
+
+
+def prune_seconds(checkouts: tuple[Path, Path], models: str, rounds: int = 3) -> list[dict[str, float]]:
+    """Per checkout, the fastest of `rounds` medians of an in-memory prune, the checkouts alternating."""
+    best: list[dict[str, float]] = [{}, {}]
+    for _ in range(rounds):
+        for k, checkout in enumerate(checkouts):
+            done = subprocess.run([sys.executable, "-c", TIMER, models], cwd=checkout, stdout=subprocess.PIPE,
+                                  env=dict(os.environ, PYTHONPATH=str(checkout)), check=True, text=True)
+            for name, seconds in json.loads(done.stdout).items():
+                best[k][name] = min(seconds, best[k].get(name, seconds))
+    return best
+
+
 def cases(which: str) -> dict[str, tuple[str, list[str], int]]:
     """name -> (model path relative to the checkout, CLI arguments, random calibration samples or 0)."""
     found = {name: (DIGITS[0], args, 0) for name, args in DIGITS_CASES.items()}
@@ -170,6 +205,7 @@ def main() -> int:
     parser.add_argument("--against", required=True, help="git revision to compare the working tree with")
     parser.add_argument("--cases", choices=("all", "quick"), default="all")
     parser.add_argument("--keep", type=Path, help="keep the pruned models and reports here")
+    parser.add_argument("--time", metavar="MODELS", help="also time the in-memory prune of these zoo models")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
@@ -182,6 +218,7 @@ def main() -> int:
                 tiny_transformer(checkout / "tools" / "tiny_transformer.onnx")
             before = run_at(base, selected, work / "before")
             after = run_at(ROOT, selected, work / "after")
+            seconds = prune_seconds((base, ROOT), args.time) if args.time else None
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
             (ROOT / "tools" / "tiny_transformer.onnx").unlink(missing_ok=True)
@@ -190,6 +227,9 @@ def main() -> int:
         mark = "DIFFERS" if name in differ else "same"
         print(f"{mark:8} {name:45} {after.get(name)}" + (f"\n{'':8} was {before.get(name)}" if name in differ else ""))
     print(f"{len(selected) - len(differ)} of {len(selected)} cases give the same model, plan and report")
+    for name in (seconds[0] if seconds else {}):
+        old, new = seconds[0][name], seconds[1][name]
+        print(f"prune {name} in memory: {old:.3f} s at {args.against}, {new:.3f} s now ({new / old:.2f}x)")
     return 1 if differ else 0
 
 
