@@ -116,8 +116,9 @@ def reader_batches(reader: object, size: int | None) -> Iterator[Feed]:
         seen += len(next(iter(feed.values()))) if feed else 0
 
 
-def check_feed(feed: Feed, specs: list[InputSpec]) -> Feed:
-    """Names, ranks, static sizes and dtypes of one batch; a one-line error names the input and the expected shape."""
+def check_feed(feed: Feed, specs: list[InputSpec], first_sample: int = 0) -> Feed:
+    """Names, ranks, static sizes, dtypes and finite values of one batch (whose first sample is `first_sample` of
+    the data); a one-line error names the input and the expected shape, or the first sample holding NaN or Inf."""
     if not isinstance(feed, dict):
         raise OnnxPruneError(f"calibration batch is a {type(feed).__name__}, expected a dict of input arrays")
     checked = {}
@@ -133,9 +134,50 @@ def check_feed(feed: Feed, specs: list[InputSpec]) -> Feed:
         if value.dtype != spec.dtype:
             if not (np.issubdtype(value.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)):
                 raise OnnxPruneError(f"calibration input '{spec.name}' is {value.dtype}, expected {spec.dtype}")
-            value = value.astype(spec.dtype)
+            with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf, rejected below
+                value = value.astype(spec.dtype)
         checked[spec.name] = value
-    return checked
+    return reject_nonfinite(checked, "calibration", first_sample)
+
+
+def reject_nonfinite(arrays: dict[str, np.ndarray], what: str, first_sample: int = 0) -> dict[str, np.ndarray]:
+    """`arrays` (samples on axis 0) unchanged if every floating-point value is finite, else a one-line error naming
+    the input and the first sample with a NaN or an Inf (counted from `first_sample`)."""
+    for name, value in arrays.items():
+        bad = _nonfinite(np.asarray(value))
+        if bad is None:
+            continue
+        per_sample = bad.reshape(len(bad), -1).any(axis=1) if bad.ndim else bad.reshape(1)
+        index = int(np.argmax(per_sample))
+        sample = np.asarray(value)[index] if bad.ndim else np.asarray(value)
+        kind = "NaN" if np.isnan(sample).any() else "Inf"
+        raise OnnxPruneError(f"{what} input '{name}' has {kind} at sample {first_sample + index}")
+    return arrays
+
+
+def _nonfinite(value: np.ndarray) -> np.ndarray | None:
+    """Where a floating-point array is NaN or Inf; None when it is all finite (or not floating point)."""
+    if value.dtype.kind in "biuSUOM":
+        return None
+    try:
+        finite = np.isfinite(value)
+    except TypeError:
+        return None
+    return None if finite.all() else ~finite
+
+
+def checked_feeds(feeds: Iterable[Feed], specs: list[InputSpec]) -> Iterator[Feed]:
+    """`check_feed` on each batch, counting samples so that an error names the first bad sample of the data."""
+    seen = 0
+    for feed in feeds:
+        checked = check_feed(feed, specs, seen)
+        yield checked
+        seen += batch_length(checked)
+
+
+def batch_length(feed: Feed) -> int:
+    """Samples in a batch: the first axis of its first input that has one (1 for a batch of scalars)."""
+    return next((len(v) for v in feed.values() if np.ndim(v)), 1)
 
 
 def calibration_batches(source: object, model: onnx.ModelProto, size: int | None = None,
@@ -177,7 +219,7 @@ class Calibration:
         if source.folder is None and isinstance(source.data, (str, os.PathLike)):
             self._arrays = load_arrays(source.data, self.specs)
         elif source.folder is None and replayable:
-            self._kept = [check_feed(f, self.specs) for f in reader_batches(source.data, source.size)]
+            self._kept = list(checked_feeds(reader_batches(source.data, source.size), self.specs))
         elif source.folder is None:
             self._reader = reader_batches(source.data, source.size)
 
@@ -194,7 +236,7 @@ class Calibration:
             batches = image_batches(self.source.folder, self.specs, size, batch_size, self.source.images)
         else:
             batches = self._stream(size)
-        return (check_feed(feed, self.specs) for feed in batches)
+        return checked_feeds(batches, self.specs)
 
     def _stream(self, size: int) -> Iterator[Feed]:
         reader, self._reader = self._reader, None
@@ -341,7 +383,8 @@ class ChannelStats:
             if real_only is not value:
                 value, axis = real_only, axis - 1
         moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1).astype(np.float64)
-        sums = (np.count_nonzero(moved == 0, axis=1), moved.sum(1), np.abs(moved).sum(1), (moved ** 2).sum(1))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as Inf, refused by `finite`
+            sums = (np.count_nonzero(moved == 0, axis=1), moved.sum(1), np.abs(moved).sum(1), (moved ** 2).sum(1))
         if self.zeros is None:
             self.zeros, self.total, self.abs_total, self.squares = (np.zeros(len(moved)) for _ in range(4))
         self.zeros += sums[0]
@@ -349,6 +392,11 @@ class ChannelStats:
         self.abs_total += sums[2]
         self.squares += sums[3]
         self.count += moved.shape[1]
+
+    @property
+    def finite(self) -> bool:
+        """No sum holds a NaN or an Inf (nothing seen counts as finite)."""
+        return self.total is None or all(np.isfinite(s).all() for s in (self.total, self.abs_total, self.squares))
 
     @property
     def zero_fraction(self) -> np.ndarray:
@@ -390,17 +438,35 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
             outputs = dict(zip(names, sess.run(names, feed)))
         except Exception as exc:
             raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
-        real = padding_of(feed, stats.mask)
-        for (tensor, axis), channel_stats in stats.channels.items():
-            channel_stats.update(outputs[tensor], axis, real)
-        for accumulator in extra.values():
-            accumulator.update(outputs, real)
+        accumulate(stats, outputs, padding_of(feed, stats.mask))
         stats.batches += 1
         stats.samples += len(next(iter(feed.values())))
         progress.show(f"calibrating: {stats.batches} batches, {stats.samples} samples")
     progress.close()
     if stats.batches == 0:
         raise OnnxPruneError("calibration data holds no samples")
+    return require_finite_statistics(stats)
+
+
+def accumulate(stats: Statistics, outputs: dict[str, np.ndarray], real: np.ndarray | None) -> None:
+    """Add one batch's probed tensors to the statistics; numpy's overflow warnings are silenced, since an overflow
+    leaves an Inf that `require_finite_statistics` reports in one line."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        for (tensor, axis), channel_stats in stats.channels.items():
+            channel_stats.update(outputs[tensor], axis, real)
+        for accumulator in stats.extra.values():
+            accumulator.update(outputs, real)
+
+
+def require_finite_statistics(stats: Statistics) -> Statistics:
+    """`stats` if every sum is finite; else a one-line error naming the tensor (finite calibration data can still
+    drive a model's activations to Inf or NaN)."""
+    bad = [tensor for (tensor, _), channel_stats in stats.channels.items() if not channel_stats.finite]
+    bad += [", ".join(acc.tensors) for acc in stats.extra.values()
+            if getattr(acc, "gram", None) is not None and not np.isfinite(acc.gram).all()]
+    if bad:
+        raise OnnxPruneError(f"calibration statistics of '{bad[0]}' are not finite: the model's activations "
+                             "overflow or are NaN on the calibration data")
     return stats
 
 

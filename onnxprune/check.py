@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import LABEL_KEYS, arrays_for_inputs, batch_step, input_specs
+from .calibrate import LABEL_KEYS, arrays_for_inputs, batch_step, input_specs, reject_nonfinite
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import tensor_bytes
 from .timing import measure_latency
@@ -74,7 +74,7 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels: str | None = Non
     except Exception as exc:
         raise OnnxPruneError(f"cannot read data {path}: {first_line(exc)}") from None
     found = _labels(data, labels)
-    return arrays_for_inputs(data, input_specs(model), f"data {path}"), found
+    return reject_nonfinite(arrays_for_inputs(data, input_specs(model), f"data {path}"), f"data {path}"), found
 
 
 def _labels(data: dict[str, np.ndarray], labels: str | None) -> np.ndarray | None:
