@@ -28,7 +28,7 @@ from .latency import counts_for_latency
 from .layers import refittable
 from .options import Options, Target, needs_calibration
 from .plan_io import plan_to_dict, read_plan
-from .recover import recover_bias, recover_lsq
+from .recover import recover_bias, recover_lsq, require_finite_weights
 from .regression import ContributionGram
 from .report import PruneReport, channel_groups, frozen_reasons
 from .sensitivity import sensitivity_counts, sensitivity_curves
@@ -216,6 +216,7 @@ def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target,
     original = copy.deepcopy(inputs.model) if options.recover != "none" else None
     pruned = apply_plan(inputs.model, inputs.analysis, choice.plan)
     recovered = recover(pruned, original, inputs, choice.plan, options, choice.stats)
+    require_finite_weights(pruned, inputs.analysis, choice.plan, options.recover)
     report = build_report(inputs, target, options, choice, pruned, before)
     report.recovered_layers, report.seconds = recovered, time.perf_counter() - start
     return pruned, report

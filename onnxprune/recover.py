@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from .allocate import Plan
 from .calibrate import with_outputs, mask_input, padding_of
 from .criteria import consumers
+from .errors import OnnxPruneError
 from .groups import Analysis
 from .layers import Layer, add_to_bias, current_bias, real_positions, refittable
 from .verify import session
@@ -39,9 +40,9 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats,
         changed += _add_bias(trial, layer, delta if kept is None else delta[kept])
     if changed and original is not None:
         before, after = (output_error(m, original, batches()) for m in (pruned, trial))
-        if after >= before:
-            log.warning("bias recovery left out: it made the outputs on calibration data worse "
-                        "(relative squared error %.4f -> %.4f)", before, after)
+        if not (after < before):  # also refuses a NaN error
+            log.warning("bias recovery left out: it did not bring the outputs on calibration data closer to the "
+                        "original's (relative squared error %.4f -> %.4f)", before, after)
             return 0
         pruned.CopyFrom(trial)
     return changed
@@ -56,7 +57,8 @@ def output_error(model: onnx.ModelProto, original: onnx.ModelProto, batches, sam
         real = padding_of(feed, mask)
         for a, b in zip(first.run(None, feed), second.run(None, feed)):
             a, b = real_positions(a, real).astype(np.float64), real_positions(b, real).astype(np.float64)
-            error, energy = error + float(np.sum((a - b) ** 2)), energy + float(np.sum(a ** 2))
+            with np.errstate(over="ignore", invalid="ignore"):  # NaN or Inf outputs give a NaN or Inf error
+                error, energy = error + float(np.sum((a - b) ** 2)), energy + float(np.sum(a ** 2))
         seen += len(next(iter(feed.values())))
         if seen >= samples:
             break
@@ -84,7 +86,37 @@ def _add_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
     if layer.bias is None:
         log.warning("bias recovery skipped for %s '%s': no bias to adjust", layer.node.op_type, layer.node.name)
         return 0
+    if not np.all(np.isfinite(delta)):
+        log.warning("bias recovery skipped for %s '%s': the removed channels' mean contribution is not finite",
+                    layer.node.op_type, layer.node.name)
+        return 0
     return add_to_bias(model, layer, delta)
+
+
+def require_finite_weights(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, recovery: str) -> None:
+    """Before the model is written: the tensors recovery may have computed (weight and bias of every layer that lost
+    input channels) hold no NaN or Inf, else a one-line error. Surgery only slices the input's tensors, so without
+    recovery nothing new was computed and nothing is read (a model's own -Inf masks stay as they are)."""
+    if recovery == "none":
+        return
+    inits = {i.name: i for i in pruned.graph.initializer}
+    for name in _recovered_tensors(pruned, refit_layers(analysis, plan)):
+        if name in inits and _nonfinite_values(numpy_helper.to_array(inits[name])):
+            raise OnnxPruneError(f"{recovery} recovery left NaN or Inf in '{name}'; the pruned model is not written")
+
+
+def _recovered_tensors(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+    """The weight and the bias tensor (where there is one now) of each layer."""
+    nodes = {n.name: n for n in model.graph.node}
+    names = [layer.weight for layer in layers]
+    for site in (layer.bias for layer in layers if layer.bias is not None and layer.bias.node in nodes):
+        inputs = nodes[site.node].input
+        names += [inputs[site.input]] if site.input < len(inputs) and inputs[site.input] else []
+    return names
+
+
+def _nonfinite_values(array: np.ndarray) -> bool:
+    return array.dtype.kind in "fc" and not np.isfinite(array).all()
 
 
 # ------------------------------------------------------------------------------------------------ least squares
@@ -196,12 +228,42 @@ def _apply_fit(model: onnx.ModelProto, layer: Layer, system: _NormalEquations, r
     else:
         current = np.concatenate([as_rows, bias[None, :]], axis=0)
     fitted = system.solve(ridge)
-    if fitted is None or not np.all(np.isfinite(fitted)) or system.error(fitted) >= system.error(current):
+    lowers = _lowers_error(system, fitted, current)
+    update = _fitted_update(layer, fitted, weight, bias, len(as_rows)) if lowers else None
+    if update is None:
         log.info("least-squares recovery kept %s '%s' as it was", layer.node.op_type, layer.node.name)
         return 0
-    rows = fitted[:as_rows.shape[0]]
-    inits[layer.weight].CopyFrom(numpy_helper.from_array(layer.rows_to_weight(rows, weight).astype(weight.dtype),
-                                                         layer.weight))
-    if len(fitted) > len(rows):
-        add_to_bias(model, layer, (fitted[-1] - bias).astype(np.float32))
+    new_weight, bias_delta = update
+    inits[layer.weight].CopyFrom(numpy_helper.from_array(new_weight, layer.weight))
+    if bias_delta is not None:
+        add_to_bias(model, layer, bias_delta)
     return 1
+
+
+def _fitted_update(layer: Layer, fitted: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                   features: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The fitted weight in the model's type and the change of the bias (None when fitted without one); None where
+    a value becomes NaN or Inf once cast (a fit beyond the type's range)."""
+    new_weight = _cast(layer.rows_to_weight(fitted[:features], weight), weight.dtype)
+    with_bias = len(fitted) > features
+    bias_delta = _cast(fitted[-1] - bias, np.dtype(np.float32)) if with_bias else None
+    if new_weight is None or (with_bias and bias_delta is None):
+        return None
+    return new_weight, bias_delta
+
+
+def _cast(weight: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """`weight` in the model's type, or None where a value is NaN or Inf there (a fit that overflows the type)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = weight.astype(dtype)
+    return cast if np.all(np.isfinite(cast)) else None
+
+
+def _lowers_error(system: _NormalEquations, fitted: np.ndarray | None, current: np.ndarray) -> bool:
+    """The fit is finite and lowers the layer's error on the calibration data: `after < before` is false for a NaN
+    error as well as for a worse one."""
+    if fitted is None or not np.all(np.isfinite(fitted)):
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        before, after = system.error(current), system.error(fitted)
+    return bool(after < before)
