@@ -21,7 +21,8 @@ from .options import DEFAULT_ROUND_TO, SCHEDULES, Options, Target, validate
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
 from .errors import OnnxPruneError, UsageError, first_line
-from .graph import check_writable, load_model, save_model
+from .files import Named, atomic_path, check_paths, write_text
+from .graph import EXTERNAL_DATA_ABOVE, external_data_files, external_data_path, load_model, save_model
 from .check import CheckReport, check as check_models, load_data
 
 
@@ -151,9 +152,9 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
                       recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
                       quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess))
     validate(target, options)
-    output = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
-                                       else model.name + ".pruned.onnx")
-    _check_paths(model, output, report, plan_out, latency_table)
+    output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
+                                             ("--plan-in", plan_in), ("--latency-table", latency_table)],
+                             [("--report", report), ("--plan-out", plan_out), ("--latency-table", latency_table)])
     original = load_model(model)
     if data:
         load_data(data, original, labels)  # bad data fails before the work
@@ -203,24 +204,41 @@ def _print_summary(result, gate: CheckReport | None, quiet: bool) -> None:
             click.echo(line)
 
 
-def _check_paths(model: Path, output: Path, report: Path | None, plan_out: Path | None,
-                 latency_table: Path | None = None) -> None:
-    if not model.exists():
+def _check_files(models: list[Named], reads: list[Named], writes: list[Named]) -> None:
+    """Before any work, for every command: the input models exist, and no output is a file the run reads (the
+    models, their external data, the other inputs) or another output, and each can be written (files.check_paths)."""
+    check_paths([named for what, model in models for named in _model_files(what, model)] + reads, writes)
+
+
+def _checked_output(model: Path, output: Path | None, reads: list[Named], writes: list[Named]) -> Path:
+    """prune's output (default IN.pruned.onnx beside the input), once _check_files finds no clash. The external-data
+    file save_model writes beside a model over 2 GB counts only if the input is that big: pruning removes weights."""
+    path = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
+                                     else model.name + ".pruned.onnx")
+    inputs = _model_files("the input model", model)
+    writes = [("-o" if output else "the output", path), *writes]
+    if sum(os.path.getsize(f) for _, f in inputs if os.path.isfile(f)) > EXTERNAL_DATA_ABOVE:
+        writes.append(("the output's external data", external_data_path(path)))
+    check_paths(inputs + reads, writes)
+    return path
+
+
+def _model_files(what: str, model: Path) -> list[Named]:
+    """An input model and the files its weights are kept in; a missing model is refused here, before any work."""
+    if not os.path.exists(model):
         raise OnnxPruneError(f"model not found: {model}")
-    if not model.is_file():
+    if not os.path.isfile(model):
         raise OnnxPruneError(f"not a file: {model}")
-    for path, what in ((output, "-o"), (report, "--report"), (plan_out, "--plan-out"),
-                       (latency_table, "--latency-table")):
-        if path is not None and os.path.realpath(path) == os.path.realpath(model):
-            raise UsageError(f"{what} must not be the input model")
-        if path is not None:
-            check_writable(path)
+    return [(what, model)] + [(f"{what}'s external data", data) for data in external_data_files(model)]
+
+
+def _labels_file(labels: str | None) -> Path | None:
+    """--labels as a file (it may also name an array in --data)."""
+    return Path(labels) if labels is not None and os.path.isfile(labels) else None
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=_jsonable))
 
 
 def _jsonable(value: object) -> object:
@@ -236,8 +254,7 @@ def _jsonable(value: object) -> object:
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only channel groups.")
 def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_all: bool) -> None:
     """Print MODEL's channel groups (what would be pruned together, and what is frozen and why); change nothing."""
-    if json_path is not None:
-        check_writable(json_path)
+    _check_files([("the input model", model)], [], [("--json", json_path)])
     analysis = api.analyze(load_model(model), exclude)
     groups = [g for g in analysis.groups if show_all or (g.is_channel_group and g.size >= 2)]
     for g in groups:
@@ -267,9 +284,7 @@ def sensitivity_command(model: Path, calib: Path | None, preprocess: str | None,
                                                                                   preprocess))
     if calib is None:
         raise UsageError("sensitivity needs calibration data (--calib)")
-    for path in (json_path, plot):
-        if path is not None:
-            check_writable(path)
+    _check_files([("the input model", model)], [("--calib", calib)], [("--json", json_path), ("--plot", plot)])
     if plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')")
@@ -297,9 +312,8 @@ def _plot(curves: dict, path: Path) -> None:
     axes.set_yscale("log")
     axes.legend(fontsize=6, ncol=2)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path, "plot") as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
 
 
 @cli.command("check")
@@ -310,8 +324,8 @@ def _plot(curves: dict, path: Path) -> None:
 def check_command(original: Path, pruned: Path, data: Path | None, labels: str | None, min_agreement: float | None,
                   max_drop: float | None, latency: bool, threads: int, json_path: Path | None) -> None:
     """Compare PRUNED with ORIGINAL in onnxruntime; exit 0 within the thresholds, 1 when one fails."""
-    if json_path is not None:
-        check_writable(json_path)
+    _check_files([("the original model", original), ("the pruned model", pruned)],
+                 [("--data", data), ("--labels", _labels_file(labels))], [("--json", json_path)])
     first, second = load_model(original), load_model(pruned)
     gate = _run_check(first, second, data, labels, min_agreement, max_drop, latency, threads)
     for line in gate.summary_lines():

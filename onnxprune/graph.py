@@ -9,14 +9,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
+from . import files
 from .errors import OnnxPruneError, first_line
 
 log = logging.getLogger("onnxprune")
@@ -72,28 +72,54 @@ def ai_onnx_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the target folder, then rename, so a failure leaves no partial file.
+EXTERNAL_DATA_ABOVE = 2**31 - 2**28  # bytes of weights above which a model is saved with external data
 
-    Models over 2 GB are written with their weights in one external-data file beside the model.
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write the model atomically (files.atomic_path: the target is the old file or the complete new one).
+
+    Models over 2 GB are written with their weights in one external-data file beside the model, `OUT.onnx.data`;
+    that file is written atomically too, and renamed into place just before the model.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    if tensor_bytes(model) > EXTERNAL_DATA_ABOVE:
+        _save_with_external_data(model, files.resolve(path))
+    else:
+        files.write_bytes(path, model.SerializeToString())
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where save_model puts the weights of a model over 2 GB saved to `path`."""
+    target = files.resolve(path)
+    return target.with_name(target.name + ".data")
+
+
+def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
+    """The weights go to a temporary file under a temporary location, which the model then names by its final
+    name; the proto is changed in place (its weights leave it), as onnx.save_model does."""
+    data = external_data_path(target)
+    with files.atomic_path(target) as tmp_model, files.atomic_path(data) as tmp_data:
+        external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
+                                                            location=tmp_data.name, size_threshold=1024)
+        external_data_helper.write_external_data_tensors(model, str(tmp_data.parent))
+        for tensor in external_data_helper._get_all_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        with open(tmp_model, "wb") as handle:
+            handle.write(model.SerializeToString())
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files an ONNX file's weights are kept in, read without the weights; none for a file that does not parse
+    (load_model then says why)."""
     try:
-        if tensor_bytes(model) > 2**31 - 2**28:
-            data_name = target.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            with open(tmp, "wb") as fh:
-                fh.write(model.SerializeToString())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf raises several unrelated types on corrupt input
+        return []
+    folder = Path(path).parent
+    return sorted({folder / entry.value for tensor in external_data_helper._get_all_tensors(model)
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -103,18 +129,6 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
         itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
         total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
     return total
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail early, before any work, when the output cannot be written."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise OnnxPruneError(f"output is a directory: {target}")
-    if not folder.is_dir():
-        raise OnnxPruneError(f"cannot write {target}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise OnnxPruneError(f"cannot write {target}: permission denied")
 
 
 # ----------------------------------------------------------------------------------------------- normalisation

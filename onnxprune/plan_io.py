@@ -13,6 +13,7 @@ import numpy as np
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
+from .files import write_text
 from .groups import Analysis, Group
 
 FORMAT = "onnxprune-plan/1"
@@ -35,14 +36,11 @@ def plan_to_dict(plan: Plan, analysis: Analysis) -> dict:
 
 
 def write_plan_dict(path: str | Path, data: dict) -> None:
-    """Compact JSON, one initializer or group per line; written to a temporary file, then renamed."""
-    target = Path(path)
+    """Compact JSON, one initializer or group per line; written atomically (files.write_text)."""
     lines = [f'{{"format": "{data["format"]}",', '"initializers": {']
     lines.append(",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in data["initializers"].items()))
     lines += ["},", '"groups": [', ",\n".join(json.dumps(g) for g in data["groups"]), "]}"]
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(target)
+    write_text(path, "\n".join(lines) + "\n", "plan")
 
 
 def read_plan(path: str | Path, analysis: Analysis) -> Plan:

@@ -8,6 +8,7 @@ import os
 import platform
 
 from ..errors import UsageError, first_line
+from ..files import write_text
 
 log = logging.getLogger("onnxprune")
 
@@ -51,15 +52,10 @@ class LatencyCache:
         return cls(entries)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the measurements atomically (a run stopped midway leaves the old file), for later runs here."""
+        """Write the measurements atomically (files.write_text: a run stopped midway leaves the old file), for later
+        runs here."""
         data = {"machine": machine(), "entries": dict(sorted(self.entries.items()))}
-        tmp = f"{path}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=0)
-            os.replace(tmp, path)
-        except OSError as err:
-            raise UsageError(f"cannot write latency table {path}: {err.strerror or err}") from None
+        write_text(path, json.dumps(data, indent=0), "latency table")
 
 
 def machine() -> str:
