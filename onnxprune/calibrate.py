@@ -301,7 +301,26 @@ class Preprocess:
             except ValueError:
                 raise UsageError(f"bad --preprocess item '{item}' (keys: resize, crop, scale, mean, std, "
                                  f"layout=NCHW|NHWC, order=RGB|BGR|L)") from None
-        return cls(**fields)
+        return cls(**fields).checked()
+
+    def checked(self) -> "Preprocess":
+        """This preprocessing if its values can make an image an input; else a usage error naming the value."""
+        for key in ("resize", "crop"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UsageError(f"--preprocess {key}={value}: a size must be at least 1 pixel")
+        if not np.isfinite(np.array([self.scale, *self.mean, *self.std])).all():
+            raise UsageError("--preprocess scale, mean and std must be finite numbers")
+        if self.scale == 0:
+            raise UsageError("--preprocess scale=0 would make every image the same input")
+        if 0 in self.std:
+            raise UsageError(f"--preprocess std={':'.join(map(str, self.std))}: a std of 0 divides by zero")
+        channels = 1 if self.order == "L" else 3
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in {1, channels}:
+                raise UsageError(f"--preprocess {key} has {len(getattr(self, key))} values; order={self.order} "
+                                 f"images take {' or '.join(map(str, sorted({1, channels})))}")
+        return self
 
 
 def image_batches(folder: Path, specs: list[InputSpec], size: int | None, batch_size: int,

@@ -138,7 +138,7 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
               help="Training-free recovery on the calibration data: bias = fold the removed channels' mean "
                    "contribution into the next layer's bias; lsq = re-fit the next layers by least squares.")
 @calibration_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None,
           latency_table: Path | None, allocation: str, schedule: str, steps: int,

@@ -111,6 +111,8 @@ def _validate_choices(options: Options) -> None:
         raise UsageError(f"unknown schedule '{options.schedule}' (choose from {', '.join(SCHEDULES)})")
     if options.steps < 1:
         raise UsageError(f"steps must be at least 1, got {options.steps}")
+    if options.seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {options.seed}")
 
 
 def _data_user(target: Target, options: Options) -> str:

@@ -44,25 +44,71 @@ def write_plan_dict(path: str | Path, data: dict) -> None:
 
 
 def read_plan(path: str | Path, analysis: Analysis) -> Plan:
-    """The plan in `path`, checked against this model's groups."""
+    """The plan in `path`, checked for its structure (one line naming what is wrong) and against this model's
+    groups."""
+    data = _load_plan(path)
+    by_key = {_group_key(g): g for g in analysis.groups}
+    plan = Plan()
+    for position, entry in enumerate(data["groups"]):
+        _check_entry(entry, f"plan {path}: group {position}")
+        group = by_key.get(tuple(tuple(w) for w in entry["weights"]))
+        if group is None or group.size != entry["channels"]:
+            raise OnnxPruneError(f"plan {path} does not match this model (a group of {entry['channels']} channels "
+                                 f"over {entry['weights'][0][0]} is not found)")
+        if group.id in plan.keep:
+            raise OnnxPruneError(f"plan {path} lists the group of {group.size} channels over "
+                                 f"{entry['weights'][0][0]} twice")
+        keep = np.array(sorted(entry["keep"]), dtype=np.int64)
+        if not group.prunable or not len(keep):
+            raise OnnxPruneError(f"plan {path} keeps channels that group {group.id} cannot keep")
+        plan.keep[group.id] = keep
+    return plan
+
+
+def _load_plan(path: str | Path) -> dict:
+    """The plan file's JSON, with its format and a list of groups."""
     try:
         data = json.loads(Path(path).read_text())
     except Exception as exc:
         raise OnnxPruneError(f"cannot read plan {path}: {first_line(exc)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise OnnxPruneError(f"{path} is not an onnxprune plan ({FORMAT})")
-    by_key = {_group_key(g): g for g in analysis.groups}
-    plan = Plan()
-    for entry in data.get("groups", []):
-        group = by_key.get(tuple(tuple(w) for w in entry["weights"]))
-        if group is None or group.size != entry["channels"]:
-            raise OnnxPruneError(f"plan {path} does not match this model (a group of {entry['channels']} channels "
-                                 f"over {entry['weights'][0][0]} is not found)")
-        keep = np.array(sorted(entry["keep"]), dtype=np.int64)
-        if not group.prunable or not len(keep) or keep.min() < 0 or keep.max() >= group.size:
-            raise OnnxPruneError(f"plan {path} keeps channels that group {group.id} cannot keep")
-        plan.keep[group.id] = keep
-    return plan
+    if not isinstance(data.get("groups"), list):
+        raise OnnxPruneError(f"plan {path}: 'groups' is {'missing' if 'groups' not in data else 'not a list'}")
+    return data
+
+
+def _check_entry(entry: object, where: str) -> None:
+    """One group of a plan: an object with `weights` (a list of [tensor, axis, offset, inner]), `channels` (a
+    positive integer) and `keep` (distinct channel indices below `channels`)."""
+    if not isinstance(entry, dict):
+        raise OnnxPruneError(f"{where} is not an object")
+    missing = [key for key in ("weights", "channels", "keep") if key not in entry]
+    if missing:
+        raise OnnxPruneError(f"{where} has no '{missing[0]}'")
+    weights, channels, keep = entry["weights"], entry["channels"], entry["keep"]
+    if not _is_int(channels) or channels < 1:
+        raise OnnxPruneError(f"{where}: 'channels' is not a positive integer")
+    if not isinstance(weights, list) or not weights or not all(_is_weight_key(w) for w in weights):
+        raise OnnxPruneError(f"{where}: 'weights' is not a list of [tensor, axis, offset, inner]")
+    if not isinstance(keep, list) or not all(_is_int(i) for i in keep):
+        raise OnnxPruneError(f"{where}: 'keep' is not a list of integers")
+    outside = [i for i in keep if not 0 <= i < channels]
+    if outside:
+        raise OnnxPruneError(f"{where}: 'keep' has channel {outside[0]}, outside 0..{channels - 1}")
+    seen: set[int] = set()
+    twice = [i for i in keep if i in seen or seen.add(i)]
+    if twice:
+        raise OnnxPruneError(f"{where}: 'keep' lists channel {twice[0]} twice")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_weight_key(value: object) -> bool:
+    return (isinstance(value, list) and len(value) == 4 and isinstance(value[0], str)
+            and all(_is_int(v) for v in value[1:]))
 
 
 def plan_from_initializers(analysis: Analysis, kept: dict[str, dict[str, np.ndarray]]) -> Plan:
