@@ -146,6 +146,9 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
         for features, target in _layer_rows(pruned, original, layer, _kept_outputs(layer, analysis, plan), batches(),
                                             np.random.default_rng(position), positions, mask):
             system.add(features, target)
+        if not system.finite:
+            raise OnnxPruneError(f"least-squares statistics of '{layer.node.input[0]}' are not finite: the model's "
+                                 "activations overflow or are NaN on the calibration data")
         changed += _apply_fit(pruned, layer, system, ridge)
         if not quiet:
             log.info("recovered %s (%d/%d)", layer.node.name, position + 1, len(layers))
@@ -190,9 +193,16 @@ class _NormalEquations:
         if self.gram is None:
             self.gram = np.zeros((features.shape[1],) * 2)
             self.cross = np.zeros((features.shape[1], target.shape[1]))
-        self.gram += features.T @ features
-        self.cross += features.T @ target
-        self.target_energy += float((target ** 2).sum())
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow leaves an Inf, refused by `finite`
+            self.gram += features.T @ features
+            self.cross += features.T @ target
+            self.target_energy += float((target ** 2).sum())
+
+    @property
+    def finite(self) -> bool:
+        """Nothing seen, or sums without NaN or Inf."""
+        return self.gram is None or bool(np.isfinite(self.gram).all() and np.isfinite(self.cross).all()
+                                         and np.isfinite(self.target_energy))
 
     def drop_bias(self) -> None:
         self.gram, self.cross = self.gram[:-1, :-1], self.cross[:-1]

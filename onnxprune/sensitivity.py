@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .allocate import MacModel, keep_count, plan_from_counts
+from .errors import OnnxPruneError
 from .groups import Analysis
 from .surgery import apply_plan
 from .verify import session
@@ -23,7 +24,7 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
                        ratios: tuple[float, ...] = CANDIDATE_RATIOS) -> dict[int, list[dict]]:
     """Per prunable group: for each candidate ratio, the channels kept, the MACs saved and the damage (relative
     squared error of all outputs against the original, on `feeds`)."""
-    reference = _outputs(model, feeds)
+    reference = _require_finite(model, _outputs(model, feeds))
     full = mac_model.cost({})
     curves: dict[int, list[dict]] = {}
     for position, group in enumerate(analysis.prunable):
@@ -49,8 +50,20 @@ def _outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list
             for k in range(len(model.graph.output))]
 
 
+def _require_finite(model: onnx.ModelProto, outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs on the calibration data, refused in one line where they hold NaN or Inf: no damage could
+    be measured against them."""
+    for value, output in zip(outputs, model.graph.output):
+        if not np.isfinite(value).all():
+            raise OnnxPruneError(f"the model's output '{output.name}' is not finite on the calibration data: its "
+                                 "activations overflow or are NaN there")
+    return outputs
+
+
 def _damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    return float(np.mean([np.sum((o - r) ** 2) / max(np.sum(r ** 2), 1e-30) for r, o in zip(reference, outputs)]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.mean([np.sum((o - r) ** 2) / max(np.sum(r ** 2), 1e-30)
+                              for r, o in zip(reference, outputs)]))
 
 
 def sensitivity_counts(analysis: Analysis, curves: dict[int, list[dict]], mac_model: MacModel,
