@@ -98,8 +98,9 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
     name; the proto is changed in place (its weights leave it), as onnx.save_model does."""
     data = external_data_path(target)
     with files.atomic_path(target) as tmp_model, files.atomic_path(data) as tmp_data:
-        external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
-                                                            location=tmp_data.name, size_threshold=1024)
+        for tensor in external_data_helper._get_initializer_tensors(model):  # not convert_model_to_external_data:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:  # it refuses a location that exists
+                external_data_helper.set_external_data(tensor, tmp_data.name)  # relative to the working folder
         external_data_helper.write_external_data_tensors(model, str(tmp_data.parent))
         for tensor in external_data_helper._get_all_tensors(model):
             for entry in tensor.external_data:
