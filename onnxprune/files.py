@@ -152,7 +152,7 @@ def _mode_for(target: Path) -> int:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    mask = os.umask(0o077)  # reading the umask means setting it (strictly, for that instant); it is put back
     os.umask(mask)
     return mask
 
@@ -211,8 +211,14 @@ def _install(handler, previous: dict[int, object]) -> None:
 
 
 def _restore(previous: dict[int, object]) -> None:
-    for signum, old in previous.items():
-        signal.signal(signum, old)
+    """Put the previous handlers back, signals held meanwhile: one arriving now goes to the previous handler, not
+    to ours half-way through (which would raise where nothing catches it)."""
+    held = _hold_signals()
+    try:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    finally:
+        _release_signals(held)
 
 
 def _pass_on(signum: int, old: object) -> None:
