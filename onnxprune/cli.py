@@ -22,7 +22,8 @@ from .plan_io import write_plan_dict
 from .recover import RECOVERY
 from .errors import OnnxPruneError, UsageError, first_line
 from .files import Named, atomic_path, check_paths, write_text
-from .graph import EXTERNAL_DATA_ABOVE, external_data_files, external_data_path, load_model, save_model
+from .external_data import external_data_files
+from .graph import EXTERNAL_DATA_ABOVE, external_data_path, load_model, save_model
 from .check import CheckReport, check as check_models, load_data
 
 

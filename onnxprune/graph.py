@@ -110,19 +110,6 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
             handle.write(model.SerializeToString())
 
 
-def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """The files an ONNX file's weights are kept in, read without the weights; none for a file that does not parse
-    (load_model then says why)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf raises several unrelated types on corrupt input
-        return []
-    folder = Path(path).parent
-    return sorted({folder / entry.value for tensor in external_data_helper._get_all_tensors(model)
-                   if tensor.data_location == onnx.TensorProto.EXTERNAL
-                   for entry in tensor.external_data if entry.key == "location"})
-
-
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the initializers' data: cheap, unlike ModelProto.ByteSize() which walks the whole message."""
     total = 0

@@ -15,6 +15,7 @@ import pytest
 from builders import DIGITS, DIGITS_CALIB, DIGITS_DATA, ROOT, files, invoke, one_line_error, residual_block
 
 from onnxprune import OnnxPruneError, UsageError, files as filing, graph
+from onnxprune.external_data import external_data_files
 
 
 @pytest.fixture
@@ -105,6 +106,22 @@ def test_the_external_data_of_an_input_model_is_an_input(tmp_path):
     one_line_error(invoke("check", tmp_path / "ext.onnx", tmp_path / "ext.onnx", "--json", tmp_path / "ext.weights"),
                    2, "external data")
     assert contents(tmp_path) == before
+
+
+def test_external_data_files_are_found_as_onnx_finds_them_without_loading_the_weights(tmp_path):
+    model = residual_block()
+    value = onnx.numpy_helper.from_array(np.arange(600, dtype=np.float32), "k")
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["k"], value=value))
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0, convert_attribute=True)
+    loaded = onnx.load(tmp_path / "ext.onnx", load_external_data=False)
+    expected = {tmp_path / entry.value for tensor in onnx.external_data_helper._get_all_tensors(loaded)
+                for entry in tensor.external_data if entry.key == "location"}
+    assert len(expected) > len(model.graph.initializer)  # the Constant's tensor too
+    assert set(external_data_files(tmp_path / "ext.onnx")) == expected
+    (tmp_path / "bad.onnx").write_bytes(b"\xff" * 64)
+    assert external_data_files(tmp_path / "bad.onnx") == external_data_files(tmp_path / "none.onnx") == []
+    assert external_data_files(DIGITS) == external_data_files(tmp_path) == []
 
 
 def test_the_latency_table_is_read_and_written_by_its_own_option():
@@ -221,7 +238,7 @@ def test_a_model_over_2_gb_writes_its_weights_beside_it_atomically(tmp_path, mon
     (tmp_path / "x.onnx.data").write_bytes(b"old weights")
     graph.save_model(residual_block(), tmp_path / "x.onnx")
     assert files(tmp_path) == {"x.onnx", "x.onnx.data"}
-    assert graph.external_data_files(tmp_path / "x.onnx") == [tmp_path / "x.onnx.data"]
+    assert external_data_files(tmp_path / "x.onnx") == [tmp_path / "x.onnx.data"]
     loaded, expected = onnx.load(tmp_path / "x.onnx"), residual_block()
     for got, want in zip(loaded.graph.initializer, expected.graph.initializer):
         assert np.array_equal(onnx.numpy_helper.to_array(got), onnx.numpy_helper.to_array(want))
