@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError, UsageError, first_line
+from .graph import inferred_value_infos
 from .layers import real_positions
-from .verify import session
+from .verify import NO_NUMPY_TYPES, session
 
 Feed = dict[str, np.ndarray]
 
@@ -34,16 +35,24 @@ class InputSpec:
     def fixed_batch(self) -> bool:
         return bool(self.dims) and isinstance(self.dims[0], int)
 
+    @property
+    def scalar(self) -> bool:
+        """A 0-d input: its data holds one value per sample, stacked as (N,), and each run feeds one 0-d value."""
+        return not self.dims
+
     def expected(self) -> str:
         return "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in self.dims) + ")"
 
 
 def batch_step(specs: list[InputSpec], batch_size: int) -> int:
-    """Samples per onnxruntime run: one where the model's batch dimension is fixed at 1, else `batch_size`."""
-    return 1 if any(s.fixed_batch and s.dims[0] == 1 for s in specs) else batch_size
+    """Samples per onnxruntime run: one where the model's batch dimension is fixed at 1 or an input is a scalar (a
+    run feeds one 0-d value), else `batch_size`."""
+    return 1 if any(s.scalar or (s.fixed_batch and s.dims[0] == 1) for s in specs) else batch_size
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """What each graph input is fed: its dims and numpy dtype (float32 for a bfloat16 input, which numpy cannot
+    hold; the session casts it, see verify.numpy_io)."""
     weights = {i.name for i in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
@@ -51,8 +60,15 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         t = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-        specs.append(InputSpec(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims))
+        specs.append(InputSpec(vi.name, fed_dtype(t.elem_type), dims))
     return specs
+
+
+def fed_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype onnxruntime's Python API takes for a graph input of this ONNX element type."""
+    if elem_type in NO_NUMPY_TYPES:
+        return np.dtype(np.float32)
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 def load_arrays(path: str | Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -90,14 +106,35 @@ def arrays_for_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec], wha
 
 def array_batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], size: int | None,
                   batch_size: int) -> Iterator[Feed]:
-    """Feed dicts of `batch_size` samples (one at a time where the model's batch dimension is fixed)."""
-    counts = {len(a) for a in arrays.values()}
-    if len(counts) != 1:
-        raise OnnxPruneError(f"calibration arrays hold different sample counts: {sorted(counts)}")
-    total = min(counts.pop(), size) if size else counts.pop()
+    """Feed dicts of `batch_size` samples (one at a time where the model's batch dimension is fixed or an input is
+    a scalar). A scalar input's array holds one value per sample, (N,), fed as a 0-d value; a 0-d array is the same
+    value for every sample."""
+    total = sample_count(arrays, specs)
+    total = min(total, size) if size else total
     step = batch_step(specs, batch_size)
+    scalars = {s.name for s in specs if s.scalar}
     for start in range(0, total, step):
-        yield {n: a[start:min(start + step, total)] for n, a in arrays.items()}
+        yield {n: _samples(a, start, min(start + step, total), n in scalars) for n, a in arrays.items()}
+
+
+def sample_count(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
+    """The samples the arrays hold (stacked on axis 0); 1 when every array is a scalar input's 0-d value."""
+    scalars = {s.name for s in specs if s.scalar}
+    for name, array in arrays.items():
+        if np.ndim(array) == 0 and name not in scalars:
+            spec = next(s for s in specs if s.name == name)
+            raise OnnxPruneError(f"the array for input '{name}' is 0-d; expected samples stacked on axis 0, "
+                                 f"shape (N, ...) for an input of shape {spec.expected()}")
+    counts = {len(a) for a in arrays.values() if np.ndim(a)}
+    if len(counts) > 1:
+        raise OnnxPruneError(f"calibration arrays hold different sample counts: {sorted(counts)}")
+    return counts.pop() if counts else 1
+
+
+def _samples(array: np.ndarray, start: int, stop: int, scalar: bool) -> np.ndarray:
+    if not scalar:
+        return array[start:stop]
+    return np.asarray(array if np.ndim(array) == 0 else array[start])  # one 0-d value a run (batch_step is 1)
 
 
 def reader_batches(reader: object, size: int | None) -> Iterator[Feed]:
@@ -113,7 +150,7 @@ def reader_batches(reader: object, size: int | None) -> Iterator[Feed]:
         if size and seen >= size:
             return
         yield feed
-        seen += len(next(iter(feed.values()))) if feed else 0
+        seen += batch_length(feed) if isinstance(feed, dict) and feed else 0
 
 
 def check_feed(feed: Feed, specs: list[InputSpec], first_sample: int = 0) -> Feed:
@@ -247,7 +284,7 @@ class Calibration:
     @property
     def samples(self) -> int:
         """How many samples `batches()` yields."""
-        return sum(len(next(iter(feed.values()))) for feed in self.batches()) if self._reader is None else 0
+        return sum(batch_length(feed) for feed in self.batches()) if self._reader is None else 0
 
     def first_sample(self) -> Feed | None:
         """The first calibration sample (batch 1 where the model's batch is dynamic)."""
@@ -459,7 +496,7 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
             raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
         accumulate(stats, outputs, padding_of(feed, stats.mask))
         stats.batches += 1
-        stats.samples += len(next(iter(feed.values())))
+        stats.samples += batch_length(feed)
         progress.show(f"calibrating: {stats.batches} batches, {stats.samples} samples")
     progress.close()
     if stats.batches == 0:
@@ -508,9 +545,28 @@ class Progress:
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also returns `tensors`."""
+    """A copy of the model that also returns `tensors`, each declared with its own element type (float16 comes back
+    as float16, bfloat16 as float32: see verify.numpy_io); float32 unless the model holds other float types."""
     probed = copy.deepcopy(model)
     existing = {o.name for o in probed.graph.output}
-    probed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    types = element_types(model) if other_floats(model) else {}
+    probed.graph.output.extend(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
                                for name in tensors if name not in existing)
     return probed
+
+
+_OTHER_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def other_floats(model: onnx.ModelProto) -> bool:
+    """Whether a weight, graph input or output, or a Cast holds a float type other than float32."""
+    g = model.graph
+    declared = [vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)]
+    casts = [a.i for n in g.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    return any(t in _OTHER_FLOATS for t in [i.data_type for i in g.initializer] + declared + casts)
+
+
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every tensor shape inference reaches."""
+    infos = inferred_value_infos(model)
+    return {name: vi.type.tensor_type.elem_type for name, vi in infos.items() if vi.type.tensor_type.elem_type}

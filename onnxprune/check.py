@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import LABEL_KEYS, arrays_for_inputs, batch_step, input_specs, reject_nonfinite
+from .calibrate import (LABEL_KEYS, InputSpec, array_batches, arrays_for_inputs, input_specs, reject_nonfinite,
+                        sample_count)
 from .errors import OnnxPruneError, UsageError, first_line
 from .graph import tensor_bytes
 from .timing import measure_latency
@@ -74,7 +75,22 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels: str | None = Non
     except Exception as exc:
         raise OnnxPruneError(f"cannot read data {path}: {first_line(exc)}") from None
     found = _labels(data, labels)
-    return reject_nonfinite(arrays_for_inputs(data, input_specs(model), f"data {path}"), f"data {path}"), found
+    specs = input_specs(model)
+    arrays = as_fed(arrays_for_inputs(data, specs, f"data {path}"), specs, f"data {path}")
+    return reject_nonfinite(arrays, f"data {path}"), found
+
+
+def as_fed(arrays: dict[str, np.ndarray], specs: list[InputSpec], what: str) -> dict[str, np.ndarray]:
+    """The arrays in the dtypes the model's inputs take (float data cast to a float16 input's type, as calibration
+    data is), checked to hold at least one sample (see calibrate.sample_count for scalar inputs)."""
+    if sample_count(arrays, specs) == 0:
+        raise OnnxPruneError(f"{what} holds no samples")
+    fed = {}
+    for spec in specs:
+        value = arrays[spec.name]
+        floats = value.dtype.kind == "f" and spec.dtype.kind == "f"
+        fed[spec.name] = value.astype(spec.dtype) if floats and value.dtype != spec.dtype else value
+    return fed
 
 
 def _labels(data: dict[str, np.ndarray], labels: str | None) -> np.ndarray | None:
@@ -91,9 +107,11 @@ def _labels(data: dict[str, np.ndarray], labels: str | None) -> np.ndarray | Non
 
 
 def random_data(model: onnx.ModelProto, samples: int = 8) -> dict[str, np.ndarray]:
-    """Random inputs (dynamic sizes 1 but the batch): for a check without data, agreement only."""
+    """Random inputs (dynamic sizes 1 but the batch): for a check without data, agreement only. A scalar input gets
+    one value per sample, (samples,)."""
     batches = [random_feeds(model, seed=s) for s in range(samples)]
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    return {name: (np.concatenate if np.ndim(batches[0][name]) else np.stack)([b[name] for b in batches])
+            for name in batches[0]}
 
 
 def check(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
@@ -103,15 +121,18 @@ def check(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, n
     """Compare `pruned` with `original` on `feeds` (random inputs when None) and apply the thresholds."""
     if max_drop is not None and labels is None:
         raise UsageError("--max-drop needs labels (a 'label' array in --data, or --labels)")
-    feeds = feeds if feeds is not None else random_data(original)
+    specs = input_specs(original)
+    feeds = as_fed(feeds, specs, "the data") if feeds is not None else random_data(original)
     outputs, predictions = _compare(original, pruned, feeds, batch_size)
-    report = CheckReport(samples=len(next(iter(feeds.values()))), data=data_name, outputs=outputs,
+    report = CheckReport(samples=sample_count(feeds, specs), data=data_name, outputs=outputs,
                          thresholds={"min_agreement": min_agreement, "max_drop": max_drop})
     if labels is not None:
         report.accuracy_before, report.accuracy_after = (_accuracy(p, labels) for p in predictions)
+    one = next(array_batches(feeds, specs, 1, 1))  # a scalar input's first value, 0-d
     if latency:
-        report.latency = measure_latency(original, pruned, {k: v[:1] for k, v in feeds.items()}, threads, runs)
-    sample = first_sample(original, feeds)  # a model with a run-time length has its MACs counted at the data's
+        report.latency = measure_latency(original, pruned, one, threads, runs)
+    # a model with a run-time length has its MACs counted at the data's sizes
+    sample = first_sample(original, {**feeds, **{s.name: one[s.name] for s in specs if s.scalar}})
     macs = lambda model: count_macs(model, sample_shapes(model, sample))  # noqa: E731
     report.model = {key: [fn(original), fn(pruned)] for key, fn in
                     (("params", count_params), ("macs", macs), ("weight_bytes", tensor_bytes))}
@@ -122,11 +143,8 @@ def check(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, n
 def _compare(original, pruned, feeds, batch_size) -> tuple[list[OutputComparison], tuple[np.ndarray, np.ndarray]]:
     first, second = session(original), session(pruned)
     names = [o.name for o in original.graph.output]
-    step = batch_step(input_specs(original), batch_size)
-    count = len(next(iter(feeds.values())))
     chunks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
-    for start in range(0, count, step):
-        chunk = {k: v[start:start + step] for k, v in feeds.items()}
+    for chunk in array_batches(feeds, input_specs(original), None, batch_size):
         try:
             before, after = first.run(names, chunk), second.run(names, chunk)
         except Exception as exc:
@@ -135,13 +153,15 @@ def _compare(original, pruned, feeds, batch_size) -> tuple[list[OutputComparison
             chunks[name].append((a, b))
     comparisons = [_compare_output(name, pairs) for name, pairs in chunks.items()]
     first_output = chunks[names[0]]
-    predictions = tuple(np.concatenate([_top1(pair[k]) for pair in first_output]) for k in (0, 1))
+    predictions = tuple(np.concatenate([np.atleast_1d(_top1(pair[k])) for pair in first_output]) for k in (0, 1))
     return comparisons, predictions
 
 
 def _compare_output(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> OutputComparison:
-    a = np.concatenate([p[0] for p in pairs]).astype(np.float64)
-    b = np.concatenate([p[1] for p in pairs]).astype(np.float64)
+    a, b = (_stacked([p[k] for p in pairs]) for k in (0, 1))
+    if a.shape != b.shape:
+        raise OnnxPruneError(f"output '{name}' has shape {a.shape[1:]} per sample in the first model and "
+                             f"{b.shape[1:]} in the second: they do not compute the same outputs")
     flat_a, flat_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     norms = np.linalg.norm(flat_a, axis=1) * np.linalg.norm(flat_b, axis=1)
     cosine = float(np.mean(np.where(norms > 0, (flat_a * flat_b).sum(1) / np.maximum(norms, 1e-30),
@@ -154,6 +174,11 @@ def _compare_output(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Ou
         agreement = None
     diff = np.abs(a - b)
     return OutputComparison(name, agreement, cosine, float(diff.max(initial=0)), float(diff.mean()) if diff.size else 0.0)
+
+
+def _stacked(outputs: list[np.ndarray]) -> np.ndarray:
+    """One run's outputs after another on axis 0, as float64 (a 0-d output of a one-sample run is one row)."""
+    return np.concatenate([np.reshape(o, (1,) + o.shape) if o.ndim == 0 else o for o in outputs]).astype(np.float64)
 
 
 def _top1(output: np.ndarray) -> np.ndarray:

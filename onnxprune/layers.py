@@ -128,14 +128,15 @@ class Layer:
         return kernels.reshape(len(kernels), -1).T.astype(np.float64) * self.alpha
 
     def rows_to_weight(self, rows: np.ndarray, like: np.ndarray) -> np.ndarray:
-        """(features, outputs) rows back into a weight laid out as `like` (inverse of weight_rows)."""
+        """(features, outputs) rows back into a weight laid out as `like` and of its dtype (float16 and bfloat16
+        included: the fit is float64, the model keeps its type); inverse of weight_rows."""
         kernels = (rows / self.alpha).T.reshape(self.kernels(like).shape)
-        return np.moveaxis(kernels, (0, 1), (self.out_axis, self.in_axis))
+        return np.moveaxis(kernels, (0, 1), (self.out_axis, self.in_axis)).astype(like.dtype)
 
     def mean_contribution(self, weight: np.ndarray, features: np.ndarray, mean: np.ndarray) -> np.ndarray:
         """What input channels `features` with these `mean` values add to each output on average (a refittable
         layer's outputs are sums over channels, so this is exact for constant channels up to border effects)."""
-        kernels = self.kernels(weight)[:, features]
+        kernels = widened(self.kernels(weight)[:, features])
         return self.alpha * (kernels.reshape(len(kernels), len(features), -1).sum(2) @ mean)
 
     def sample(self, x: np.ndarray, rng: np.random.Generator, positions: int,
@@ -316,6 +317,22 @@ def _bias_add(node: onnx.NodeProto, index: GraphIndex) -> BiasSite | None:
 _DESCRIBE = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
 
 
+# ------------------------------------------------------------------------------------------------ dtypes
+
+def widened(array: np.ndarray) -> np.ndarray:
+    """A float16 or bfloat16 array as float32, which numpy sums without losing the small terms; other arrays (float32
+    and float64 included) unchanged."""
+    return array.astype(np.float32) if array.dtype == np.float16 or array.dtype.name == "bfloat16" else array
+
+
+def weight_dtype(model: onnx.ModelProto, layer: Layer) -> np.dtype:
+    """The numpy dtype of the layer's weight in `model`: what a bias created for it is stored as."""
+    init = next((i for i in model.graph.initializer if i.name == layer.weight), None)
+    if init is None:
+        return np.dtype(np.float32)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+
+
 # ------------------------------------------------------------------------------------------------ bias
 
 def current_bias(model: onnx.ModelProto, layer: Layer, outputs: int) -> np.ndarray | None:
@@ -345,7 +362,8 @@ def add_to_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
         return _update_bias(model, node, site.input, inits.get(name), delta / site.scale)
     if not site.create:
         return 0
-    bias = numpy_helper.from_array((delta / site.scale).astype(np.float32), f"{node.name}_recovered_bias")
+    bias = numpy_helper.from_array((delta / site.scale).astype(weight_dtype(model, layer)),
+                                   f"{node.name}_recovered_bias")
     model.graph.initializer.append(bias)
     while len(node.input) <= site.input:
         node.input.append("")
@@ -362,7 +380,7 @@ def _update_bias(model: onnx.ModelProto, node: onnx.NodeProto, position: int, in
         return 0
     users = sum(list(n.input).count(init.name) for n in model.graph.node)
     new_name = init.name if users == 1 else f"{init.name}_recovered_{node.name}"
-    updated = numpy_helper.from_array((bias + delta).astype(bias.dtype), new_name)
+    updated = numpy_helper.from_array((widened(bias) + delta).astype(bias.dtype), new_name)
     if users == 1:
         init.CopyFrom(updated)
     else:

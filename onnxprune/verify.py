@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import Dims, batched_inputs, infer_shapes, runtime_dims, shapes_at
+from .graph import Dims, batched_inputs, infer_shapes, runtime_dims, shapes_at, subgraphs_of
 from .groups import Analysis
 from .layers import macs as node_macs
 from .roles import Role
@@ -97,6 +97,8 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
         members = analysis.groups[gid].members
         # A group no weight produces (channels gathered from a frozen tensor) is silenced where it is consumed.
         roles = PRODUCER_ROLES if any(m.role in PRODUCER_ROLES for m in members) else PRODUCER_ROLES + (Role.W_IN,)
+        # A group whose ops give no roles (an Einsum's operands) is zeroed in every constant that holds it.
+        roles = roles if any(m.role is not None for m in members) else (None,)
         for m in members:
             if not m.constant or m.role not in roles:
                 continue
@@ -115,12 +117,68 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
 # ------------------------------------------------------------------------------------------------ onnxruntime
 
 def session(model: onnx.ModelProto, threads: int = 1):
+    """An onnxruntime CPU session on `model` as numpy can feed it (see numpy_io); a model onnxruntime cannot load
+    is a one-line error."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(numpy_io(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+# Element types numpy has no dtype for, so onnxruntime's Python API can neither feed nor return them.
+NO_NUMPY_TYPES = (onnx.TensorProto.BFLOAT16,)
+
+
+def numpy_io(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as numpy can run it: a bfloat16 graph input is fed as float32 and cast inside, a bfloat16 graph
+    output (or probe) comes back as float32; names are unchanged. A model without such inputs and outputs is
+    returned as it is, not copied."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [vi.name for vi in model.graph.input if vi.name not in inits and _no_numpy(vi)]
+    outputs = [vi.name for vi in model.graph.output if _no_numpy(vi) and vi.name not in inputs]
+    if not inputs and not outputs:
+        return model
+    model = copy.deepcopy(model)
+    graph, first, last = model.graph, [], []
+    for name in inputs:
+        first.append(onnx.helper.make_node("Cast", [name], [_rename(graph, name)], to=_elem_type(graph.input, name)))
+    for name in outputs:
+        last.append(onnx.helper.make_node("Cast", [_rename(graph, name)], [name], to=onnx.TensorProto.FLOAT))
+    nodes = first + list(graph.node) + last
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for vi in list(graph.input) + list(graph.output):
+        if vi.name in inputs or vi.name in outputs:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return model
+
+
+def _no_numpy(vi: onnx.ValueInfoProto) -> bool:
+    return vi.type.tensor_type.elem_type in NO_NUMPY_TYPES
+
+
+def _elem_type(values, name: str) -> int:
+    return next(vi.type.tensor_type.elem_type for vi in values if vi.name == name)
+
+
+def _rename(graph: onnx.GraphProto, name: str) -> str:
+    """Every node (subgraphs included) and value_info that reads or writes `name` uses a new name instead, which is
+    returned; graph inputs and outputs keep theirs."""
+    new = f"{name}__onnxprune_cast"
+    for node in graph.node:
+        node.input[:] = [new if i == name else i for i in node.input]
+        node.output[:] = [new if o == name else o for o in node.output]
+        for sub in subgraphs_of(node):
+            _rename(sub, name)
+    for vi in graph.value_info:
+        if vi.name == name:
+            vi.name = new
+    return new
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
