@@ -22,6 +22,7 @@ from .errors import OnnxPruneError, first_line
 log = logging.getLogger("onnxprune")
 
 MIN_OPSET = 11
+SKELETON_KEY = "onnxprune.skeleton"  # metadata of a weight-free skeleton (onnxprune.testing.skeleton)
 Dims = tuple  # tuple of int | str | None per axis
 # Initializers up to this many elements travel into shape inference with their values (shape constants, axes);
 # bigger ones only as typed inputs, so inference never copies the weights.
@@ -44,9 +45,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def check_loadable(model: onnx.ModelProto, what: str = "model") -> None:
-    """Reject protos that parsed but are not usable models (protobuf parses many random byte strings)."""
+    """Reject protos that parsed but are not usable models (protobuf parses many random byte strings), and the
+    weight-free skeletons the tests use."""
     if not model.graph.node or not model.graph.output:
         raise OnnxPruneError(f"{what} is not a valid ONNX model (no graph nodes or outputs)")
+    if any(prop.key == SKELETON_KEY for prop in model.metadata_props):
+        raise OnnxPruneError(f"{what} is a weight-free skeleton (metadata {SKELETON_KEY}); materialise it first "
+                             "(onnxprune.testing.skeleton.materialize)")
     opset = ai_onnx_opset(model)
     if opset is None:
         raise OnnxPruneError(f"{what} declares no ai.onnx opset")
@@ -57,12 +62,50 @@ def check_loadable(model: onnx.ModelProto, what: str = "model") -> None:
 
 
 def validate(model: onnx.ModelProto, what: str = "model") -> None:
-    """The ONNX checker on the model without its weights (cheap): a model that breaks the ONNX spec is refused
-    with the checker's reason instead of failing somewhere inside the pruning."""
+    """The ONNX checker and strict shape inference on the model without its weights (cheap): a model that breaks
+    the ONNX spec is refused with the reason instead of failing somewhere inside the pruning."""
+    light = _light_copy(model)
     try:
-        onnx.checker.check_model(_light_copy(model))
+        onnx.checker.check_model(light)
     except Exception as exc:
         raise OnnxPruneError(f"{what} is not valid ONNX: {first_line(exc)}") from None
+    check_shapes(light, what)
+
+
+def check_shapes(light: onnx.ModelProto, what: str = "model") -> None:
+    """Strict shape and type inference without the declared intermediate shapes, as the pruned model gets it: a
+    declared output whose shape or type disagrees with what the nodes compute, or an op given a type it does not
+    take, is refused here, said of the input, rather than found in the pruned model."""
+    del light.graph.value_info[:]
+    try:
+        _infer(light, strict=True)
+    except Exception as exc:
+        reason = _declared_output_mismatch(light) or first_line(exc)
+        raise OnnxPruneError(f"{what} fails strict ONNX shape inference: {reason}") from None
+
+
+def _declared_output_mismatch(light: onnx.ModelProto) -> str | None:
+    """'it declares output 'y' with shape (1, 5), but its nodes compute (1, 10)', or None where the declared outputs
+    agree with what inference computes without them."""
+    try:
+        computed = _infer(_light_copy(light, list(light.graph.input)), strict=False)
+    except Exception:
+        return None
+    for out in light.graph.output:
+        found = computed.get(out.name)
+        declared_type, found_type = out.type.tensor_type.elem_type, found.type.tensor_type.elem_type if found else 0
+        if declared_type and found_type and declared_type != found_type:
+            names = [onnx.TensorProto.DataType.Name(t) for t in (declared_type, found_type)]
+            return f"it declares output '{out.name}' as {names[0]}, but its nodes compute {names[1]}"
+        declared, inferred = _dims_of(out.type), _dims_of(found.type) if found else None
+        if declared and inferred and (len(declared) != len(inferred) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(declared, inferred))):
+            return f"it declares output '{out.name}' with shape {_text(declared)}, but its nodes compute {_text(inferred)}"
+    return None
+
+
+def _text(dims: Dims) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
 def ai_onnx_opset(model: onnx.ModelProto) -> int | None:
