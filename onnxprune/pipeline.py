@@ -240,7 +240,7 @@ def build_report(inputs: Inputs, target: Target, options: Options, choice: Choic
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers, plan=plan,
         recovery=options.recover, calibration_samples=_samples(inputs, stats) if used_data else 0,
         plan_dict=plan_to_dict(plan, analysis), padding_mask=inputs.calibration.mask if used_data else None,
-        target_latency=choice.latency,
+        target_latency=choice.latency, runtime_dims=graph_mod.runtime_dims(inputs.model),
         criterion_fallbacks=len(choice.scores.context.fallbacks) if choice.scores is not None else 0)
 
 

@@ -33,6 +33,7 @@ class PruneReport:
     criterion_fallbacks: int = 0  # groups the criterion could not rank (ranked by l1)
     target_latency: dict | None = None  # latency.counts_for_latency: target, predicted and measured fractions
     padding_mask: str | None = None  # the input whose zeros marked padded positions, left out of calibration
+    runtime_dims: list[str] = field(default_factory=list, repr=False)  # graph.runtime_dims; not part of the JSON
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -43,7 +44,7 @@ class PruneReport:
         return [g for g in self.groups if g["frozen"]]
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("plan", "plan_dict")}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("plan", "plan_dict", "runtime_dims")}
         data["summary"] = {"groups": len(self.groups), "pruned": len(self.pruned_groups),
                            "frozen": len(self.frozen_groups)}
         return data
@@ -59,16 +60,25 @@ class PruneReport:
             "the MAC or latency budget took nothing from them"
         return f", {whole} prunable but kept whole ({why})" if whole else ""
 
+    def _macs_line(self) -> str:
+        if self.macs_before:
+            return f"MACs        {_change(self.macs_before, self.macs_after)}"
+        if self.runtime_dims:
+            return ("MACs        not counted: the layers' sizes are known only at run time (--calib counts them at "
+                    "a sample's)")
+        return ("MACs        none counted: no Conv, ConvTranspose, Gemm or MatMul of known sizes (QLinearConv, Einsum "
+                "and other ops are not counted)")
+
+    def _groups_line(self) -> str:
+        if not self.groups:
+            why = ": every path between weights crosses an op that freezes it (below)" if self.barriers else ""
+            return "groups      no prunable channel group" + why
+        return (f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
+                f"{len(self.frozen_groups)} frozen" + self._whole_note())
+
     def summary_lines(self) -> list[str]:
-        lines = [
-            f"parameters  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})",
-            f"MACs        {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})"
-            if self.macs_before else "MACs        not counted: the layers' sizes are known only at run time "
-                                     "(--calib counts them at a sample's)",
-            self._size_line(),
-            f"groups      {len(self.groups)} channel groups: {len(self.pruned_groups)} pruned, "
-            f"{len(self.frozen_groups)} frozen" + self._whole_note(),
-        ]
+        lines = [f"parameters  {_change(self.params_before, self.params_after)}", self._macs_line(),
+                 self._size_line(), self._groups_line()]
         if self.calibration_samples:
             lines.append(f"calibration {self.calibration_samples} samples; criterion {self.criterion}, "
                          f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)" +
@@ -80,18 +90,32 @@ class PruneReport:
                          f"models measured, {t['threads']} thread(s))")
         for item in self.frozen_reasons[:8]:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
+        if not self.groups:
+            lines += [f"  barrier: {reason} ({count} node(s))" for reason, count in barrier_counts(self.barriers)[:8]]
         return lines
+
+
+def _change(before: int, after: int) -> str:
+    if before == after:
+        return f"{before:>14,}  (unchanged)"
+    return f"{before:>14,} -> {after:>14,}  ({_ratio(after, before)})"
 
 
 def _ratio(after: int, before: int) -> str:
     return f"{after / before:.1%} kept" if before else "n/a"
 
 
+def barrier_counts(barriers: list[str]) -> list[tuple[str, int]]:
+    """Barriers ("QuantizeLinear 'q1': no rule for op QuantizeLinear") by reason, most nodes first."""
+    return Counter(b.split(": ", 1)[-1] for b in barriers).most_common()
+
+
 def channel_groups(analysis: Analysis, kept: dict[int, int]) -> list[dict]:
-    """The groups a user cares about: those a layer's weights produce or consume."""
+    """The groups a user cares about: those a layer's weights produce or consume, and any other prunable group (an
+    Einsum's operands carry no layer role, yet their channels are pruned)."""
     rows = []
     for g in analysis.groups:
-        if g.is_channel_group and g.size >= 2:
+        if (g.is_channel_group or g.prunable) and g.size >= 2:
             row = g.to_dict()
             row["kept"] = kept.get(g.id, g.size)
             rows.append(row)
