@@ -45,8 +45,10 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
 
 
 def _outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Each output over all feeds, flattened: batches may differ in run-time sizes (a sequence length), and the
+    damage sums over elements anyway."""
     sess = session(model, threads=0)
-    return [np.concatenate([sess.run(None, f)[k] for f in feeds]).astype(np.float64)
+    return [np.concatenate([sess.run(None, f)[k].ravel() for f in feeds]).astype(np.float64)
             for k in range(len(model.graph.output))]
 
 
