@@ -7,13 +7,18 @@ and `GraphIndex` gives the analysis shapes, constants, producers and consumers i
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx import external_data_helper, numpy_helper
 
 from . import files
@@ -49,6 +54,8 @@ def check_loadable(model: onnx.ModelProto, what: str = "model") -> None:
     weight-free skeletons the tests use."""
     if not model.graph.node or not model.graph.output:
         raise OnnxPruneError(f"{what} is not a valid ONNX model (no graph nodes or outputs)")
+    _check_text(model, what)
+    _check_tensor_sizes(model, what)
     if any(prop.key == SKELETON_KEY for prop in model.metadata_props):
         raise OnnxPruneError(f"{what} is a weight-free skeleton (metadata {SKELETON_KEY}); materialise it first "
                              "(onnxprune.testing.skeleton.materialize)")
@@ -59,6 +66,78 @@ def check_loadable(model: onnx.ModelProto, what: str = "model") -> None:
         raise OnnxPruneError(
             f"{what} uses opset {opset}; onnxprune needs opset {MIN_OPSET} or newer "
             f"(convert with onnx.version_converter.convert_version)")
+
+
+def _check_text(model: onnx.ModelProto, what: str) -> None:
+    """Every text field holds UTF-8 (weights are never read): protobuf parses a proto2 string that is not UTF-8 and
+    hands it to Python as bytes, which fails the first time the pruning writes a name back."""
+    where = _bad_text(model, "model")
+    if where:
+        raise OnnxPruneError(f"{what} is not a valid ONNX model: {where} is not UTF-8 text")
+
+
+def _bad_text(message: Message, path: str) -> str | None:
+    """The path of the first string field that is not valid UTF-8, or None."""
+    for name, repeated, is_text in _text_fields(message.DESCRIPTOR):
+        if is_text:
+            values = getattr(message, name) if repeated else [getattr(message, name)]
+            if not all(isinstance(v, str) for v in values):
+                return f"{path}.{name}"
+            continue
+        items = getattr(message, name) if repeated else [getattr(message, name)] if message.HasField(name) else []
+        for k, item in enumerate(items):
+            found = _bad_text(item, f"{path}.{name}[{k}]" if repeated else f"{path}.{name}")
+            if found:
+                return found
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _text_fields(descriptor) -> tuple[tuple[str, bool, bool], ...]:
+    """(name, repeated, is text) of a message type's string and message fields (the rest holds no text)."""
+    found = []
+    for fd in descriptor.fields:
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == FieldDescriptor.LABEL_REPEATED
+        if fd.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            found.append((fd.name, repeated, fd.type == FieldDescriptor.TYPE_STRING))
+    return tuple(found)
+
+
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, what: str) -> None:
+    """Every initializer and Constant tensor of the main graph holds as many values as its dims say, in a known
+    type: else every reader of the weights (analysis, criteria, surgery, recovery) would fail its own way."""
+    constants = (a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t"))
+    for tensor in itertools.chain(model.graph.initializer, constants):
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise OnnxPruneError(f"{what} is not a valid ONNX model: tensor '{tensor.name}' {problem}")
+
+
+def _tensor_problem(t: onnx.TensorProto) -> str | None:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # its data was not loaded (a ModelProto passed in without it): onnxruntime says so
+    if any(d < 0 for d in t.dims):
+        return f"has a negative dimension {list(t.dims)}"
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        values = onnx.helper.tensor_dtype_to_field(t.data_type)
+    except (KeyError, ValueError, TypeError):
+        return f"has an unknown data type {t.data_type}"
+    count = math.prod(t.dims)
+    if t.data_type in _PACKED_4BIT:
+        count, itemsize = (count + 1) // 2, 1
+    if t.data_type != onnx.TensorProto.STRING and t.HasField("raw_data"):
+        have, need = len(t.raw_data), count * itemsize  # copies one tensor's bytes, once
+    else:
+        have, need = len(getattr(t, values)), count * (2 if t.data_type in _COMPLEX else 1)
+    return None if have == need else f"holds {have} {'bytes' if t.HasField('raw_data') else 'values'} " \
+                                     f"where its shape {list(t.dims)} needs {need}"
+
+
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 
 
 def validate(model: onnx.ModelProto, what: str = "model") -> None:

@@ -3,12 +3,14 @@ fuzzer (tools/fuzz_loader.py) found: each a focused case of one bug, fixed where
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import pytest
 
 import onnxprune
 from onnxprune import CalibrationSource, Options, Target
 from onnxprune.verify import check_valid, io_signature
 
-from builders import GraphBuilder
+from builders import DIGITS, GraphBuilder, files, invoke, one_line_error
 
 
 def _tokens_mlp():
@@ -28,3 +30,44 @@ def test_sensitivity_allocation_with_calibration_batches_of_different_lengths():
     check_valid(pruned)
     assert io_signature(pruned) == io_signature(model)
     assert report.pruned_groups
+
+
+def _digits_with_bad_name(tmp_path):
+    """The digits model with one byte of a node input's name made invalid UTF-8 (protobuf parses it)."""
+    model = onnx.load(str(DIGITS))
+    name = next(n.input[0] for n in model.graph.node if n.op_type == "Conv").encode()
+    data = model.SerializeToString()
+    bad = data.replace(b"\x0a" + bytes([len(name)]) + name, b"\x0a" + bytes([len(name)]) + b"\xff" + name[1:], 1)
+    assert bad != data
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(bad)
+    return path
+
+
+def test_a_name_that_is_not_utf8_is_a_clean_error(tmp_path):
+    """protobuf hands a proto2 string that is not UTF-8 to Python as bytes: graph.normalize crashed with a
+    UnicodeDecodeError writing it back. check_loadable now names the field."""
+    path = _digits_with_bad_name(tmp_path)
+    for args in (["analyze", path], [path, "--ratio", "0.5", "-o", tmp_path / "out.onnx"]):
+        one_line_error(invoke(*args), 1, "is not UTF-8 text")
+    assert files(tmp_path) == {"bad.onnx"}
+
+
+@pytest.mark.parametrize("change", ["drop dim", "wrong dim", "truncate data"])
+def test_a_tensor_whose_data_disagrees_with_its_shape_is_a_clean_error(tmp_path, change):
+    """A weight whose dims do not match its data crashed the criteria with numpy's 'cannot reshape array' (and
+    other readers in their own ways); check_loadable now compares the sizes, without converting any weight."""
+    model = onnx.load(str(DIGITS))
+    weight = next(i for i in model.graph.initializer if len(i.dims) == 4)
+    if change == "drop dim":
+        del weight.dims[-1]
+    elif change == "wrong dim":
+        weight.dims[0] += 1
+    else:
+        weight.raw_data = weight.raw_data[:-4]
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    for args in (["analyze", path], [path, "--ratio", "0.5", "-o", tmp_path / "out.onnx"]):
+        one_line_error(invoke(*args), 1, f"tensor '{weight.name}' holds")
+    with pytest.raises(onnxprune.OnnxPruneError, match="where its shape"):
+        onnxprune.prune(model, 0.5)
