@@ -71,3 +71,19 @@ def test_a_tensor_whose_data_disagrees_with_its_shape_is_a_clean_error(tmp_path,
         one_line_error(invoke(*args), 1, f"tensor '{weight.name}' holds")
     with pytest.raises(onnxprune.OnnxPruneError, match="where its shape"):
         onnxprune.prune(model, 0.5)
+
+
+@pytest.mark.parametrize("group", [0, -2, 3])
+def test_a_conv_group_that_breaks_the_spec_is_frozen_not_a_crash(tmp_path, group):
+    """Shape inference lets a Conv with group 0 (or one not dividing its channels) through; the conv rule divided
+    by it (ZeroDivisionError). It is now a barrier with the reason, and the rest of the model is pruned."""
+    model = onnx.load(str(DIGITS))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and "res" in n.name)
+    next(a for a in conv.attribute if a.name == "group").i = group
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, str(path))
+    result = invoke("analyze", path)
+    assert result.exit_code == 0, result.output
+    assert f"group {group} does not divide" in result.output
+    pruned, report = onnxprune.prune(model, 0.5)
+    assert report.pruned_groups and any(f"group {group}" in b for b in report.barriers)

@@ -14,9 +14,9 @@ def _bias(n: NodeView, index: int) -> list:
 @rule("Conv")
 def conv(n: NodeView) -> Rule:
     weight = n.in_shape(1)
-    groups = int(n.attr("group", 1))
     if not all(is_static(d) for d in weight[:2]):
         raise Barrier("weight shape unknown")
+    groups = _groups(n, weight[0])
     out_axis, in_axis = weight_axes(n.node)
     outputs = couple(Out(0, 1), In(1, out_axis, Role.W_OUT), *_bias(n, 2))
     if groups == 1:
@@ -32,9 +32,9 @@ def conv(n: NodeView) -> Rule:
 @rule("ConvTranspose")
 def conv_transpose(n: NodeView) -> Rule:
     weight = n.in_shape(1)  # (C_in, C_out / group, k...)
-    groups = int(n.attr("group", 1))
     if not all(is_static(d) for d in weight[:2]):
         raise Barrier("weight shape unknown")
+    groups = _groups(n, weight[0])
     out_axis, in_axis = weight_axes(n.node)
     inputs = couple(In(0, 1), In(1, in_axis, Role.W_IN))
     if groups == 1:
@@ -45,6 +45,15 @@ def conv_transpose(n: NodeView) -> Rule:
                 expand(In(0, 1), Pseudo("groups", groups), weight[0] // groups),
                 expand(Out(0, 1), Pseudo("groups", groups), weight[1]),
                 fixup=_set_group)
+
+
+def _groups(n: NodeView, channels: int) -> int:
+    """The `group` attribute, frozen where it breaks the spec (below 1, or not dividing the weight's first axis):
+    shape inference lets such a node through, and the channel arithmetic would divide by it."""
+    groups = int(n.attr("group", 1))
+    if groups < 1 or channels % groups:
+        raise Barrier(f"group {groups} does not divide the weight's {channels} channels")
+    return groups
 
 
 def _set_group(n: NodeView, ctx: FixContext) -> None:
