@@ -174,13 +174,21 @@ def _declared_output_mismatch(light: onnx.ModelProto) -> str | None:
         found = computed.get(out.name)
         declared_type, found_type = out.type.tensor_type.elem_type, found.type.tensor_type.elem_type if found else 0
         if declared_type and found_type and declared_type != found_type:
-            names = [onnx.TensorProto.DataType.Name(t) for t in (declared_type, found_type)]
+            names = [_type_name(t) for t in (declared_type, found_type)]
             return f"it declares output '{out.name}' as {names[0]}, but its nodes compute {names[1]}"
         declared, inferred = _dims_of(out.type), _dims_of(found.type) if found else None
         if declared and inferred and (len(declared) != len(inferred) or any(
                 isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(declared, inferred))):
             return f"it declares output '{out.name}' with shape {_text(declared)}, but its nodes compute {_text(inferred)}"
     return None
+
+
+def _type_name(elem_type: int) -> str:
+    """FLOAT, INT64, ... or the number where the type is none ONNX knows (a corrupt or newer file)."""
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"element type {elem_type}"
 
 
 def _text(dims: Dims) -> str:

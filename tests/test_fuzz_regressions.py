@@ -87,3 +87,14 @@ def test_a_conv_group_that_breaks_the_spec_is_frozen_not_a_crash(tmp_path, group
     assert f"group {group} does not divide" in result.output
     pruned, report = onnxprune.prune(model, 0.5)
     assert report.pruned_groups and any(f"group {group}" in b for b in report.barriers)
+
+
+def test_an_unknown_element_type_on_a_declared_output_is_one_line(tmp_path):
+    """A declared output of an element type ONNX does not know (a corrupt or newer file) crashed the message that
+    names the declared and the computed types (TensorProto.DataType.Name raised ValueError)."""
+    model = onnx.load(str(DIGITS))
+    model.graph.output[0].type.tensor_type.elem_type = 99
+    onnx.save(model, tmp_path / "odd.onnx")
+    result = invoke(tmp_path / "odd.onnx", "--ratio", "0.5")
+    one_line_error(result, 1, "declares output 'logits' as element type 99")
+    assert files(tmp_path) == {"odd.onnx"}
