@@ -18,6 +18,7 @@ from .graph import GraphIndex, ai_onnx_opset, outer_scope_names, subgraphs_of
 from .roles import Role
 from .rules import Barrier, NodeView, rule_for
 from .rules.registry import Compose, Couple, Ref
+from .zeroflow import ZeroFlow
 
 Space = tuple[str, int]  # (tensor name or "<node>#<pseudo>", axis)
 
@@ -168,6 +169,7 @@ class _Builder:
         self.frozen: dict[Space, list[str]] = {}
         self.frozen_tensors: dict[str, str] = {}
         self.inexact: dict[Space, str] = {}
+        self.zeros = ZeroFlow(index.initializers)
         self.structural: list[tuple[object, str]] = []  # (Compose/Expand over spaces, who)
         self.fixups: list[tuple[NodeView, object]] = []
         self.barriers: list[str] = []
@@ -217,6 +219,7 @@ class _Builder:
                 resolved.append(("expand", [self._space(view, rel.fine), self._space(view, rel.coarse)], rel))
                 if rel.alternative is not None:
                     self.split_choices.append((view.name, resolved[-1][1][1], self._space(view, rel.alternative)))
+        self.zeros.visit(who, [(_refs(rel), spaces, rel) for _, spaces, rel in resolved])
         for kind, spaces, rel in resolved:
             mentioned.update(spaces)
             if kind == "couple":
@@ -338,8 +341,9 @@ class _Builder:
                 for reason in class_frozen[root]:
                     _add_reason(group.frozen, reason)
                 for s in spaces:
-                    if s in self.inexact:
-                        _add_reason(group.inexact, self.inexact[s])
+                    for reason in (self.inexact.get(s), self.zeros.lost.get(s)):
+                        if reason:
+                            _add_reason(group.inexact, reason)
                     constant = s[0] in self.index.initializers
                     group.members.append(Member(s, offset, inner, self.role.get(s), constant))
                     layouts.setdefault(s, []).append((group.id, offset, inner))
@@ -358,6 +362,15 @@ def resolve(view: NodeView, ref: Ref) -> tuple[Space, int | None]:
         raise Barrier(f"axis {ref.axis} out of range for '{name}'")
     axis = ref.axis % len(shape)
     return (name, axis), shape[axis] if isinstance(shape[axis], int) else None
+
+
+def _refs(rel: object) -> list[Ref]:
+    """A relation's refs in the order `_add_relations` resolves them."""
+    if isinstance(rel, Couple):
+        return list(rel.refs)
+    if isinstance(rel, Compose):
+        return [rel.whole, *rel.parts]
+    return [rel.fine, rel.coarse]
 
 
 def _add_reason(reasons: list[str], reason: str) -> None:

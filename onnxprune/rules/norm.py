@@ -26,7 +26,8 @@ def layer_norm(n: NodeView) -> Rule:
     axis = int(n.attr("axis", -1)) % rank
     if any(n.used_output(i) for i in (1, 2)):
         raise Barrier("mean / inv-std outputs are used")
-    relations = [couple(In(0, a), Out(0, a)) for a in range(axis)]
+    shifted = "LayerNormalization of a removed (zero) row is its shift" if n.has_input(2) else None
+    relations = [couple(In(0, a), Out(0, a), at_zero=shifted) for a in range(axis)]
     if axis != rank - 1:
         return Rule(*relations)  # normalised over several axes: those stay whole
     params = [In(i, len(n.in_shape(i)) - 1, role) for i, role in ((1, Role.SCALE), (2, Role.SHIFT)) if n.has_input(i)]

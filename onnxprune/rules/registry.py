@@ -47,10 +47,18 @@ def Pseudo(name: str, size: int | None = None) -> Ref:  # noqa: N802
 @dataclass(frozen=True)
 class Couple:
     """The same channels, index for index. `inexact` says why removing them changes the result even when the
-    channels are zero (a LayerNorm over the axis)."""
+    channels are zero (a LayerNorm over the axis).
+
+    What the op makes of a removed channel, zero in its inputs: by default zero where every coupled activation input
+    is (or where a zeroed weight or norm scale multiplies it); `product`: zero where any is (Mul); `at_zero`: not
+    zero, with what it is ("Sigmoid(0) = 0.5"), `finite` False when that is inf or NaN. A removed channel that is
+    not zero where a layer consumes it makes its group inexact (groups.ZeroFlow)."""
 
     refs: tuple[Ref, ...]
     inexact: str | None = None
+    at_zero: str | None = None
+    finite: bool = True
+    product: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,9 @@ class Expand:
 Relation = Couple | Compose | Expand
 
 
-def couple(*refs: Ref, inexact: str | None = None) -> Couple:
-    return Couple(tuple(refs), inexact)
+def couple(*refs: Ref, inexact: str | None = None, at_zero: str | None = None, finite: bool = True,
+           product: bool = False) -> Couple:
+    return Couple(tuple(refs), inexact, at_zero, finite, product)
 
 
 def compose(whole: Ref, *parts: Ref) -> Compose:
@@ -206,9 +215,12 @@ def is_static(dim: object) -> bool:
     return isinstance(dim, int)
 
 
-def identity_couples(view: NodeView, in_index: int = 0, out_index: int = 0, skip: tuple[int, ...] = ()) -> list[Couple]:
-    """Couple every axis of an input with the same axis of an output (element-wise and per-channel ops)."""
+def identity_couples(view: NodeView, in_index: int = 0, out_index: int = 0, skip: tuple[int, ...] = (),
+                     at_zero: str | None = None, finite: bool = True) -> list[Couple]:
+    """Couple every axis of an input with the same axis of an output (element-wise and per-channel ops); `at_zero`
+    and `finite` as in Couple."""
     rank = len(view.in_shape(in_index))
     if len(view.out_shape(out_index)) != rank:
         raise Barrier("input and output ranks differ")
-    return [couple(In(in_index, a), Out(out_index, a)) for a in range(rank) if a not in skip]
+    return [couple(In(in_index, a), Out(out_index, a), at_zero=at_zero, finite=finite)
+            for a in range(rank) if a not in skip]

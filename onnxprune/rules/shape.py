@@ -338,7 +338,20 @@ def pad(n: NodeView) -> Rule:
     axes = n.ints("axes", 3) if n.opset >= 18 else None
     axes = [int(a) % rank for a in axes] if axes else list(range(rank))
     padded = {a for k, a in enumerate(axes) if pads[k] or pads[k + len(axes)]}
-    return Rule(*[couple(In(0, a), Out(0, a)) for a in range(rank) if a not in padded])
+    at_zero = _pad_at_zero(n) if padded else None
+    return Rule(*[couple(In(0, a), Out(0, a), at_zero=at_zero) for a in range(rank) if a not in padded])
+
+
+def _pad_at_zero(n: NodeView) -> str | None:
+    """A constant pad value other than 0 fills the border of a removed (zero) channel."""
+    mode = n.attr("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return None
+    value = n.attr("value", 0.0) if n.opset < 11 else (n.const(2) if n.has_input(2) else 0.0)
+    if value is None:
+        return "Pad with a value computed at run time fills a removed channel's border"
+    return f"Pad fills a removed channel's border with {float(np.asarray(value).reshape(-1)[0]):g}" \
+        if np.any(np.asarray(value) != 0) else None
 
 
 @rule("Resize")
@@ -382,14 +395,20 @@ def reduce(n: NodeView) -> Rule:
         if n.attr("noop_with_empty_axes", 0):
             return Rule(*identity_couples(n))
         return Rule()  # reduces everything
-    return Rule(*_kept_axes(rank, {a % rank for a in axes}, bool(n.attr("keepdims", 1))))
+    at_zero, finite = REDUCE_AT_ZERO.get(n.op, (None, True))
+    return Rule(*_kept_axes(rank, {a % rank for a in axes}, bool(n.attr("keepdims", 1)), at_zero, finite))
 
 
-def _kept_axes(rank: int, reduced: set[int], keepdims: bool) -> list:
+# Reductions of zeros that are not zero (of n zeros): what a removed channel becomes, and whether it is finite.
+REDUCE_AT_ZERO = {"ReduceLogSumExp": ("ReduceLogSumExp of zeros = log n", True),
+                  "ReduceLogSum": ("ReduceLogSum of zeros = -inf", False)}
+
+
+def _kept_axes(rank: int, reduced: set[int], keepdims: bool, at_zero: str | None = None, finite: bool = True) -> list:
     relations, out_axis = [], 0
     for a in range(rank):
         if a not in reduced:
-            relations.append(couple(In(0, a), Out(0, out_axis)))
+            relations.append(couple(In(0, a), Out(0, out_axis), at_zero=at_zero, finite=finite))
         if a not in reduced or keepdims:
             out_axis += 1
     return relations
@@ -407,4 +426,5 @@ def softmax(n: NodeView) -> Rule:
     axis = int(n.attr("axis", -1 if n.opset >= 13 else 1)) % rank
     # Before opset 13 the op flattens every axis from `axis` on into one.
     normalised = {axis} if n.opset >= 13 else set(range(axis, rank))
-    return Rule(*[couple(In(0, a), Out(0, a)) for a in range(rank) if a not in normalised])
+    at_zero = f"{n.op} over the other axes of a removed (zero) channel is not 0"  # uniform, -log n, one-hot
+    return Rule(*[couple(In(0, a), Out(0, a), at_zero=at_zero) for a in range(rank) if a not in normalised])
