@@ -8,9 +8,9 @@ splits; pools; squeeze-excite), then a head (a conv, GlobalAveragePool + Flatten
 Gemm or MatMul). Token models (N, S, D): MatMul MLPs, LayerNormalization, attention blocks (q/k/v MatMuls, reshape to
 heads, transpose, softmax, merge, output projection), residual adds, then a MatMul or ReduceMean + Gemm head.
 
-Activations with f(0) != 0 (Sigmoid, HardSigmoid, Exp, Softplus, Clip with min > 0, Add of a scalar) on pruned
-channels are not exact (issue 10): a drawn graph holding one is flagged `f0_nonzero`, and an exactness failure on
-it counts as known (issue 10), not as a bug.
+Activations with f(0) != 0 (Sigmoid, HardSigmoid, Exp, Softplus, Clip with min > 0, Add of a scalar) turn a
+removed channel into a constant: where a layer consumes it the analysis marks the group inexact (issue 10), and the
+exactness check leaves inexact groups out like any other.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from exactness import feeds_at
 CRITERIA = ("l1", "l2", "random", "bn", "activation", "apoz", "regression")
 DATA_CRITERIA = ("activation", "apoz", "regression")
 RECOVERY = ("none", "bias", "lsq")
-EXACT_ACTS = ("Relu", "LeakyRelu", "Tanh", "Clip0", "Neg", "HardSwish")
-F0_ACTS = ("Sigmoid", "HardSigmoid", "Exp", "Softplus", "ClipPos", "AddScalar", "Cos")
+ZERO_AT_ZERO_ACTS = ("Relu", "LeakyRelu", "Tanh", "Clip0", "Neg", "HardSwish")
+NONZERO_AT_ZERO_ACTS = ("Sigmoid", "HardSigmoid", "Exp", "Softplus", "ClipPos", "AddScalar", "Cos")  # f(0) != 0
+ACTS = ZERO_AT_ZERO_ACTS + NONZERO_AT_ZERO_ACTS
 
 
 @dataclass
@@ -41,7 +42,6 @@ class Drawn:
 
     model: onnx.ModelProto
     ops: list[str] = field(default_factory=list)
-    f0_nonzero: bool = False
 
 
 @dataclass
@@ -99,8 +99,7 @@ def activation(b: GraphBuilder, x: str, act: str, channels_axis: int = 1) -> str
 
 @st.composite
 def act_block(draw, b: GraphBuilder, s: State, d: Drawn) -> State:
-    act = draw(st.sampled_from(EXACT_ACTS + F0_ACTS))
-    d.f0_nonzero |= act in F0_ACTS
+    act = draw(st.sampled_from(ACTS))
     d.ops.append(act)
     return State(activation(b, s.name, act), s.channels, s.spatial)
 
@@ -256,8 +255,7 @@ def image_models(draw) -> Drawn:
 
 @st.composite
 def mlp_block(draw, b: GraphBuilder, s: State, d: Drawn) -> State:
-    act = draw(st.sampled_from(EXACT_ACTS + F0_ACTS))
-    d.f0_nonzero |= act in F0_ACTS
+    act = draw(st.sampled_from(ACTS))
     d.ops.append(act)
     hidden = draw(st.sampled_from([8, 12, 16, 24]))
     h = activation(b, b.matmul(s.name, s.channels, hidden, bias=draw(st.booleans())), act)
@@ -362,7 +360,7 @@ def runs(draw, model_strategy: st.SearchStrategy[Drawn] | None = None) -> Run:
 
 def check_run(r: Run, errors: list[str] | None = None) -> str:
     """Prune as drawn; return 'error' for a clean error, 'valid' for a valid re-fitted model, 'exact' for a valid
-    model equal to the zeroed original, 'known-inexact' for an issue-10 graph that is not; raise otherwise. A clean
+    model equal to the zeroed original (inexact-marked groups left out); raise otherwise. A clean
     error's message is appended to `errors`."""
     try:
         pruned, report = onnxprune.prune(r.drawn.model, r.target, r.options)
@@ -380,12 +378,7 @@ def check_run(r: Run, errors: list[str] | None = None) -> str:
         assert all(np.isfinite(o).all() for o in run(pruned, feeds)), "non-finite outputs from a finite model"
     if r.options.recover != "none":
         return "valid"
-    try:
-        exact(r.drawn.model, report.plan, feeds)
-    except AssertionError:
-        if r.drawn.f0_nonzero:
-            return "known-inexact"
-        raise
+    exact(r.drawn.model, report.plan, feeds)
     return "exact"
 
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from builders import GraphBuilder
 from graphgen import Drawn, Run, State, activation, check_run, conv_nd, image_models, runs, token_models
 from onnxprune import Options, Target
+from onnxprune.pipeline import prepare
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                database=None)
@@ -24,10 +25,10 @@ settings.load_profile(os.environ.get("ONNXPRUNE_HYPOTHESIS", "ci"))
 
 
 def _outcome(r: Run) -> None:
-    """Known-inexact runs (issue 10) are counted as events (pytest --hypothesis-show-statistics), not failures."""
+    """Outcomes are counted as events (pytest --hypothesis-show-statistics)."""
     outcome = check_run(r)
     event(outcome)
-    assert outcome in ("exact", "valid", "error", "known-inexact")
+    assert outcome in ("exact", "valid", "error")
 
 
 @given(runs(image_models()))
@@ -40,13 +41,15 @@ def test_token_graphs_prune_valid_and_exact_or_fail_cleanly(r: Run):
     _outcome(r)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a removed channel's constant f(0) * W[:, c] is dropped, and the "
-                                       "group is not marked inexact")
 @pytest.mark.parametrize("act", ["Sigmoid", "Exp", "ClipPos", "AddScalar"])
-def test_f0_nonzero_activation_between_convs_is_exact(act: str):
-    """The smallest counter-example the property suite finds: conv -> act with f(0) != 0 -> conv."""
+def test_f0_nonzero_activation_between_convs_is_marked_inexact(act: str):
+    """The smallest counter-example the property suite found (issue 10): conv -> act with f(0) != 0 -> conv. The
+    removed channels' constant f(0) * W[:, c] is lost, so the group is marked inexact, with the op in the reason."""
     b = GraphBuilder(seed=0)
     s = conv_nd(b, State(b.input(["N", 3, 6, 6]), 3, [6, 6]), 8)
     s = State(activation(b, s.name, act), 8, s.spatial)
-    drawn = Drawn(b.model(conv_nd(b, s, 4, k=1).name), [act], f0_nonzero=False)
+    drawn = Drawn(b.model(conv_nd(b, s, 4, k=1).name), [act])
+    op = next(n for n in drawn.model.graph.node if s.name in n.output)
+    groups = [g for g in prepare(drawn.model).analysis.groups if g.prunable]
+    assert groups and all(any(f"'{op.name}'" in r for r in g.inexact) for g in groups)
     assert check_run(Run(drawn, Target.ratio(0.5), Options(round_to=1))) == "exact"

@@ -1,8 +1,7 @@
 """The property suite's strategies (tests/graphgen.py) for a long run: random small graphs of the supported ops
 with random ratios, criteria, allocations and recoveries, through `onnxprune.prune`, until a number of examples or
-a time budget is spent. Prints the counts: examples, valid and exact, valid (re-fitted), clean errors,
-known-inexact (issue 10: an activation with f(0) != 0 on pruned channels) and internal errors (anything else: an
-exception that is not a clean OnnxPruneError, an invalid model, an inexact one). Failing models are written to
+a time budget is spent. Prints the counts: examples, valid and exact, valid (re-fitted), clean errors and
+internal errors (anything else: an exception that is not a clean OnnxPruneError, an invalid model, an inexact one). Failing models are written to
 --keep for reproduction.
 
     nice -n 10 python tools/fuzz_graphs.py --minutes 10 [--examples N] [--seed S] [--keep DIR]
@@ -85,7 +84,7 @@ def main() -> None:
     counts = fuzz(start + args.minutes * 60, args.examples, args.seed, args.keep)
     print(f"{time.monotonic() - start:.0f} s, seed {args.seed}: {counts['examples']} examples; "
           f"{counts['exact']} valid and exact, {counts['valid']} valid (re-fitted), {counts['error']} clean errors, "
-          f"{counts['known-inexact']} known-inexact (issue 10), {counts['internal']} internal errors "
+          f"{counts['internal']} internal errors "
           f"({counts['distinct internal errors']} distinct)")
 
 
