@@ -1,6 +1,8 @@
 """Convolutions, linear layers and pooling."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..layers import weight_axes
 from ..roles import Role
 from .elementwise import broadcast_couples
@@ -88,7 +90,9 @@ def matmul(n: NodeView) -> Rule:
         couple(In(0, len(a) - 1, Role.W_IN if a_const else None), In(1, len(b) - 2, Role.W_IN if b_const else None)),
         couple(Out(0, rank - 2), In(0, len(a) - 2, Role.W_OUT if a_const else None)),
         couple(Out(0, rank - 1), In(1, len(b) - 1, Role.W_OUT if b_const else None)),
-        *broadcast_couples(n, [0, 1], lambda i: None, trailing=2),
+        # A batch of matrix products: a removed (zero) slice of either operand gives a zero slice (attention
+        # weights of a removed head times its zero values).
+        *[replace(c, product=True) for c in broadcast_couples(n, [0, 1], lambda i: None, trailing=2)],
     )
 
 
@@ -121,5 +125,5 @@ def einsum(n: NodeView) -> Rule:
         if out.count(letter) > 1:
             continue
         out_ref = [Out(0, out.index(letter))] if letter in out else []
-        relations.append(couple(*letter_refs, *out_ref))
+        relations.append(couple(*letter_refs, *out_ref, product=True))  # a zero slice of any operand: a zero slice
     return Rule(*relations)
