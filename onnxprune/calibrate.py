@@ -21,6 +21,7 @@ from .errors import OnnxPruneError, UsageError, first_line
 from .graph import inferred_value_infos
 from .layers import real_positions
 from .verify import NO_NUMPY_TYPES, session
+from .verify import first_sample as first_of_batch
 
 Feed = dict[str, np.ndarray]
 
@@ -252,6 +253,7 @@ class Calibration:
 
     def __init__(self, source: CalibrationSource, model: onnx.ModelProto, replayable: bool):
         self.source, self.specs, self.mask = source, input_specs(model), mask_input(model)
+        self.model = model
         self._arrays = self._kept = self._reader = None
         if source.folder is None and isinstance(source.data, (str, os.PathLike)):
             self._arrays = load_arrays(source.data, self.specs)
@@ -289,10 +291,7 @@ class Calibration:
     def first_sample(self) -> Feed | None:
         """The first calibration sample (batch 1 where the model's batch is dynamic)."""
         feed = next(iter(self.batches(1, 1)), None)
-        if feed is None:
-            return None
-        batched = {s.name for s in self.specs if s.dims and not s.fixed_batch}
-        return {k: v[:1] if k in batched else v for k, v in feed.items()}
+        return first_of_batch(self.model, feed) if feed is not None else None
 
 
 # ------------------------------------------------------------------------------------------------ images
