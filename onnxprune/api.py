@@ -5,18 +5,14 @@ import os
 
 import onnx
 
-from .allocate import MacModel
 from .calibrate import Calibration, CalibrationSource
-from .criteria import STATISTICS, ScoringContext
 from .errors import UsageError
 from .groups import Analysis
 from .options import Options, Target, validate
-from .pipeline import (SENSITIVITY_SAMPLES, Inputs, collect_statistics, counted_at, prepare, run_once,
-                       score_groups)
+from .pipeline import (Inputs, collect_statistics, counted_at, group_curves, mac_model_of, prepare, run_once, score,
+                       statistics_needed)
 from .report import PruneReport
 from .schedule import prune_iteratively
-from .sensitivity import sensitivity_curves
-from .verify import layer_macs
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -51,12 +47,10 @@ def sensitivity(model_or_path: ModelSource, options: Options) -> dict:
     calibration = Calibration(options.calib, prepared.model, replayable=True)
     sample, shapes = counted_at(prepared, calibration, None)
     inputs = Inputs(prepared, calibration, sample, shapes)
-    reads = STATISTICS[options.criterion]
-    stats = collect_statistics(inputs, reads, quiet=True) if reads else None
-    scores = score_groups(prepared.analysis, options.criterion, ScoringContext(prepared.analysis.index, stats=stats))
-    mac_model = MacModel(prepared.analysis, layer_macs(prepared.model, shapes))
-    curves = sensitivity_curves(prepared.model, prepared.analysis, scores,
-                                list(calibration.batches(SENSITIVITY_SAMPLES)), options.round_to, mac_model)
+    reads = statistics_needed(Target.ratio(0.0), options)
+    stats = collect_statistics(inputs, reads, options.quiet) if reads else None
+    mac_model = mac_model_of(inputs)
+    curves = group_curves(inputs, score(inputs, options, stats).values, options.round_to, mac_model)
     return {"criterion": options.criterion, "round_to": options.round_to, "macs": mac_model.cost({}),
             "groups": [_curve_entry(prepared.analysis, gid, points) for gid, points in curves.items()]}
 

@@ -144,12 +144,8 @@ def statistics_needed(target: Target, options: Options) -> frozenset[str]:
 
 def score(inputs: Inputs, options: Options, stats: Statistics | None) -> Scores:
     context = ScoringContext(inputs.analysis.index, seed=options.seed, stats=stats)
-    return Scores(score_groups(inputs.analysis, options.criterion, context), context)
-
-
-def score_groups(analysis: Analysis, criterion: str, context: ScoringContext) -> dict[int, np.ndarray]:
-    scorer = get_criterion(criterion)
-    return {g.id: scorer(g, context) for g in analysis.prunable}
+    scorer = get_criterion(options.criterion)
+    return Scores({g.id: scorer(g, context) for g in inputs.analysis.prunable}, context)
 
 
 def allocate(inputs: Inputs, target: Target, options: Options, scores: dict[int, np.ndarray],
@@ -164,14 +160,25 @@ def allocate(inputs: Inputs, target: Target, options: Options, scores: dict[int,
             inputs.model, analysis, search, target.value, round_to=options.round_to, threads=options.threads,
             table_path=options.latency_table, progress=not options.quiet, feed=inputs.sample, shapes=inputs.shapes)
         return plan_from_counts(analysis, scores, counts), outcome
-    mac_model = MacModel(analysis, layer_macs(inputs.model, inputs.shapes))
+    mac_model = mac_model_of(inputs)
     if options.allocation == "sensitivity":
-        feeds = list(inputs.calibration.batches(SENSITIVITY_SAMPLES))
-        curves = sensitivity_curves(inputs.model, analysis, scores, feeds, options.round_to, mac_model)
+        curves = group_curves(inputs, scores, options.round_to, mac_model)
         counts = sensitivity_counts(analysis, curves, mac_model, ratio, target.budget)
     else:
         counts = search((mac_model, target.value) if target.kind == "macs" else None)
     return plan_from_counts(analysis, scores, counts), None
+
+
+def mac_model_of(inputs: Inputs) -> MacModel:
+    """MACs of any channel counts, the layers counted where `inputs` says (a calibration sample's sizes)."""
+    return MacModel(inputs.analysis, layer_macs(inputs.model, inputs.shapes))
+
+
+def group_curves(inputs: Inputs, scores: dict[int, np.ndarray], round_to: int,
+                 mac_model: MacModel) -> dict[int, list[dict]]:
+    """Each group pruned alone at the candidate ratios: damage on the first calibration samples, MACs saved."""
+    feeds = list(inputs.calibration.batches(SENSITIVITY_SAMPLES))
+    return sensitivity_curves(inputs.model, inputs.analysis, scores, feeds, round_to, mac_model)
 
 
 def recover(pruned: onnx.ModelProto, original: onnx.ModelProto, inputs: Inputs, plan: Plan, options: Options,
