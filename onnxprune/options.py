@@ -67,7 +67,6 @@ class Options:
     quiet: bool = True
 
 
-
 def needs_calibration(target: Target, options: Options) -> bool:
     """Whether the run reads calibration data: to score or allocate (not when a plan names the channels), or to
     recover."""
