@@ -210,17 +210,13 @@ class _Builder:
         mentioned: set[Space] = set()
         resolved = []
         for rel in relations:  # resolve all first: a Barrier must leave no half-added node behind
-            if isinstance(rel, Couple):
-                resolved.append(("couple", [self._space(view, r) for r in rel.refs], rel))
-            elif isinstance(rel, Compose):
-                resolved.append(("compose", [self._space(view, rel.whole)] +
-                                 [self._space(view, r) for r in rel.parts], rel))
-            else:
-                resolved.append(("expand", [self._space(view, rel.fine), self._space(view, rel.coarse)], rel))
-                if rel.alternative is not None:
-                    self.split_choices.append((view.name, resolved[-1][1][1], self._space(view, rel.alternative)))
-        self.zeros.visit(who, [(_refs(rel), spaces, rel) for _, spaces, rel in resolved])
-        for kind, spaces, rel in resolved:
+            refs = _refs(rel)
+            kind = "couple" if isinstance(rel, Couple) else "compose" if isinstance(rel, Compose) else "expand"
+            resolved.append((kind, refs, [self._space(view, r) for r in refs], rel))
+            if kind == "expand" and rel.alternative is not None:
+                self.split_choices.append((view.name, resolved[-1][2][1], self._space(view, rel.alternative)))
+        self.zeros.visit(who, [(refs, spaces, rel) for _, refs, spaces, rel in resolved])
+        for kind, _, spaces, rel in resolved:
             mentioned.update(spaces)
             if kind == "couple":
                 for s in spaces[1:]:
@@ -365,7 +361,7 @@ def resolve(view: NodeView, ref: Ref) -> tuple[Space, int | None]:
 
 
 def _refs(rel: object) -> list[Ref]:
-    """A relation's refs in the order `_add_relations` resolves them."""
+    """A relation's refs: a couple's, a composition's whole then its parts, an expansion's fine then coarse part."""
     if isinstance(rel, Couple):
         return list(rel.refs)
     if isinstance(rel, Compose):
