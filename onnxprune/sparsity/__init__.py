@@ -1,0 +1,1 @@
+"""Unstructured and N:M weight sparsity: selection, criteria, recovery and storage."""
