@@ -60,9 +60,17 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if vi.name in weights:
             continue
         t = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-        specs.append(InputSpec(vi.name, fed_dtype(t.elem_type), dims))
+        specs.append(InputSpec(vi.name, fed_dtype(t.elem_type), tuple(_enforced(d) for d in t.shape.dim)))
     return specs
+
+
+def _enforced(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A dimension as onnxruntime enforces it on a fed array: only a dim_value >= 0 must match exactly; a negative
+    one (Paddle's -1) and every dim_param are free, and two axes with the same dim_param ('?' twice, as Paddle
+    writes height and width) may differ, so the name is kept for messages only."""
+    if dim.HasField("dim_value") and dim.dim_value >= 0:
+        return int(dim.dim_value)
+    return dim.dim_param or None
 
 
 def fed_dtype(elem_type: int) -> np.dtype:

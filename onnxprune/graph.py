@@ -549,7 +549,7 @@ def _dims_of(type_proto: onnx.TypeProto) -> Dims | None:
         return None
     dims = []
     for d in type_proto.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:  # a negative one (Paddle's -1) is a run-time size
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)

@@ -199,7 +199,8 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (batch if k == 0 else 1) for k, d in enumerate(t.shape.dim)]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (batch if k == 0 else 1)
+                for k, d in enumerate(t.shape.dim)]
         dtype = _NP_TYPES.get(t.elem_type, np.float32)
         if np.issubdtype(dtype, np.integer):
             feeds[vi.name] = rng.integers(0, 2, size=dims).astype(dtype)
