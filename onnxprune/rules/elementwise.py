@@ -108,15 +108,18 @@ def _at_zero(n: NodeView, c: Couple, inputs: list[int]) -> Couple:
         return c
     if n.op in _ALWAYS_TRUE_AT_ZERO:
         return replace(c, at_zero=f"{n.op}(0, 0) is true")
-    hit = next((i for i in broadcast_over if not _harmless(n.op, n.const(i))), None)
+    hit = next((i for i in broadcast_over if not _harmless(n.op, i, n.const(i))), None)
     if hit is None:
         return c
     return replace(c, at_zero=f"{n.op} with input {hit} ('{n.node.input[hit]}') broadcast over the removed channels "
                               f"gives them its value")
 
 
-def _harmless(op: str, value: np.ndarray | None) -> bool:
-    """A constant broadcast over the channels that leaves op(0, value) at 0."""
+def _harmless(op: str, index: int, value: np.ndarray | None) -> bool:
+    """An operand broadcast over the channels that leaves op(0, value) at 0: any divisor (0 / d = 0, the
+    normalisation of a LayerNorm or an L2 norm), or a constant that does."""
+    if op == "Div" and index == 1:
+        return True
     if value is None:
         return False
     if op == "Max":

@@ -389,19 +389,32 @@ REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "Re
 
 @rule(*REDUCE)
 def reduce(n: NodeView) -> Rule:
+    """Kept axes couple with the output; each reduced axis is consumed alone, like a layer's input channels: a
+    removed (zero) channel adds nothing to a sum, and REDUCED_INEXACT names the ops where it does change the result."""
     rank = len(n.in_shape(0))
     axes = n.ints("axes", 1)
-    if not axes:
-        if n.attr("noop_with_empty_axes", 0):
-            return Rule(*identity_couples(n))
-        return Rule()  # reduces everything
+    if not axes and n.attr("noop_with_empty_axes", 0):
+        return Rule(*identity_couples(n))
+    reduced = {a % rank for a in axes} if axes else set(range(rank))  # no axes: every axis
     at_zero, finite = REDUCE_AT_ZERO.get(n.op, (None, True))
-    return Rule(*_kept_axes(rank, {a % rank for a in axes}, bool(n.attr("keepdims", 1)), at_zero, finite))
+    inexact = REDUCED_INEXACT.get(n.op)
+    consumed = [couple(In(0, a), inexact=inexact and f"{n.op} over axis {a} {inexact}") for a in sorted(reduced)]
+    return Rule(*_kept_axes(rank, reduced, bool(n.attr("keepdims", 1)), at_zero, finite), *consumed)
 
 
 # Reductions of zeros that are not zero (of n zeros): what a removed channel becomes, and whether it is finite.
 REDUCE_AT_ZERO = {"ReduceLogSumExp": ("ReduceLogSumExp of zeros = log n", True),
                   "ReduceLogSum": ("ReduceLogSum of zeros = -inf", False)}
+
+# Reductions OVER the channels that a removed (zero) channel changes: why. Sum, SumSquare, L1, L2 and LogSum (the log
+# of a sum) add nothing for a zero, so pruning the reduced axis is exact for them.
+REDUCED_INEXACT = {
+    "ReduceMean": "divides by the number of channels, which pruning lowers",
+    "ReduceMax": "counts a removed (zero) channel: the maximum where every kept one is negative",
+    "ReduceMin": "counts a removed (zero) channel: the minimum where every kept one is positive",
+    "ReduceProd": "multiplies in a removed (zero) channel: the original product is 0",
+    "ReduceLogSumExp": "adds exp(0) = 1 for each removed (zero) channel",
+}
 
 
 def _kept_axes(rank: int, reduced: set[int], keepdims: bool, at_zero: str | None = None, finite: bool = True) -> list:
