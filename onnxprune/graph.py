@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import external_data_helper, numpy_helper
 
-from . import files
+from . import files, fold
 from .errors import OnnxPruneError, first_line
 
 log = logging.getLogger("onnxprune")
@@ -252,13 +252,15 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------------------------- normalisation
 
 def normalize(model: onnx.ModelProto) -> None:
-    """Rewrite exporter quirks in place: Constant nodes -> initializers, Identity on a constant -> bypassed."""
+    """Rewrite exporter quirks in place: Constant nodes -> initializers, Identity on a constant -> bypassed,
+    arithmetic on constants -> its result (fold.py)."""
     graph = model.graph
     protected = set(o.name for o in graph.output) | subgraph_references(graph)
     _constants_to_initializers(graph, protected)
     _bypass_constant_identities(graph, protected)
     if model.ir_version >= 4:
         _initializers_out_of_inputs(graph)
+    fold.fold_constants(model, protected)
 
 
 def _initializers_out_of_inputs(graph: onnx.GraphProto) -> None:
