@@ -1,4 +1,5 @@
-"""One description per weight-bearing op: Conv, ConvTranspose, Gemm and MatMul whose weight (input 1) is a constant.
+"""One description per weight-bearing op: Conv, ConvTranspose, Gemm, MatMul and Einsum whose weight (input 1) is a
+constant.
 
 Everything that depends on how such a layer stores its weight lives here, and only here: which weight axes hold its
 output and input channels, its group count, Gemm's transposition, alpha and beta, where its bias is (an input, or the
@@ -10,8 +11,10 @@ The common currency is the weight seen as *kernels*: (output channels, input cha
 layout of a Conv's weight; a matrix layer's kernels are (outputs, inputs). A layer's *rows* are its kernels
 flattened to (features, outputs), features input-channel-major, the order in which its patches flatten.
 
-Einsum is left out: a matmul-like equation would need its letters matched against this layout, and no exporter in
-the zoo writes a linear layer as an Einsum; its rule still couples its channels, it is only not re-fitted or counted.
+An Einsum is a layer where its equation is matmul-like (einsum.py reads it): two operands, the weight second, one
+weight letter summed over (input channels) and one only the weight brings to the output (output channels); other
+weight letters (heads, "bhid,hdk->bhik") are kernel positions to this layout. Where it is a plain matrix product
+("...j,jk->...k", "bij,kj->bik") it is a matrix layer, re-fitted like MatMul. Any Einsum's MACs are counted.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .einsum import equation_of
 from .graph import GraphIndex, node_attr
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -54,7 +58,21 @@ def _matmul_macs(node: onnx.NodeProto, shape: ShapeOf) -> int:
     return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
 
 
-_MACS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _gemm_macs, "MatMul": _matmul_macs}
+def _einsum_macs(node: onnx.NodeProto, shape: ShapeOf) -> int:
+    """One multiply-accumulate per combination of the equation's letters."""
+    shapes = [shape(name) for name in node.input]
+    equation = equation_of(node, [len(s) for s in shapes])
+    if equation is None:
+        raise TypeError("equation does not match the inputs")
+    sizes: dict[str, int] = {}
+    for term, dims in zip(equation.inputs, shapes):
+        for letter, size in zip(term, dims):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
+    return int(np.prod(list(sizes.values()), dtype=np.int64))
+
+
+_MACS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _gemm_macs, "MatMul": _matmul_macs,
+         "Einsum": _einsum_macs}
 
 
 def macs(node: onnx.NodeProto, shape: ShapeOf) -> int | None:
@@ -314,7 +332,22 @@ def _bias_add(node: onnx.NodeProto, index: GraphIndex) -> BiasSite | None:
     return BiasSite(add.name, 1 - list(add.input).index(output), create=False)
 
 
-_DESCRIBE = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
+def _einsum(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer | None:
+    """A matmul-like Einsum (see the module docstring); None for any other equation."""
+    equation = equation_of(node, [len(index.shapes.get(name) or ()) for name in node.input])
+    if equation is None or len(equation.inputs) != 2:
+        return None
+    contracted, produced = equation.weight_letters(1)
+    if len(contracted) != 1 or len(produced) != 1:
+        return None
+    data, weight, out = *equation.inputs, equation.output
+    axes = weight.index(produced[0]), weight.index(contracted[0])
+    if len(weight) == 2 and data[-1] == contracted[0] and out == data[:-1] + produced[0]:
+        return MatrixLayer(node, *axes, len(out) - 1, refittable=True, bias=_bias_add(node, index))
+    return Layer(node, *axes, out.index(produced[0]))
+
+
+_DESCRIBE = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Einsum": _einsum}
 
 
 # ------------------------------------------------------------------------------------------------ dtypes

@@ -22,8 +22,8 @@ EXACT_OVER_CHANNELS = sorted(set(REDUCE) - set(REDUCED_INEXACT))
 
 def reduce_model(op: str, axes: list[int] | None, keepdims: int = 1, opset: int = 18, sign: str = "",
                  consumer: bool = False, **attrs) -> onnx.ModelProto:
-    """conv (3 -> C) -> [Abs, and Neg for `sign` "-"] -> OP over `axes` (an input from opset 18, an attribute before) [-> a layer reading
-    the channels: a 1x1 conv, or a Gemm where the spatial axes are gone]."""
+    """conv (3 -> C) -> [Abs, and Neg for `sign` "-"] -> OP over `axes` (an input from opset 18, an attribute
+    before) [-> a layer reading the channels: a 1x1 conv, or a Gemm where the spatial axes are gone]."""
     b = GraphBuilder(opset=opset)
     x = b.conv(b.input(["N", 3, 6, 6]), 3, C)
     x = b.op("Abs", [x]) if sign else x

@@ -294,5 +294,5 @@ def test_einsum_group_is_reported_when_it_is_pruned(tmp_path):
     """The Einsum's hidden channels are a prunable group (its rule couples them); the summary counts it rather
     than printing '0 channel groups' beside halved parameters. Nothing else is dropped: pruning is exact."""
     out = summary(einsum_net(), tmp_path)
-    assert "1 channel groups: 1 pruned, 0 frozen" in out and "240 ->            120" in out
+    assert "3 channel groups: 1 pruned, 2 frozen" in out and "240 ->            120" in out  # like a MatMul net
     prune_exact(einsum_net(), 0.5)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..einsum import Equation, equation_of
 from ..layers import weight_axes
 from ..roles import Role
 from .elementwise import broadcast_couples
-from .registry import Barrier, FixContext, In, NodeView, Out, Pseudo, Rule, couple, expand, is_static, rule
+from .registry import Barrier, FixContext, In, NodeView, Out, Pseudo, Ref, Rule, couple, expand, is_static, rule
 
 
 def _bias(n: NodeView, index: int) -> list:
@@ -106,24 +107,39 @@ def pool(n: NodeView) -> Rule:
 @rule("Einsum")
 def einsum(n: NodeView) -> Rule:
     """Each letter is one index: its axes couple across inputs and output (a contracted letter couples the inputs
-    only). Letters repeated within one operand (diagonals) and ellipses are left out, so they stay frozen."""
-    equation = n.attr("equation", b"")
-    equation = (equation.decode() if isinstance(equation, bytes) else str(equation)).replace(" ", "")
-    if "->" not in equation or "." in equation:
-        raise Barrier("implicit output or ellipsis in the equation")
-    lhs, out = equation.split("->")
-    operands = lhs.split(",")
-    if len(operands) != len([i for i in range(len(n.node.input)) if n.has_input(i)]):
+    only); an axis of size 1 that broadcasting stretches is left out. Letters repeated within one operand
+    (diagonals) are left out, so they stay frozen. A constant operand beside one activation is a weight: the
+    letters summed over are its input channels, those only it brings to the output its output channels."""
+    inputs = [i for i in range(len(n.node.input)) if n.has_input(i)]
+    equation = equation_of(n.node, [len(n.in_shape(i)) for i in inputs])
+    if equation is None or len(inputs) != len(n.node.input):
         raise Barrier("equation does not match the inputs")
-    refs: dict[str, list] = {}
-    for i, term in enumerate(operands):
+    roles = _einsum_roles(n, equation)
+    refs: dict[str, list[tuple[Ref, object]]] = {}
+    for i, term in enumerate(equation.inputs):
         for axis, letter in enumerate(term):
             if term.count(letter) == 1:
-                refs.setdefault(letter, []).append(In(i, axis))
+                refs.setdefault(letter, []).append((In(i, axis, roles.get((i, letter))), n.in_shape(i)[axis]))
     relations = []
-    for letter, letter_refs in refs.items():
-        if out.count(letter) > 1:
+    for letter, sized in refs.items():
+        if equation.output.count(letter) > 1:
             continue
-        out_ref = [Out(0, out.index(letter))] if letter in out else []
-        relations.append(couple(*letter_refs, *out_ref, product=True))  # a zero slice of any operand: a zero slice
+        if letter in equation.output:
+            sized.append((Out(0, equation.output.index(letter)), n.out_shape(0)[equation.output.index(letter)]))
+        relations.append(couple(*_unbroadcast(sized), product=True))  # a zero slice of any operand: a zero slice
     return Rule(*relations)
+
+
+def _einsum_roles(n: NodeView, equation: Equation) -> dict[tuple[int, str], Role]:
+    """(operand, letter) -> role, for the one constant operand of a two-operand Einsum."""
+    constant = [i for i in range(len(equation.inputs)) if n.const(i) is not None]
+    if len(equation.inputs) != 2 or len(constant) != 1:
+        return {}
+    contracted, produced = equation.weight_letters(constant[0])
+    return {**{(constant[0], c): Role.W_IN for c in contracted}, **{(constant[0], c): Role.W_OUT for c in produced}}
+
+
+def _unbroadcast(sized: list[tuple[Ref, object]]) -> list[Ref]:
+    """The refs of one letter without the size-1 axes broadcast against a longer one."""
+    longer = any(size != 1 for _, size in sized)
+    return [ref for ref, size in sized if not (longer and size == 1)]
