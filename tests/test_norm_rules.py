@@ -215,3 +215,19 @@ def test_decomposed_norm_prunes_to_a_valid_model():
     pruned, report = onnxprune.prune(model, 0.5)
     onnx.checker.check_model(pruned, full_check=True)
     assert [g["channels"] - g["kept"] for g in report.to_dict()["groups"] if g["inexact"]] == [D // 2]
+
+
+def test_layer_norm_over_channels_and_space_is_an_inexact_group():
+    """LayerNormalization from axis 1 of an NCHW tensor (GroupNorm with one group, as timm exports it)."""
+    b = GraphBuilder(seed=6)
+    x = b.conv(b.input(["N", 3, 6, 6]), 3, D)
+    scale = b.const(b.rng.uniform(0.5, 1.5, (D, 6, 6)).astype(np.float32))
+    shift = b.const(b.rng.normal(0, 0.1, (D, 6, 6)).astype(np.float32))
+    x = b.op("Relu", [b.conv(b.op("LayerNormalization", [x, scale, shift], axis=1), D, HIDDEN)])
+    model = b.model(b.conv(x, HIDDEN, 4))
+    normed = next(g for g in prepare(model).analysis.groups if g.size == D)
+    assert normed.prunable and any("LayerNormalization" in r for r in normed.inexact)
+    assert {(scale, 0), (shift, 0)} <= {m.space for m in normed.members}
+    prune_exact(model, exact_groups_only=True)
+    pruned, _ = onnxprune.prune(model, 0.5, onnxprune.Options(round_to=1))
+    assert [list(i.dims) for i in pruned.graph.initializer if i.name == scale] == [[D // 2, 6, 6]]

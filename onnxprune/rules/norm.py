@@ -22,15 +22,26 @@ def instance_norm(n: NodeView) -> Rule:
 
 @rule("LayerNormalization")
 def layer_norm(n: NodeView) -> Rule:
+    """Axes before `axis` are rows, each normalised alone; the axes from `axis` on are normalised together, so
+    pruning any of them changes the mean and variance: inexact, with the scale and shift sliced along."""
     rank = len(n.in_shape(0))
     axis = int(n.attr("axis", -1)) % rank
     if any(n.used_output(i) for i in (1, 2)):
         raise Barrier("mean / inv-std outputs are used")
     shifted = "LayerNormalization of a removed (zero) row is its shift" if n.has_input(2) else None
     relations = [couple(In(0, a), Out(0, a), at_zero=shifted) for a in range(axis)]
-    if axis != rank - 1:
-        return Rule(*relations)  # normalised over several axes: those stay whole
-    params = [In(i, len(n.in_shape(i)) - 1, role) for i, role in ((1, Role.SCALE), (2, Role.SHIFT)) if n.has_input(i)]
-    relations.append(couple(In(0, axis), Out(0, axis), *params,
-                            inexact="LayerNormalization normalises over this axis (mean and variance change)"))
+    inexact = "LayerNormalization normalises over this axis (mean and variance change)"
+    relations += [couple(In(0, a), Out(0, a), *_norm_params(n, a), inexact=inexact) for a in range(axis, rank)]
     return Rule(*relations)
+
+
+def _norm_params(n: NodeView, axis: int) -> list:
+    """The scale's and shift's refs on input axis `axis` (they line up with the input's last axes), where they are
+    not broadcast along it."""
+    size, from_end = n.in_shape(0)[axis], axis - len(n.in_shape(0))
+    refs = []
+    for i, role in ((1, Role.SCALE), (2, Role.SHIFT)):
+        shape = n.in_shape(i) if n.has_input(i) else ()
+        if len(shape) >= -from_end and shape[from_end] == size:
+            refs.append(In(i, from_end, role))
+    return refs
