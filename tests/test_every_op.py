@@ -388,3 +388,19 @@ def test_einsum_per_head_weights():
     assert roles == {0: None, 1: Role.W_IN, 2: Role.W_OUT}
     weight = next(i for i in pruned.graph.initializer if i.name == einsum.input[1])
     assert list(weight.dims) == [2, 8, 12]  # whole heads go (the merge after it keeps each head's 12 outputs whole)
+
+
+def test_keras_multi_head_projections():
+    """Keras EinsumDense in MultiHeadAttention: 'abc,cde->abde' makes (heads, head size) out of the hidden size and
+    'abcd,cde->abe' sums them back; both are layers and prune exactly."""
+    b = GraphBuilder(seed=11)
+    x = b.input(["N", 6, TOKENS])
+    heads = b.op("Einsum", [x, b.weight(TOKENS, 4, 8)], equation="abc,cde->abde")  # (N, 6, 4, 8)
+    y = b.op("Einsum", [b.op("Relu", [heads]), b.weight(4, 8, TOKENS)], equation="abcd,cde->abe")
+    model = b.model(b.matmul(b.op("Relu", [y]), TOKENS, 4))
+    einsums = [n for n in model.graph.node if n.op_type == "Einsum"]
+    assert [layer_macs(model)[n.name] for n in einsums] == [6 * TOKENS * 4 * 8] * 2
+    pruned, analysis, plan = prune_exact(model)
+    sizes = sorted(analysis.groups[g].size for g in plan.keep)
+    assert sizes == [4, 8, TOKENS]  # heads, head size, the second projection's outputs
+    assert sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 3) == [(2, 4, 8), (TOKENS, 2, 4)]
