@@ -106,7 +106,7 @@ class MacModel:
         self.fixed = 0
         self.layers: list[tuple[int, list[tuple[tuple[str, int], int]]]] = []
         shapes = analysis.index.shapes
-        for node in analysis.index.model.graph.node:
+        for node in analysis.index.nodes:  # layers inside If branches and Loop and Scan bodies too
             macs = layer_macs.get(node.name, 0)
             layer = describe(node, analysis.index)
             if layer is not None:

@@ -258,6 +258,7 @@ def normalize(model: onnx.ModelProto) -> None:
     protected = set(o.name for o in graph.output) | subgraph_references(graph)
     _constants_to_initializers(graph, protected)
     _bypass_constant_identities(graph, protected)
+    _subgraph_constants_to_initializers(graph)
     if model.ir_version >= 4:
         _initializers_out_of_inputs(graph)
     fold.fold_constants(model, protected)
@@ -285,6 +286,13 @@ def _constants_to_initializers(graph: onnx.GraphProto, protected: set[str]) -> N
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+
+
+def _subgraph_constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes inside If branches and Loop and Scan bodies become initializers of their subgraph, so the
+    analysis reads a body's weights and shape constants as it reads the main graph's."""
+    for sub in nested_graphs(graph):
+        _constants_to_initializers(sub, {o.name for o in sub.output} | subgraph_references(sub))
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -354,6 +362,31 @@ def subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return subs
 
 
+def named_subgraphs(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:
+    """A control-flow node's subgraphs by attribute name: 'then_branch' and 'else_branch' of If, 'body' of Loop and
+    Scan."""
+    return {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+
+
+def nested_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every subgraph inside `graph`, at any depth (not `graph` itself)."""
+    found: list[onnx.GraphProto] = []
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            found += [sub, *nested_graphs(sub)]
+    return found
+
+
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of `graph` and of its subgraphs, each subgraph's nodes before the node that holds them."""
+    found: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            found += all_nodes(sub)
+        found.append(node)
+    return found
+
+
 # ----------------------------------------------------------------------------------------------- shapes
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, Dims]:
@@ -401,8 +434,9 @@ def shapes_at(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
 
 
 def _with_initializers(model: onnx.ModelProto, shapes: dict[str, Dims]) -> dict[str, Dims]:
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(int(d) for d in init.dims)
+    for g in [model.graph, *nested_graphs(model.graph)]:
+        for init in g.initializer:
+            shapes[init.name] = tuple(int(d) for d in init.dims)
     return shapes
 
 
@@ -458,6 +492,10 @@ def inferred_value_infos(model: onnx.ModelProto, strict: bool = False, values: d
     infos = _infer(light, strict)
     if strict:
         return infos
+    for _ in range(4):  # a nested Loop's start value gets its shape once the outer body has one
+        if not _declare_carried_shapes(light.graph, infos):
+            break
+        infos = _infer(light, strict)
     known = {i.name: numpy_helper.to_array(i) for i in light.graph.initializer}
     for _ in range(4):  # folding makes shapes static, which lets more Shape nodes fold
         if not _fold_shape_arithmetic(light, infos, known):
@@ -470,9 +508,44 @@ def inferred_value_infos(model: onnx.ModelProto, strict: bool = False, values: d
 
 
 def _infer(light: onnx.ModelProto, strict: bool) -> dict[str, onnx.ValueInfoProto]:
+    """The inferred value infos of the main graph, then those of its subgraphs (If branches, Loop and Scan bodies)."""
     inferred = onnx.shape_inference.infer_shapes(light, check_type=strict, strict_mode=strict, data_prop=True)
-    g = inferred.graph
-    return {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    infos = {}
+    for g in [inferred.graph, *nested_graphs(inferred.graph)]:
+        infos.update((vi.name, vi) for vi in list(g.value_info) + list(g.input) + list(g.output)
+                     if vi.name not in infos)
+    return infos
+
+
+def _declare_carried_shapes(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]) -> bool:
+    """ONNX inference gives a Loop body's carried inputs and the Loop's carried outputs no shape (it may change
+    between iterations), so nothing in the body or after the Loop gets one. In the light copy only, give each such
+    input the shape of the value the Loop starts it from, and the output that shape too where the body hands the
+    same shape back. Returns whether anything changed."""
+    changed = False
+    for g in [graph, *nested_graphs(graph)]:
+        for node in g.node:
+            if node.op_type == "Loop" and "body" in named_subgraphs(node):
+                changed |= _declare_loop_shapes(g, node, named_subgraphs(node)["body"], infos)
+    return changed
+
+
+def _declare_loop_shapes(graph: onnx.GraphProto, node: onnx.NodeProto, body: onnx.GraphProto,
+                         infos: dict[str, onnx.ValueInfoProto]) -> bool:
+    changed = False
+    for k in range(2, min(len(node.input), len(body.input), len(body.output) + 1)):
+        start = infos.get(node.input[k])
+        if start is None or _dims_of(start.type) is None:
+            continue
+        if _dims_of(body.input[k].type) is None:
+            body.input[k].type.CopyFrom(start.type)
+            changed = True
+        after, result = infos.get(body.output[k - 1].name), node.output[k - 2] if k - 2 < len(node.output) else ""
+        if (result and after is not None and _dims_of(after.type) == _dims_of(start.type)
+                and (result not in infos or _dims_of(infos[result].type) is None)):
+            graph.value_info.append(onnx.helper.make_value_info(result, start.type))
+            changed = True
+    return changed
 
 
 # Ops evaluated on small known values, and the size up to which an input counts as shape data.
@@ -564,7 +637,10 @@ def _dims_of(type_proto: onnx.TypeProto) -> Dims | None:
 
 @dataclass
 class GraphIndex:
-    """Read-only lookups over a model's main graph, built once per analysis."""
+    """Read-only lookups over a model's graph and its subgraphs (If branches, Loop and Scan bodies), built once per
+    analysis. Names are looked up across all graphs: `initializers` holds the subgraphs' too, `graph_outputs` the
+    values every graph hands out, `body_values` the names defined inside subgraphs (onnxruntime cannot expose them
+    as outputs), `reused_names` the names defined more than once (sibling branches may reuse a name)."""
 
     model: onnx.ModelProto
     shapes: dict[str, Dims]
@@ -574,6 +650,9 @@ class GraphIndex:
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
     known_values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # folded shape arithmetic
+    body_values: set[str] = field(default_factory=set)
+    reused_names: set[str] = field(default_factory=set)
+    nodes: list[onnx.NodeProto] = field(default_factory=list)  # all_nodes: the subgraphs' nodes too
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -586,13 +665,21 @@ class GraphIndex:
         index.initializers = {init.name: init for init in g.initializer}
         index.graph_inputs = {i.name for i in g.input if i.name not in index.initializers}
         index.graph_outputs = {o.name for o in g.output}
-        for node in g.node:
+        index.nodes = all_nodes(g)
+        for node in index.nodes:
             for name in node.output:
                 if name:
                     index.producer[name] = node
             for name in node.input:
                 if name:
                     index.consumers.setdefault(name, []).append(node)
+        seen = defined_names(g)
+        for sub in nested_graphs(g):
+            defined = defined_names(sub)
+            index.reused_names |= defined & (seen | index.body_values)
+            index.body_values |= defined
+            index.initializers.update((init.name, init) for init in sub.initializer)
+            index.graph_outputs.update(o.name for o in sub.output)
         return index
 
     def array(self, name: str) -> np.ndarray | None:
@@ -605,6 +692,12 @@ class GraphIndex:
         return self._arrays[name]
 
 
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """The names one graph (not its subgraphs) defines: its inputs, initializers and node outputs."""
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    return names | {o for n in graph.node for o in n.output if o}
+
+
 def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     """An attribute's Python value, or `default` where the node does not set it."""
     for attr in node.attribute:
@@ -614,12 +707,14 @@ def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object
 
 
 def node_names(model: onnx.ModelProto) -> None:
-    """Give every unnamed node a unique name: reports and --exclude refer to nodes by name."""
-    used = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
+    """Give every unnamed node, subgraphs' too, a unique name: reports, --exclude and surgery's fixups refer to
+    nodes by name."""
+    used = {n.name for n in all_nodes(model.graph) if n.name}
+    for graph in [model.graph, *nested_graphs(model.graph)]:
+        for i, node in enumerate(graph.node):
+            if not node.name:
+                name = f"{node.op_type}_{i}"
+                while name in used:
+                    name += "_"
+                node.name = name
+                used.add(name)

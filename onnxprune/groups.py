@@ -8,13 +8,13 @@ output, a dimension of unknown size, or an inconsistency.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
 from .atoms import Atoms
-from .graph import GraphIndex, ai_onnx_opset, outer_scope_names, subgraphs_of
+from .graph import GraphIndex, ai_onnx_opset, defined_names, nested_graphs, outer_scope_names, subgraphs_of
 from .roles import Role
 from .rules import Barrier, NodeView, rule_for
 from .rules.registry import Compose, Couple, Ref
@@ -80,6 +80,7 @@ class Analysis:
     fixups: list[tuple[NodeView, object]]
     barriers: list[str]
     sizes: dict[Space, int | None] = field(default_factory=dict)
+    mac_reach: object | None = None  # allocate.MacReach (MACs in prunable groups), set by api.analyze
 
     @property
     def prunable(self) -> list[Group]:
@@ -170,6 +171,7 @@ class _Builder:
         self.frozen_tensors: dict[str, str] = {}
         self.inexact: dict[Space, str] = {}
         self.zeros = ZeroFlow(index.initializers)
+        self.zero_visits: list[tuple[str, list]] = []  # (who, relations) in the order the zero flow read them
         self.structural: list[tuple[object, str]] = []  # (Compose/Expand over spaces, who)
         self.fixups: list[tuple[NodeView, object]] = []
         self.barriers: list[str] = []
@@ -181,21 +183,56 @@ class _Builder:
         for t in tensors:
             self.touched_by.setdefault(t, set()).add(node.name)
         who = f"{node.op_type} '{node.name}'"
-        for sub in subgraphs_of(node):
-            self._freeze_outer_references(sub, who)
         fn = rule_for(node)
-        if fn is None:
+        if fn is None or not self._analysable(node):
+            for sub in subgraphs_of(node):
+                self._freeze_outer_references(sub, who)
             domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
-            return self._barrier(tensors, f"{who}: no rule for op {domain}{node.op_type}")
+            return self._barrier(tensors, f"{who}: " + (f"no rule for op {domain}{node.op_type}" if fn is None else
+                                                        "its subgraphs reuse names defined elsewhere in the model"))
+        tensors += _boundary(node)
         view = NodeView(node, self.index, self.opset, tile=node.name in self.tiled)
         try:
             rule = fn(view)
-            mentioned = self._add_relations(view, rule.relations, who)
+            resolved = self._resolve(view, rule.relations)
         except Barrier as exc:
-            return self._barrier(tensors, f"{who}: {exc}")
+            self._barrier(tensors, f"{who}: {exc}")
+            return self._visit_bodies(node)
+        mentioned = self._add_node(node, resolved, who)
         self._freeze_unmentioned(tensors, mentioned, who)
         if rule.fixup is not None:
             self.fixups.append((view, rule.fixup))
+
+    def _analysable(self, node: onnx.NodeProto) -> bool:
+        """Subgraphs whose names are all their own: sibling branches may reuse a name, and spaces are named by
+        tensor name, so such subgraphs stay frozen as a whole."""
+        graphs = [g for sub in subgraphs_of(node) for g in (sub, *nested_graphs(sub))]
+        return not any(defined_names(g) & self.index.reused_names for g in graphs)
+
+    def _add_node(self, node: onnx.NodeProto, resolved: list, who: str) -> set[Space]:
+        """Add a node's relations; a control-flow node's subgraph nodes are visited between the relations that
+        enter its subgraphs and those that leave them, so that the zero flow follows the data. A value the body
+        carries to the next iteration may come back not zero where it went in zero: the body's zero flow is then
+        run once more (ZeroFlow keeps what it found first, so a rerun only adds)."""
+        if not subgraphs_of(node):
+            return self._add_relations(resolved, who)
+        leaving = [r for r in resolved if any(ref.side == "body_out" for ref in r[1])]
+        mentioned = self._add_relations([r for r in resolved if r not in leaving], who)
+        start = len(self.zero_visits)
+        self._visit_bodies(node)
+        body_visits = self.zero_visits[start:]
+        inside = [s for _, refs, spaces, _ in leaving for r, s in zip(refs, spaces) if r.side == "body_in"]
+        before = [s in self.zeros.nonzero for s in inside]
+        mentioned |= self._add_relations(leaving, who)
+        if before != [s in self.zeros.nonzero for s in inside]:
+            for visit in body_visits + [(who, _flows(leaving))]:
+                self.zeros.visit(*visit)
+        return mentioned
+
+    def _visit_bodies(self, node: onnx.NodeProto) -> None:
+        for sub in subgraphs_of(node):
+            for inner in sub.node:
+                self.visit(inner)
 
     def _barrier(self, tensors: list[str], reason: str) -> None:
         self.barriers.append(reason)
@@ -206,16 +243,22 @@ class _Builder:
         for name in outer_scope_names(graph):
             self.frozen_tensors.setdefault(name, f"{who}: used inside a subgraph")
 
-    def _add_relations(self, view: NodeView, relations: list, who: str) -> set[Space]:
-        mentioned: set[Space] = set()
+    def _resolve(self, view: NodeView, relations: list) -> list:
+        """(kind, refs, spaces, relation) of every relation, all resolved before any is added: a Barrier must leave
+        no half-added node behind."""
         resolved = []
-        for rel in relations:  # resolve all first: a Barrier must leave no half-added node behind
+        for rel in relations:
             refs = _refs(rel)
             kind = "couple" if isinstance(rel, Couple) else "compose" if isinstance(rel, Compose) else "expand"
             resolved.append((kind, refs, [self._space(view, r) for r in refs], rel))
             if kind == "expand" and rel.alternative is not None:
                 self.split_choices.append((view.name, resolved[-1][2][1], self._space(view, rel.alternative)))
-        self.zeros.visit(who, [(refs, spaces, rel) for _, refs, spaces, rel in resolved])
+        return resolved
+
+    def _add_relations(self, resolved: list, who: str) -> set[Space]:
+        mentioned: set[Space] = set()
+        self.zero_visits.append((who, _flows(resolved)))
+        self.zeros.visit(*self.zero_visits[-1])
         for kind, _, spaces, rel in resolved:
             mentioned.update(spaces)
             if kind == "couple":
@@ -352,8 +395,11 @@ def resolve(view: NodeView, ref: Ref) -> tuple[Space, int | None]:
     """The space a node's Ref names, and its static size (None when not static)."""
     if ref.side == "pseudo":
         return (f"{view.name}#{ref.index}", 0), ref.size
-    name = view.node.input[ref.index] if ref.side == "in" else view.node.output[ref.index]
-    shape = view.in_shape(ref.index) if ref.side == "in" else view.out_shape(ref.index)
+    if ref.side in ("body_in", "body_out"):
+        name, shape = view.body_value(ref), view.body_shape(ref)
+    else:
+        name = view.node.input[ref.index] if ref.side == "in" else view.node.output[ref.index]
+        shape = view.in_shape(ref.index) if ref.side == "in" else view.out_shape(ref.index)
     if not -len(shape) <= ref.axis < len(shape):
         raise Barrier(f"axis {ref.axis} out of range for '{name}'")
     axis = ref.axis % len(shape)
@@ -369,6 +415,19 @@ def _refs(rel: object) -> list[Ref]:
     return [rel.fine, rel.coarse]
 
 
+def _flows(resolved: list) -> list[tuple[list[Ref], list[Space], object]]:
+    """The relations as the zero flow reads them: a subgraph's input receives a value as a node output does, and a
+    subgraph's output hands one on as a node input does."""
+    sides = {"body_in": "out", "body_out": "in"}
+    return [([replace(r, side=sides.get(r.side, r.side)) for r in refs], spaces, rel)
+            for _, refs, spaces, rel in resolved]
+
+
+def _boundary(node: onnx.NodeProto) -> list[str]:
+    """The inputs and outputs of a node's subgraphs: axes the node's rule does not tie to its own are frozen."""
+    return [vi.name for sub in subgraphs_of(node) for vi in list(sub.input) + list(sub.output)]
+
+
 def _add_reason(reasons: list[str], reason: str) -> None:
     if reason not in reasons and len(reasons) < _MAX_REASONS:
         reasons.append(reason)
@@ -378,15 +437,17 @@ def _first_tensor(spaces: list[Space]) -> str:
     return next((s[0] for s in spaces if "#" not in s[0]), spaces[0][0])
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """An --exclude pattern: a glob, or, without wildcards, any part of the name."""
+    return fnmatch.fnmatchcase(name, pattern) if any(c in pattern for c in "*?[") else pattern in name
+
+
 def _apply_exclusions(analysis: Analysis, touched_by: dict[str, set[str]], patterns: tuple[str, ...]) -> None:
     """Freeze groups that touch a node or tensor whose name matches a pattern (glob; plain text matches a part)."""
-    def matches(name: str, pattern: str) -> bool:
-        return fnmatch.fnmatchcase(name, pattern) if any(c in pattern for c in "*?[") else pattern in name
-
     for group in analysis.groups:
         names = set(group.tensors())
         for t in list(names):
             names |= touched_by.get(t, set())
-        hit = next((p for p in patterns for n in names if matches(n, p)), None)
+        hit = next((p for p in patterns for n in names if name_matches(n, p)), None)
         if hit is not None:
             _add_reason(group.frozen, f"excluded by --exclude '{hit}'")

@@ -292,6 +292,8 @@ def describe(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
 def refittable(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
     """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight)."""
     layer = describe(node, index)
+    if node.output[0] in index.body_values:  # inside a subgraph: onnxruntime cannot expose its output to fit
+        return None
     return layer if layer is not None and layer.refittable else None
 
 

@@ -7,40 +7,56 @@ from onnx import helper, numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import inferred_value_infos
+from .graph import all_nodes, inferred_value_infos, nested_graphs
 from .groups import Analysis, resolve
 from .rules.registry import NodeView, Ref
 
 
 def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
-    """Prune `model` in place (the model the analysis was made on, or a copy of it) and return it."""
-    graph = model.graph
-    for position, init in enumerate(graph.initializer):
-        sliced = _sliced(analysis, plan, init)
-        if sliced is not None:
-            graph.initializer[position].CopyFrom(numpy_helper.from_array(sliced, init.name))
+    """Prune `model` in place (the model the analysis was made on, or a copy of it) and return it. Initializers and
+    nodes inside If branches and Loop and Scan bodies are pruned as the main graph's are."""
+    for graph in [model.graph, *nested_graphs(model.graph)]:
+        for position, init in enumerate(graph.initializer):
+            sliced = _sliced(analysis, plan, init)
+            if sliced is not None:
+                graph.initializer[position].CopyFrom(numpy_helper.from_array(sliced, init.name))
     replaced: set[str] = set()
-    nodes = {node.name: node for node in graph.node}
+    nodes = {node.name: node for node in all_nodes(model.graph)}
     for view, fixup in analysis.fixups:
         # The analysed model may be another copy (sensitivity, latency probes): fix this model's node.
         target = NodeView(nodes[view.name], analysis.index, view.opset, view.tile)
         fixup(target, _FixContext(target, analysis, plan, model, replaced))
     _remove_orphans(model, replaced)
+    _resize_subgraph_boundaries(model, analysis, plan)
     _refresh_value_info(model)
     return model
 
 
 def _remove_orphans(model: onnx.ModelProto, names: set[str]) -> None:
     """Drop the nodes that only computed an input a fixup replaced by a constant (folded shape arithmetic)."""
-    graph = model.graph
+    graphs = [model.graph, *nested_graphs(model.graph)]
     while names:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        orphans = [n for n in graph.node if any(o in names for o in n.output) and not any(o in used for o in n.output)]
-        if not orphans:
+        used = {i for n in all_nodes(model.graph) for i in n.input} | {o.name for g in graphs for o in g.output}
+        found = [(g, n) for g in graphs for n in g.node
+                 if any(o in names for o in n.output) and not any(o in used for o in n.output)]
+        if not found:
             return
-        names = {i for n in orphans for i in n.input if i}
-        for node in orphans:
+        names = {i for _, n in found for i in n.input if i}
+        for graph, node in found:
             graph.node.remove(node)
+
+
+def _resize_subgraph_boundaries(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> None:
+    """A subgraph's inputs and outputs declare their shapes: set the sizes of the pruned axes. Its intermediate
+    shapes are dropped (they are optional, and stale)."""
+    for graph in nested_graphs(model.graph):
+        del graph.value_info[:]
+        for vi in list(graph.input) + list(graph.output):
+            for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+                kept = analysis.kept_indices((vi.name, axis), plan.keep)
+                if kept is not None:
+                    dim.Clear()
+                    dim.dim_value = int(kept.size)
 
 
 def _sliced(analysis: Analysis, plan: Plan, init: onnx.TensorProto) -> np.ndarray | None:
@@ -62,7 +78,8 @@ def _refresh_value_info(model: onnx.ModelProto) -> None:
         infos = inferred_value_infos(model, strict=True)
     except Exception as exc:
         raise OnnxPruneError(f"internal error: pruned graph fails shape inference: {first_line(exc)}") from None
-    graph.value_info.extend(vi for name, vi in infos.items() if name not in declared)
+    computed = {o for n in graph.node for o in n.output}  # inference also reports the subgraphs' values
+    graph.value_info.extend(vi for name, vi in infos.items() if name not in declared and name in computed)
 
 
 class _FixContext:
@@ -101,10 +118,11 @@ class _FixContext:
         if current is not None and current.dtype == value.dtype and np.array_equal(current, value):
             return
         if current is not None and self._owned(node.input[index]):
-            _replace_initializer(graph, node.input[index], value)
+            _replace_initializer(self.model, node.input[index], value)
             return
-        # Otherwise (shared, absent, or computed from static shapes): a new constant for this input only.
-        name = _unique_name(graph, f"{node.name}_input{index}")
+        # Otherwise (shared, absent, or computed from static shapes): a new constant for this input only, in the
+        # main graph, which every subgraph sees.
+        name = _unique_name(self.model, f"{node.name}_input{index}")
         graph.initializer.append(numpy_helper.from_array(value, name))
         while len(node.input) <= index:
             node.input.append("")
@@ -120,15 +138,18 @@ class _FixContext:
                 and name not in index.graph_outputs)
 
 
-def _replace_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
-    for init in graph.initializer:
-        if init.name == name:
-            init.CopyFrom(numpy_helper.from_array(value, name))
-            return
+def _replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for graph in [model.graph, *nested_graphs(model.graph)]:
+        for init in graph.initializer:
+            if init.name == name:
+                init.CopyFrom(numpy_helper.from_array(value, name))
+                return
 
 
-def _unique_name(graph: onnx.GraphProto, base: str) -> str:
-    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+def _unique_name(model: onnx.ModelProto, base: str) -> str:
+    graphs = [model.graph, *nested_graphs(model.graph)]
+    taken = {i.name for g in graphs for i in g.initializer} | {o for n in all_nodes(model.graph) for o in n.output}
+    taken |= {i.name for g in graphs for i in g.input}
     name, k = base, 0
     while name in taken:
         k += 1

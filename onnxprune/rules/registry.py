@@ -25,11 +25,12 @@ class Ref:
     """A dimension seen from a node: input/output `index` at `axis` (negative counts from the end), or a
     node-local pseudo space named `index` (e.g. a grouped conv's groups)."""
 
-    side: str  # "in" | "out" | "pseudo"
+    side: str  # "in" | "out" | "pseudo" | "body_in" | "body_out"
     index: int | str
     axis: int = 0
     role: Role | None = None  # what a constant tensor on this axis is to this node
     size: int | None = None  # pseudo spaces only
+    graph: str | None = None  # body_in / body_out: the subgraph attribute ("body", "then_branch", ...)
 
 
 def In(index: int, axis: int, role: Role | None = None) -> Ref:  # noqa: N802 - reads like the DESIGN notation
@@ -42,6 +43,16 @@ def Out(index: int, axis: int) -> Ref:  # noqa: N802
 
 def Pseudo(name: str, size: int | None = None) -> Ref:  # noqa: N802
     return Ref("pseudo", name, 0, None, size)
+
+
+def BodyIn(graph: str, index: int, axis: int) -> Ref:  # noqa: N802
+    """Input `index` of the node's subgraph `graph` (a Loop or Scan body's carried state or scan element)."""
+    return Ref("body_in", index, axis, graph=graph)
+
+
+def BodyOut(graph: str, index: int, axis: int) -> Ref:  # noqa: N802
+    """Output `index` of the node's subgraph `graph` (an If branch's result, a body's next state or scan element)."""
+    return Ref("body_out", index, axis, graph=graph)
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,24 @@ class NodeView:
 
     def out_shape(self, i: int) -> Dims:
         return self._shape(self.node.output[i] if self.has_output(i) else None, f"output {i}")
+
+    def subgraph(self, attr: str) -> onnx.GraphProto:
+        """The node's subgraph held in attribute `attr` ("body", "then_branch", "else_branch")."""
+        graph = self.attr(attr)
+        if not isinstance(graph, onnx.GraphProto):
+            raise Barrier(f"no subgraph '{attr}'")
+        return graph
+
+    def body_value(self, ref: Ref) -> str:
+        """The name of the subgraph input or output a body_in / body_out ref names."""
+        values = self.subgraph(ref.graph).input if ref.side == "body_in" else self.subgraph(ref.graph).output
+        if not 0 <= ref.index < len(values):
+            raise Barrier(f"subgraph '{ref.graph}' has no {'input' if ref.side == 'body_in' else 'output'} {ref.index}")
+        return values[ref.index].name
+
+    def body_shape(self, ref: Ref) -> Dims:
+        return self._shape(self.body_value(ref), f"{ref.graph} {'input' if ref.side == 'body_in' else 'output'} "
+                                                 f"{ref.index}")
 
     def _shape(self, name: str | None, what: str) -> Dims:
         shape = self.index.shapes.get(name) if name else None
