@@ -14,6 +14,7 @@ import numpy as np
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Group, Member
+from .layers import constant_values, dequantizer, weight_readers
 from .roles import Role
 from .regression import removal_order
 
@@ -59,7 +60,7 @@ def member_norms(group: Group, member: Member, ctx: ScoringContext, order: int) 
     shared by every group that has a part of that axis."""
     key = ("norms", order, member.space)
     if key not in ctx.extras:
-        array = ctx.index.array(member.space[0])
+        array = constant_values(member.space[0], ctx.index)
         axis = member.space[1]
         others = tuple(a for a in range(array.ndim) if a != axis)
         if order == 1:
@@ -117,21 +118,20 @@ def _read_by(index: GraphIndex, tensor: str, op_type: str) -> bool:
 
 def member_values(group: Group, member: Member, index: GraphIndex) -> np.ndarray:
     """The member's values as (channels, values per channel)."""
-    array = np.moveaxis(index.array(member.space[0]), member.space[1], 0)
+    array = np.moveaxis(constant_values(member.space[0], index), member.space[1], 0)
     span = array[member.offset: member.offset + group.size * member.inner]
     return span.reshape(group.size, -1).astype(np.float64)
 
 
 def probes(group: Group, index: GraphIndex) -> list[Member]:
     """Where the group's channels enter the layers that consume them: the data inputs of the nodes whose weights
-    read the group (`w_in`). Activation statistics are taken there, so values inside If branches and Loop and Scan
-    bodies, which onnxruntime cannot expose, are left out (a group with no other probe is ranked by l1)."""
-    spaces = {m.space: m for m in group.members if not m.constant and m.space[0] not in index.body_values}
+    read the group (`w_in`). Activation statistics are taken there."""
+    spaces = {m.space: m for m in group.members if not m.constant}
     found: dict[tuple[str, int], Member] = {}
     for m in group.members:
         if m.constant and m.role == Role.W_IN:
-            for node in index.consumers.get(m.space[0], []):
-                for name in node.input:
+            for node in weight_readers(m.space[0], index):
+                for name in (i for i in node.input if dequantizer(i, index) is None):  # not a QDQ weight
                     found.update({s: spaces[s] for s in spaces if s[0] == name})
     return list(found.values())
 
@@ -142,7 +142,7 @@ def consumers(group: Group, index: GraphIndex) -> list[tuple[object, Member]]:
     found = []
     for m in group.members:
         if m.constant and m.role == Role.W_IN:
-            for node in index.consumers.get(m.space[0], []):
+            for node in weight_readers(m.space[0], index):
                 member = next((data[i] for i in node.input if i in data), None)
                 if member is not None and (node, member) not in found:
                     found.append((node, member))

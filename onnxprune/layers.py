@@ -11,16 +11,15 @@ The common currency is the weight seen as *kernels*: (output channels, input cha
 layout of a Conv's weight; a matrix layer's kernels are (outputs, inputs). A layer's *rows* are its kernels
 flattened to (features, outputs), features input-channel-major, the order in which its patches flatten.
 
-An Einsum is a layer where its equation is matmul-like (einsum.py reads it): two operands, the weight second, weight
-letters summed over (input channels) and letters only the weight brings to the output (output channels); the first
-of each are the layout's channel axes, other weight letters (heads, "bhid,hdk->bhik"; Keras' "abc,cde->abde") are
-kernel positions to it. Where it is a plain matrix product ("...j,jk->...k", "bij,kj->bik") it is a matrix
-layer, re-fitted like MatMul. Any Einsum's MACs are counted.
+An Einsum is a layer where its equation is matmul-like (einsum.py reads it): two operands, the weight second, one
+weight letter summed over (input channels) and one only the weight brings to the output (output channels); other
+weight letters (heads, "bhid,hdk->bhik") are kernel positions to this layout. Where it is a plain matrix product
+("...j,jk->...k", "bij,kj->bik") it is a matrix layer, re-fitted like MatMul. Any Einsum's MACs are counted.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from .einsum import equation_of
 from .graph import GraphIndex, node_attr
+from .roles import Role
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ROWS_PER_POSITION = 16  # a matrix layer samples this many input rows where a convolution samples one position
@@ -132,6 +132,7 @@ class Layer:
     alpha: float = 1.0  # the weight is used as alpha * W (Gemm)
     refittable: bool = False  # outputs are rows times kernels, so least squares can re-fit the weight
     bias: BiasSite | None = None
+    quantized: bool = False  # the weight is integer data a DequantizeLinear turns into floats (a QDQ model)
 
     @property
     def weight(self) -> str:
@@ -278,23 +279,33 @@ def _along(values: np.ndarray, axis: int, rank: int, leading: bool = False) -> n
 
 
 def is_layer(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    """A Conv, ConvTranspose, Gemm or MatMul whose weight (input 1) is an initializer of the indexed model."""
-    return node.op_type in _DESCRIBE and len(node.input) > 1 and node.input[1] in index.initializers
+    """A Conv, ConvTranspose, Gemm or MatMul whose weight (input 1) is an initializer of the indexed model, or the
+    dequantized integer initializer of a QDQ model (see dequantizer)."""
+    return node.op_type in _DESCRIBE and len(node.input) > 1 and _stored_weight(node.input[1], index) is not None
 
 
 def describe(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
     """The description of a layer (see is_layer); None for any other node."""
     if not is_layer(node, index):
         return None
-    return _DESCRIBE[node.op_type](node, index, tuple(index.initializers[node.input[1]].dims))
+    stored = _stored_weight(node.input[1], index)
+    layer = _DESCRIBE[node.op_type](node, index, tuple(index.initializers[stored].dims))
+    return replace(layer, quantized=True) if layer is not None and stored != node.input[1] else layer
 
 
 def refittable(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
-    """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight)."""
+    """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight, a float
+    weight: integer data behind a DequantizeLinear is left as it is)."""
     layer = describe(node, index)
-    if node.output[0] in index.body_values:  # inside a subgraph: onnxruntime cannot expose its output to fit
-        return None
-    return layer if layer is not None and layer.refittable else None
+    return layer if layer is not None and layer.refittable and not layer.quantized else None
+
+
+def _stored_weight(name: str, index: GraphIndex) -> str | None:
+    """The initializer that holds a weight: the weight itself, or the integer data it is dequantized from."""
+    if name in index.initializers:
+        return name
+    node = dequantizer(name, index)
+    return None if node is None else node.input[0]
 
 
 def _input_bias(node: onnx.NodeProto, scale: float = 1.0) -> BiasSite | None:
@@ -341,7 +352,7 @@ def _einsum(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> L
     if equation is None or len(equation.inputs) != 2:
         return None
     contracted, produced = equation.weight_letters(1)
-    if not contracted or not produced:
+    if len(contracted) != 1 or len(produced) != 1:
         return None
     data, weight, out = *equation.inputs, equation.output
     axes = weight.index(produced[0]), weight.index(contracted[0])
@@ -351,6 +362,100 @@ def _einsum(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> L
 
 
 _DESCRIBE = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Einsum": _einsum}
+
+
+# ------------------------------------------------------------------------------------------------ quantized weights
+
+def dequantizer(name: str, index: GraphIndex) -> onnx.NodeProto | None:
+    """The DequantizeLinear that makes tensor `name` out of constants only (integer data, scale, zero point: a QDQ
+    model's weight or bias), or None. Blocked quantization is left out (its rule freezes it)."""
+    node = index.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    if node_attr(node, "block_size", 0) or not all(i in index.initializers for i in node.input if i):
+        return None
+    return node
+
+
+def dequantized(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray:
+    """The float64 value of a DequantizeLinear of constants: (data - zero point) * scale, per tensor or per axis."""
+    data = index.array(node.input[0]).astype(np.float64)
+    scale = _along_quantized_axis(index.array(node.input[1]), node, data.ndim)
+    has_zero_point = len(node.input) > 2 and node.input[2]
+    zero_point = _along_quantized_axis(index.array(node.input[2]), node, data.ndim) if has_zero_point else 0.0
+    return (data - zero_point) * scale
+
+
+def _along_quantized_axis(values: np.ndarray, node: onnx.NodeProto, rank: int) -> np.ndarray:
+    """A scale or zero point shaped to broadcast over the data: a scalar, or a vector along the node's axis."""
+    values = np.asarray(values).astype(np.float64)
+    if values.size == 1:
+        return values.reshape(())
+    shape = [1] * rank
+    shape[int(node_attr(node, "axis", 1)) % rank] = -1
+    return values.reshape(shape)
+
+
+def _dequantizing(name: str, node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """`node` is a DequantizeLinear of constants whose data is `name`."""
+    return node.input[0] == name and bool(node.output) and dequantizer(node.output[0], index) is node
+
+
+def constant_values(name: str, index: GraphIndex) -> np.ndarray | None:
+    """A constant as the layers that read it see it: a QDQ model's integer weight dequantized (float64), any other
+    constant as stored; None for a tensor computed at run time."""
+    node = next((n for n in index.consumers.get(name, []) if _dequantizing(name, n, index)), None)
+    return index.array(name) if node is None else dequantized(node, index)
+
+
+def stored_zero(name: str, index: GraphIndex) -> np.ndarray:
+    """The stored values that mean 0 in constant `name`, as an array of its shape and type: the zero point where a
+    DequantizeLinear reads it (a removed channel of a QDQ weight is its zero point), 0 elsewhere."""
+    array = index.array(name)
+    node = next((n for n in index.consumers.get(name, []) if _dequantizing(name, n, index)), None)
+    if node is None or len(node.input) < 3 or not node.input[2]:
+        return np.zeros(array.shape, array.dtype)
+    zero_point = _along_quantized_axis(index.array(node.input[2]), node, array.ndim)
+    return np.broadcast_to(zero_point, array.shape).astype(array.dtype)
+
+
+def weight_readers(name: str, index: GraphIndex) -> list[onnx.NodeProto]:
+    """The nodes that read a constant; for integer data a DequantizeLinear turns into a weight, the nodes that read
+    the dequantized weight."""
+    found = []
+    for node in index.consumers.get(name, []):
+        found += index.consumers.get(node.output[0], []) if _dequantizing(name, node, index) else [node]
+    return found
+
+
+def weight_roles(name: str, index: GraphIndex) -> dict[int, Role]:
+    """The roles the layers reading tensor `name` (a dequantized weight or bias) give its axes, by axis: the
+    DequantizeLinear rule passes them on to the integer data, which is what criteria and the exactness harness read
+    and what surgery slices."""
+    roles: dict[int, Role] = {}
+    rank = len(index.shapes.get(name) or ())
+    for node in index.consumers.get(name, []):
+        layer = describe(node, index)
+        if layer is not None and node.input[1] == name and rank:
+            roles[layer.out_axis % rank] = Role.W_OUT
+            if layer.groups == 1:
+                roles[layer.in_axis % rank] = Role.W_IN
+        if rank and any(_is_bias_of(layer_node, node, name, index) for layer_node in _layers_before(node, index)):
+            roles[rank - 1] = Role.BIAS
+    return roles
+
+
+def _layers_before(node: onnx.NodeProto, index: GraphIndex) -> list[onnx.NodeProto]:
+    """The node itself and the nodes producing its inputs: where a bias that `node` reads may belong."""
+    return [node] + [index.producer[i] for i in node.input if i in index.producer]
+
+
+def _is_bias_of(layer_node: onnx.NodeProto, reader: onnx.NodeProto, name: str, index: GraphIndex) -> bool:
+    """`reader` reads `name` where `layer_node`'s description keeps its bias."""
+    layer = describe(layer_node, index)
+    site = layer.bias if layer is not None else None
+    return (site is not None and site.node == reader.name and site.input < len(reader.input)
+            and reader.input[site.input] == name)
 
 
 # ------------------------------------------------------------------------------------------------ dtypes

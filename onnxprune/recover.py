@@ -17,7 +17,7 @@ from .calibrate import with_outputs, mask_input, padding_of
 from .criteria import consumers
 from .errors import OnnxPruneError
 from .groups import Analysis
-from .layers import Layer, add_to_bias, current_bias, real_positions, refittable
+from .layers import Layer, add_to_bias, current_bias, describe, real_positions, refittable
 from .verify import session
 
 log = logging.getLogger("onnxprune")
@@ -32,6 +32,7 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats,
     The means are the original model's, so deep in a network whose upstream layers were pruned they can miss (on a
     transformer pruned by l1 they made the outputs far worse). With the `original` model and calibration `batches()`,
     the change is kept only if it brings the pruned model's outputs closer to the original's."""
+    _say_quantized_layers_stay(analysis, plan, "bias")
     contributions = _mean_contributions(analysis, plan, stats)
     trial = copy.deepcopy(pruned) if original is not None else pruned
     changed = 0
@@ -80,6 +81,16 @@ def _mean_contributions(analysis: Analysis, plan: Plan, stats) -> dict[str, tupl
                                             stats.channels[data.space].mean[features])
             found[node.name] = (layer, found.get(node.name, (layer, 0))[1] + delta)
     return found
+
+
+def _say_quantized_layers_stay(analysis: Analysis, plan: Plan, recovery: str) -> None:
+    """One line naming the layers that lost input channels but whose weights are integer data behind a
+    DequantizeLinear (a QDQ model): recovery leaves them as they are rather than re-quantize a fit."""
+    names = sorted({node.name for gid in plan.keep for node, _ in consumers(analysis.groups[gid], analysis.index)
+                    if (layer := describe(node, analysis.index)) is not None and layer.quantized})
+    if names:
+        log.warning("%s recovery leaves %d quantized layer(s) as they are (integer weights behind DequantizeLinear "
+                    "are not re-fitted): %s", recovery, len(names), ", ".join(names))
 
 
 def _add_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
@@ -140,6 +151,7 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
     A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
     mask = mask_input(original)
     changed = 0
+    _say_quantized_layers_stay(analysis, plan, "lsq")
     layers = refit_layers(analysis, plan)
     for position, layer in enumerate(layers):
         system = _NormalEquations()

@@ -10,10 +10,9 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import (Dims, all_nodes, batched_inputs, infer_shapes, nested_graphs, runtime_dims, shapes_at,
-                    subgraphs_of)
+from .graph import Dims, batched_inputs, infer_shapes, runtime_dims, shapes_at, subgraphs_of
 from .groups import Analysis
-from .layers import macs as node_macs
+from .layers import macs as node_macs, stored_zero
 from .roles import Role
 
 # Roles whose removed channels are zeroed so that the channel's activation is exactly zero (see elementwise._ROLES).
@@ -41,9 +40,7 @@ def io_signature(model: onnx.ModelProto) -> list[tuple[str, str, int, tuple]]:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every initializer, those of If branches and Loop and Scan bodies included."""
-    graphs = [model.graph, *nested_graphs(model.graph)]
-    return int(sum(np.prod(init.dims, dtype=np.int64) for graph in graphs for init in graph.initializer))
+    return int(sum(np.prod(init.dims, dtype=np.int64) for init in model.graph.initializer))
 
 
 def count_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> int:
@@ -68,11 +65,10 @@ def sample_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) 
 
 
 def layer_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> dict[str, int]:
-    """MACs per node name, for the nodes count_macs counts; a layer inside an If branch or a Loop or Scan body
-    counts once, as for one run of its subgraph."""
+    """MACs per node name, for the nodes count_macs counts."""
     shapes = shapes if shapes is not None else infer_shapes(model)
     found = {}
-    for node in all_nodes(model.graph):
+    for node in model.graph.node:
         try:
             count = node_macs(node, lambda name: _batch1(shapes.get(name)))
         except (TypeError, KeyError, IndexError):
@@ -111,11 +107,10 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
             idx = m.offset + (channels[:, None] * m.inner + np.arange(m.inner)).ravel()
             index = [slice(None)] * array.ndim
             index[axis] = idx
-            array[tuple(index)] = 0
-    for graph in [zeroed.graph, *nested_graphs(zeroed.graph)]:
-        for init in graph.initializer:
-            if init.name in arrays:
-                init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+            array[tuple(index)] = stored_zero(name, analysis.index)[tuple(index)]  # a QDQ weight: its zero point
+    for init in zeroed.graph.initializer:
+        if init.name in arrays:
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
     return zeroed
 
 

@@ -1,6 +1,6 @@
 """Unusual models: float16 and bfloat16 (statistics and fits in float32/64, weights written back in the model's type,
 exact on every criterion and recovery), scalar graph inputs, declared shapes that disagree with the graph, check on
-models or data that do not fit, weight-free skeletons, and honest summaries for QDQ, QLinearConv and Einsum models.
+models or data that do not fit, weight-free skeletons, and honest summaries for QLinearConv and Einsum models.
 Every failure is one line (exit 1, or 2 for usage)."""
 import numpy as np
 import onnx
@@ -241,19 +241,6 @@ def test_check_with_zero_samples_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- summaries
 
-def qdq_net() -> onnx.ModelProto:
-    """Quantize-dequantize around two convs whose int8 weights are dequantized at run time (onnxruntime's QDQ)."""
-    b = GraphBuilder(seed=6)
-    s, zp = b.const(np.float32(0.02)), b.const(np.uint8(128))
-    x = b.op("DequantizeLinear", [b.op("QuantizeLinear", [b.input([1, 3, 8, 8]), s, zp]), s, zp])
-    for cin, cout in ((3, 16), (16, 8)):
-        w = b.const(b.rng.integers(-50, 50, (cout, cin, 3, 3)).astype(np.int8))
-        w = b.op("DequantizeLinear", [w, b.const(np.full(cout, 0.01, np.float32)), b.const(np.zeros(cout, np.int8))],
-                 axis=0)
-        x = b.op("Relu", [b.op("Conv", [x, w], pads=[1] * 4)])
-    return b.model(x)
-
-
 def qlinear_conv_net() -> onnx.ModelProto:
     b = GraphBuilder(seed=7)
     s, zp = b.const(np.float32(0.02)), b.const(np.uint8(128))
@@ -276,9 +263,9 @@ def summary(model: onnx.ModelProto, tmp_path, *args) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("build, barrier", [(qdq_net, "no rule for op DequantizeLinear"),
-                                            (qlinear_conv_net, "no rule for op QLinearConv")])
+@pytest.mark.parametrize("build, barrier", [(qlinear_conv_net, "QLinearConv (QOperator format) is not pruned")])
 def test_quantized_models_say_nothing_is_prunable_and_why(tmp_path, build, barrier):
+    """QDQ models prune (tests/test_quantized.py); QOperator ones freeze, saying why."""
     out = summary(build(), tmp_path)
     assert "no prunable channel group" in out and f"barrier: {barrier}" in out
     assert "(unchanged)" in out and "->" not in out.split("file size")[0]  # neither params nor MACs changed

@@ -39,6 +39,12 @@ def via_bool(op: str) -> Callable[[GraphBuilder, str], str]:
     return build
 
 
+def quantize_dequantize(b: GraphBuilder, x: str) -> str:
+    """A QDQ pair with a non-zero zero point, as QDQ models put one around every activation."""
+    scale, zero_point = scalar(b, 0.05), b.const(np.array(-3, np.int8))
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale, zero_point]), scale, zero_point])
+
+
 def compare(op: str) -> Callable[[GraphBuilder, str], str]:
     return lambda b, x: b.op(op, [x, scalar(b, 0.0)])
 
@@ -97,6 +103,7 @@ BETWEEN: dict[str, Callable[[GraphBuilder, str], str]] = {
                                               b.const(np.array([4], np.int64))]),
 }
 BETWEEN["Squeeze"] = BETWEEN["Unsqueeze"]
+BETWEEN["QuantizeLinear"] = BETWEEN["DequantizeLinear"] = quantize_dequantize  # alone: tests/test_quantized.py
 BETWEEN["Reshape"] = lambda b, x: b.op("Reshape", [x, b.const(np.array([1, C, W, H], np.int64))])
 
 # Ops that cannot sit element-wise between two convs, and why.
@@ -108,6 +115,8 @@ NOT_BETWEEN = {
     "Einsum": "a layer with its own roles (tests/test_rules.py)",
     "Flatten": "changes rank, so the second conv cannot read it: a Flatten -> Gemm head (tests/test_patterns.py)",
     "Shape": "returns the sizes, not the values: nothing of a channel's value passes through",
+    **{op: "a quantized layer that freezes with the reason (tests/test_quantized.py)"
+       for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")},
 }
 
 OPSET = {"Gelu": 20}  # new in opset 20; 18: Mish, and `axes` as an input of every reduction
