@@ -125,8 +125,9 @@ def member_values(group: Group, member: Member, index: GraphIndex) -> np.ndarray
 
 def probes(group: Group, index: GraphIndex) -> list[Member]:
     """Where the group's channels enter the layers that consume them: the data inputs of the nodes whose weights
-    read the group (`w_in`). Activation statistics are taken there."""
-    spaces = {m.space: m for m in group.members if not m.constant}
+    read the group (`w_in`). Activation statistics are taken there, so values inside If branches and Loop and Scan
+    bodies, which onnxruntime cannot expose, are left out (a group with no other probe is ranked by l1)."""
+    spaces = {m.space: m for m in group.members if not m.constant and m.space[0] not in index.body_values}
     found: dict[tuple[str, int], Member] = {}
     for m in group.members:
         if m.constant and m.role == Role.W_IN:

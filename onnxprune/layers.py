@@ -11,10 +11,11 @@ The common currency is the weight seen as *kernels*: (output channels, input cha
 layout of a Conv's weight; a matrix layer's kernels are (outputs, inputs). A layer's *rows* are its kernels
 flattened to (features, outputs), features input-channel-major, the order in which its patches flatten.
 
-An Einsum is a layer where its equation is matmul-like (einsum.py reads it): two operands, the weight second, one
-weight letter summed over (input channels) and one only the weight brings to the output (output channels); other
-weight letters (heads, "bhid,hdk->bhik") are kernel positions to this layout. Where it is a plain matrix product
-("...j,jk->...k", "bij,kj->bik") it is a matrix layer, re-fitted like MatMul. Any Einsum's MACs are counted.
+An Einsum is a layer where its equation is matmul-like (einsum.py reads it): two operands, the weight second, weight
+letters summed over (input channels) and letters only the weight brings to the output (output channels); the first
+of each are the layout's channel axes, other weight letters (heads, "bhid,hdk->bhik"; Keras' "abc,cde->abde") are
+kernel positions to it. Where it is a plain matrix product ("...j,jk->...k", "bij,kj->bik") it is a matrix
+layer, re-fitted like MatMul. Any Einsum's MACs are counted.
 """
 from __future__ import annotations
 
@@ -297,6 +298,8 @@ def refittable(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
     """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight, a float
     weight: integer data behind a DequantizeLinear is left as it is)."""
     layer = describe(node, index)
+    if node.output[0] in index.body_values:  # inside a subgraph: onnxruntime cannot expose its output to fit
+        return None
     return layer if layer is not None and layer.refittable and not layer.quantized else None
 
 
@@ -352,7 +355,7 @@ def _einsum(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> L
     if equation is None or len(equation.inputs) != 2:
         return None
     contracted, produced = equation.weight_letters(1)
-    if len(contracted) != 1 or len(produced) != 1:
+    if not contracted or not produced:
         return None
     data, weight, out = *equation.inputs, equation.output
     axes = weight.index(produced[0]), weight.index(contracted[0])

@@ -10,7 +10,8 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import Dims, batched_inputs, infer_shapes, runtime_dims, shapes_at, subgraphs_of
+from .graph import (Dims, all_nodes, batched_inputs, infer_shapes, nested_graphs, runtime_dims, shapes_at,
+                    subgraphs_of)
 from .groups import Analysis
 from .layers import macs as node_macs, stored_zero
 from .roles import Role
@@ -40,7 +41,9 @@ def io_signature(model: onnx.ModelProto) -> list[tuple[str, str, int, tuple]]:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(init.dims, dtype=np.int64) for init in model.graph.initializer))
+    """Elements of every initializer, those of If branches and Loop and Scan bodies included."""
+    graphs = [model.graph, *nested_graphs(model.graph)]
+    return int(sum(np.prod(init.dims, dtype=np.int64) for graph in graphs for init in graph.initializer))
 
 
 def count_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> int:
@@ -65,10 +68,11 @@ def sample_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) 
 
 
 def layer_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> dict[str, int]:
-    """MACs per node name, for the nodes count_macs counts."""
+    """MACs per node name, for the nodes count_macs counts; a layer inside an If branch or a Loop or Scan body
+    counts once, as for one run of its subgraph."""
     shapes = shapes if shapes is not None else infer_shapes(model)
     found = {}
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         try:
             count = node_macs(node, lambda name: _batch1(shapes.get(name)))
         except (TypeError, KeyError, IndexError):
@@ -108,9 +112,10 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
             index = [slice(None)] * array.ndim
             index[axis] = idx
             array[tuple(index)] = stored_zero(name, analysis.index)[tuple(index)]  # a QDQ weight: its zero point
-    for init in zeroed.graph.initializer:
-        if init.name in arrays:
-            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+    for graph in [zeroed.graph, *nested_graphs(zeroed.graph)]:
+        for init in graph.initializer:
+            if init.name in arrays:
+                init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
     return zeroed
 
 
