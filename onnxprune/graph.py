@@ -563,11 +563,12 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, infos: dict[str, onnx.ValueIn
     from onnx.reference import ReferenceEvaluator
 
     folded = False
+    partial: dict[str, np.ndarray] = {}  # Shape outputs with run-time sizes in them (a batch), as _UNKNOWN
     for position, node in enumerate(light.graph.node):
         if node.op_type not in _SHAPE_ARITHMETIC or node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
             continue
         try:
-            outputs = _evaluate_small(node, infos, known, ReferenceEvaluator)
+            outputs = _evaluate_small(node, infos, known, ReferenceEvaluator, partial)
         except Exception:  # an op the reference evaluator rejects: leave it to inference
             outputs = None
         if outputs is None:
@@ -580,13 +581,12 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, infos: dict[str, onnx.ValueIn
     return folded
 
 
-def _evaluate_small(node: onnx.NodeProto, infos: dict, known: dict, evaluator) -> list[np.ndarray] | None:
+def _evaluate_small(node: onnx.NodeProto, infos: dict, known: dict, evaluator,
+                    partial: dict[str, np.ndarray]) -> list[np.ndarray] | None:
     if node.op_type == "Shape":
-        dims = _dims_of(infos[node.input[0]].type) if node.input[0] in infos else None
-        if dims is None or not all(isinstance(d, int) for d in dims) or len(node.output) != 1:
-            return None
-        attrs = {a.name: a.i for a in node.attribute}
-        return [np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], dtype=np.int64)]
+        return _shape_value(node, infos, partial)
+    if node.op_type in ("Gather", "Slice") and node.input[0] in partial:
+        return _static_part(node, known, evaluator, partial)
     inputs = [i for i in node.input if i]
     if len(node.output) != 1 or not inputs or not all(i in known and known[i].size <= _SHAPE_DATA_LIMIT
                                                       for i in inputs):
@@ -595,6 +595,37 @@ def _evaluate_small(node: onnx.NodeProto, infos: dict, known: dict, evaluator) -
     if any(np.asarray(r).size > _SHAPE_DATA_LIMIT for r in result):
         return None
     return [np.asarray(r) for r in result]
+
+
+_UNKNOWN = -(2**62)  # a run-time size inside a partly known shape value; Gather and Slice only move it
+
+
+def _shape_value(node: onnx.NodeProto, infos: dict, partial: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """A Shape's value when its input's shape is static; one with run-time sizes in it (a batch) goes to
+    `partial`, from which a Gather or Slice may still pick static sizes (`x.shape[1]` beside a run-time batch)."""
+    dims = _dims_of(infos[node.input[0]].type) if node.input[0] in infos else None
+    if dims is None or len(node.output) != 1:
+        return None
+    attrs = {a.name: a.i for a in node.attribute}
+    value = np.array([d if isinstance(d, int) else _UNKNOWN for d in dims], dtype=np.int64)
+    value = value[attrs.get("start", 0):attrs.get("end", len(dims))]
+    if (value == _UNKNOWN).any():
+        partial[node.output[0]] = value
+        return None
+    return [value]
+
+
+def _static_part(node: onnx.NodeProto, known: dict, evaluator, partial: dict) -> list[np.ndarray] | None:
+    """A Gather or Slice of a partly known shape value: known when it picks static sizes only, else partly known."""
+    others = [i for i in node.input[1:] if i]
+    if len(node.output) != 1 or not all(i in known for i in others):
+        return None
+    feeds = {node.input[0]: partial[node.input[0]], **{i: known[i] for i in others}}
+    result = np.asarray(evaluator(node).run(None, feeds)[0])
+    if (result == _UNKNOWN).any():
+        partial[node.output[0]] = result
+        return None
+    return [result]
 
 
 def _light_copy(model: onnx.ModelProto, inputs=None) -> onnx.ModelProto:

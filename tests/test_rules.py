@@ -269,8 +269,9 @@ def test_reshape_target_built_with_concat_is_fixed():
 
 
 def test_shape_reading_the_channel_axis_freezes_it():
-    def body(b, x):
-        channels = b.op("Gather", [b.op("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)
+    def body(b, x):  # C + 0: arithmetic other than a product, which the analysis does not follow (sizes it does
+        channels = b.op("Gather", [b.op("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)  # follow:
+        channels = b.op("Add", [channels, b.const(np.array([0], np.int64))])  # tests/test_shape_rules.py)
         return b.op("Reshape", [x, b.op("Concat", [b.const(np.array([0], np.int64)), channels,
                                                    b.const(np.array([-1], np.int64))], axis=0)])
     model = sandwich(body, consumer="none")

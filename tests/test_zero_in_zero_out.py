@@ -103,6 +103,8 @@ BETWEEN: dict[str, Callable[[GraphBuilder, str], str]] = {
                                               b.const(np.array([4], np.int64))]),
 }
 BETWEEN["Squeeze"] = BETWEEN["Unsqueeze"]
+BETWEEN["Expand"] = lambda b, x: b.op("Expand", [x, b.const(np.array([1, C, H, W], np.int64))])
+BETWEEN["Tile"] = lambda b, x: b.op("Tile", [x, b.const(np.array([1, 1, 2, 1], np.int64))])
 BETWEEN["QuantizeLinear"] = BETWEEN["DequantizeLinear"] = quantize_dequantize  # alone: tests/test_quantized.py
 BETWEEN["Reshape"] = lambda b, x: b.op("Reshape", [x, b.const(np.array([1, C, W, H], np.int64))])
 

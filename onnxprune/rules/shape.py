@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 
 from ..graph import Dims, node_attr
-from .registry import (Barrier, Couple, Expand, FixContext, In, NodeView, Out, Pseudo, Rule, compose, couple, expand,
-                       identity_couples, is_static, rule)
+from .registry import (Barrier, Compose, Couple, Expand, FixContext, In, NodeView, Out, Pseudo, Rule, compose, couple,
+                       expand, identity_couples, is_static, rule)
 
 
 def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
@@ -17,20 +17,37 @@ def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
     split into several makes it an expansion of the outermost destination axis (heads out of a hidden dimension).
     With `tile_splits`, a split axis is instead its inner part repeated once per index of the outer axis (q/k/v
     packed in one projection, channel shuffle); the inner part is in turn an expansion of its own outermost axis.
+    Merged last axes are then the innermost one repeated (channels last, flattened after a permute).
     Axes not related this way, and many-to-many blocks, stay frozen."""
     relations = []
     src, dst = _complete(src, dst), _complete(dst, src)
     for src_axes, dst_axes in _reshape_blocks(src, dst):
         if len(src_axes) == 1 and len(dst_axes) == 1:
             relations.append(couple(In(0, src_axes[0]), Out(0, dst_axes[0])))
+        elif len(dst_axes) == 1 and tile_splits and _flattens_the_last_axes(src, src_axes, dst, dst_axes):
+            relations.append(_tiled_merge(dst_axes[0], src, src_axes))
         elif len(dst_axes) == 1:
-            relations.append(expand(Out(0, dst_axes[0]), In(0, src_axes[0]), _product(src, src_axes[1:])))
+            last = _flattens_the_last_axes(src, src_axes, dst, dst_axes)
+            relations.append(expand(Out(0, dst_axes[0]), In(0, src_axes[0]), _product(src, src_axes[1:]),
+                                    alternative=In(0, src_axes[-1]) if last else None))
         elif len(src_axes) == 1 and tile_splits:
             relations += _tiled_split(src_axes[0], dst, dst_axes)
         elif len(src_axes) == 1:
             relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:]),
                                     alternative=Out(0, dst_axes[1])))
     return relations
+
+
+def _flattens_the_last_axes(src: Dims, src_axes: list[int], dst: Dims, dst_axes: list[int]) -> bool:
+    """The block merges the input's last axes into the output's last one (flatten into a linear layer): the only
+    merge read the other way round too, where the innermost axis may be the channels (after a permute)."""
+    return src_axes[-1] == len(src) - 1 and dst_axes[-1] == len(dst) - 1 and src[src_axes[-1]] != 1
+
+
+def _tiled_merge(dst_axis: int, src: Dims, src_axes: list[int]) -> Compose:
+    """Axes merged into one read as the innermost repeated once per index of the others: channels last, flattened
+    with the spatial axes before them (a permute + flatten into a linear layer)."""
+    return compose(Out(0, dst_axis), *[In(0, src_axes[-1])] * _product(src, src_axes[:-1]))
 
 
 def _tiled_split(src_axis: int, dst: Dims, dst_axes: list[int]) -> list:
@@ -150,42 +167,66 @@ def reshape(n: NodeView) -> Rule:
     if n.attr("allowzero", 0) and any(e.value == 0 for e in entries):
         raise Barrier("allowzero with a zero dimension")
     relations = reshape_relations(n.in_shape(0), _completed_out_shape(n), tile_splits=n.tile)
-    # An output axis whose size is computed at run time must keep its size: leave it (and its block) frozen.
-    dynamic = {j for j, e in enumerate(entries) if e.value is None}
+    # An output axis whose size is computed at run time must keep its size (it and its block stay frozen), unless
+    # the size is the product of exactly the input axes merged into it, read by Shape: it then follows pruning.
+    dynamic = {j for j, e in enumerate(entries) if e.value is None and not _follows(n, j, e.size, relations)}
     relations = [r for r in relations if not any(ref.side == "out" and ref.axis in dynamic for ref in _refs(r))]
     return Rule(*relations, fixup=_fix_reshape_target)
 
 
 @dataclass(frozen=True)
 class _TargetEntry:
-    """One entry of a Reshape target: its value (None when computed at run time) and the constant that holds it."""
+    """One entry of a Reshape target or Expand shape: its value (None when computed at run time), the constant that
+    holds it, and what it is made of when it is computed from shapes (`size`)."""
 
     value: int | None
     node: onnx.NodeProto
     input_index: int
     position: int
+    size: "_Size | None" = None
 
 
 def _target_entries(n: NodeView) -> list[_TargetEntry] | None:
-    """The target as constants, also when exporters build it with Concat (`x.view(x.size(0), -1)`); None when it
-    cannot be read. A Concat shared with other nodes is not editable, so its constants count as run-time values."""
+    """The target (input 1) as constants, also when exporters build it with Concat (`x.view(x.size(0), -1)`); None
+    when it cannot be read. A Concat shared with other nodes is not editable, so its constants count as run-time
+    values. Run-time entries carry what shapes they are computed from."""
     target = n.const(1)
     if target is not None:
         return [_TargetEntry(int(v), n.node, 1, k) for k, v in enumerate(target.reshape(-1))]
     concat = n.index.producer.get(n.node.input[1])
     if concat is None or concat.op_type != "Concat":
-        return None
+        sizes = size_entries(n.index, n.node.input[1])
+        return None if sizes is None else [_TargetEntry(None, n.node, 1, k, s) for k, s in enumerate(sizes)]
     shared = len(n.index.consumers.get(n.node.input[1], [])) > 1
     entries: list[_TargetEntry] = []
     for i, name in enumerate(concat.input):
-        piece, shape = n.index.array(name), n.index.shapes.get(name)
+        piece, sizes = n.index.array(name), size_entries(n.index, name)
         if piece is not None:
             entries += [_TargetEntry(None if shared else int(v), concat, i, k) for k, v in enumerate(piece.reshape(-1))]
-        elif shape is not None and len(shape) == 1 and is_static(shape[0]):
-            entries += [_TargetEntry(None, concat, i, k) for k in range(shape[0])]
+        elif sizes is not None:
+            entries += [_TargetEntry(None, concat, i, k, s) for k, s in enumerate(sizes)]
         else:
             return None
     return entries
+
+
+def _follows(n: NodeView, j: int, size: "_Size | None", relations: list) -> bool:
+    """Output axis j's run-time size is the product of the sizes of exactly the input axes that the reshape maps
+    onto it (a 1:1 axis, or the axes merged into it): `x.reshape(B, C, H * W)` from `B, C, H, W = x.shape`."""
+    if size is None or size.factor != 1 or not size.axes or any(t != n.node.input[0] for t, _ in size.axes):
+        return False
+    src = n.in_shape(0)
+    axes = sorted(a for _, a in size.axes)
+    contiguous = set(range(axes[0], axes[-1] + 1)) - set(axes)
+    if any(src[a] != 1 for a in contiguous):
+        return False
+    for rel in relations:
+        if isinstance(rel, Couple) and Out(0, j) in rel.refs:
+            return len(axes) == 1 and In(0, axes[0]) in rel.refs
+        if isinstance(rel, Expand) and rel.fine == Out(0, j) and rel.coarse == In(0, axes[0]):
+            inner = [src[a] for a in axes[1:]]
+            return all(is_static(d) for d in inner) and int(np.prod(inner, dtype=np.int64)) == rel.inner
+    return False
 
 
 def _refs(relation) -> tuple:
@@ -197,26 +238,176 @@ def _refs(relation) -> tuple:
 
 
 def _fix_reshape_target(n: NodeView, ctx: FixContext) -> None:
+    _fix_target_entries(n, ctx, first_axis=0)
+
+
+def _fix_target_entries(n: NodeView, ctx: FixContext, first_axis: int) -> None:
+    """Write the new size of output axis first_axis + k into entry k of the target (input 1) where it is a constant
+    (or a value the analysis knows), constant by constant; run-time entries follow by themselves."""
     pieces: dict[tuple[str, int], tuple[onnx.NodeProto, np.ndarray]] = {}
-    for j, entry in enumerate(_target_entries(n)):
-        if entry.value is None or entry.value in (0, -1):  # 0 copies the (pruned) input dim, -1 is inferred
+    for k, entry in enumerate(_target_entries(n)):
+        if entry.value is None or entry.value in (0, -1, 1):  # 0 copies the input dim, -1 is inferred, 1 stays 1
             continue
         key = (entry.node.name, entry.input_index)
         if key not in pieces:
             pieces[key] = (entry.node, n.index.array(entry.node.input[entry.input_index]).astype(np.int64).copy())
-        pieces[key][1].reshape(-1)[entry.position] = ctx.new_size(Out(0, j))
+        pieces[key][1].reshape(-1)[entry.position] = ctx.new_size(Out(0, first_axis + k))
     for (_, input_index), (node, value) in pieces.items():
         ctx.set_const_input(input_index, value, node=node)
 
 
 @rule("Shape")
 def shape_of(n: NodeView) -> Rule:
-    """Shape's output values are the sizes of the axes it reads: those stay as they are; the others are free."""
+    """Shape's output values are the sizes of the axes it reads: those stay as they are, unless every use of a
+    size is a Reshape target or Expand shape entry that a fixup rewrites or that follows the axis at run time; the
+    axes it does not read are free."""
     rank = len(n.in_shape(0))
+    start, end = _shape_bounds(n, rank)
+    read = {start + p for p in _read_positions(n, end - start)}
+    return Rule(*[couple(In(0, a)) for a in range(rank) if a not in read or _size_follows_pruning(n, a)])
+
+
+def _shape_bounds(n: NodeView, rank: int) -> tuple[int, int]:
     start = _clamp(int(n.attr("start", 0)), rank)
     end = _clamp(int(n.attr("end", rank)), rank) if n.attr("end") is not None else rank
-    read = {start + p for p in _read_positions(n, end - start)}
-    return Rule(*[couple(In(0, a)) for a in range(rank) if a not in read])
+    return start, end
+
+
+# ----------------------------------------------------------------------------------------------- sizes from shapes
+
+@dataclass(frozen=True)
+class _Size:
+    """A size computed from shapes: `factor` times the run-time sizes of `axes` ((tensor, axis) pairs)."""
+
+    factor: int
+    axes: tuple[tuple[str, int], ...] = ()
+
+    def times(self, other: "_Size") -> "_Size":
+        return _Size(self.factor * other.factor, tuple(sorted(self.axes + other.axes)))
+
+
+def size_entries(index, name: str, depth: int = 0) -> list[_Size | None] | None:
+    """The entries of a small integer value as products of axis sizes, followed from Shape through Gather / Slice /
+    Concat / Unsqueeze / Squeeze / Cast / Mul; an entry is None where other arithmetic made it; None when the value
+    is not such a list (or its length is unknown)."""
+    node = index.producer.get(name)
+    if name in index.initializers or node is None or depth > 32 or node.domain not in ("", "ai.onnx"):
+        value = index.array(name) if name in index.initializers else None
+        if value is None or value.dtype.kind not in "iu" or value.size > 64:
+            return None
+        return [_Size(int(v)) for v in value.reshape(-1)]
+    handler = _SIZE_OPS.get(node.op_type)
+    return handler(index, node, depth + 1) if handler else _opaque_entries(index, name)
+
+
+def _opaque_entries(index, name: str) -> list[None] | None:
+    shape = index.shapes.get(name)
+    if shape is None or len(shape) > 1 or not all(is_static(d) for d in shape):
+        return None
+    return [None] * int(np.prod(shape, dtype=np.int64))
+
+
+def _shape_sizes(index, node: onnx.NodeProto, depth: int) -> list[_Size | None] | None:
+    shape = index.shapes.get(node.input[0])
+    if shape is None:
+        return None
+    start = _clamp(int(node_attr(node, "start", 0)), len(shape))
+    end = _clamp(int(node_attr(node, "end", len(shape))), len(shape))
+    return [_Size(1, ((node.input[0], a),)) for a in range(start, end)]
+
+
+def _gather_sizes(index, node: onnx.NodeProto, depth: int) -> list[_Size | None] | None:
+    data, indices = size_entries(index, node.input[0], depth), index.array(node.input[1])
+    if data is None or indices is None or node_attr(node, "axis", 0) not in (0, -1) or indices.ndim > 1:
+        return None
+    return [data[int(i) % len(data)] for i in indices.reshape(-1)] if data else None
+
+
+def _slice_sizes(index, node: onnx.NodeProto, depth: int) -> list[_Size | None] | None:
+    data = size_entries(index, node.input[0], depth)
+    bounds = [index.array(i) if i else None for i in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+    if data is None or bounds[0] is None or bounds[1] is None or bounds[0].size != 1:
+        return None
+    axes, steps = (list(x.reshape(-1)) if x is not None else None for x in bounds[2:4])
+    if axes not in (None, [0], [-1]) or steps not in (None, [1]):
+        return None
+    begin, end = (_clamp(int(b.reshape(-1)[0]), len(data)) for b in bounds[:2])
+    return data[begin:end]
+
+
+def _concat_sizes(index, node: onnx.NodeProto, depth: int) -> list[_Size | None] | None:
+    parts = [size_entries(index, name, depth) for name in node.input if name]
+    return None if any(p is None for p in parts) else [e for p in parts for e in p]
+
+
+def _same_sizes(index, node: onnx.NodeProto, depth: int) -> list[_Size | None] | None:
+    return size_entries(index, node.input[0], depth)
+
+
+def _mul_sizes(index, node: onnx.NodeProto, depth: int) -> list[_Size | None] | None:
+    left, right = (size_entries(index, name, depth) for name in node.input[:2])
+    if left is None or right is None or len(left) != len(right) and 1 not in (len(left), len(right)):
+        return None
+    count = max(len(left), len(right))
+    pairs = [(left[k % len(left)], right[k % len(right)]) for k in range(count)]
+    return [a.times(b) if a is not None and b is not None else None for a, b in pairs]
+
+
+_SIZE_OPS = {"Shape": _shape_sizes, "Gather": _gather_sizes, "Slice": _slice_sizes, "Concat": _concat_sizes,
+             "Unsqueeze": _same_sizes, "Squeeze": _same_sizes, "Cast": _same_sizes, "Identity": _same_sizes,
+             "Reshape": _same_sizes, "Flatten": _same_sizes, "Mul": _mul_sizes}
+# The input through which each of these ops passes sizes on (None: every input).
+_SIZE_DATA_INPUT = {"Gather": 0, "Slice": 0, "Unsqueeze": 0, "Squeeze": 0, "Cast": 0, "Identity": 0, "Reshape": 0,
+                    "Flatten": 0, "Concat": None, "Mul": None}
+
+
+def _size_follows_pruning(n: NodeView, axis: int) -> bool:
+    """Every value computed from the size of this axis ends in Reshape targets and Expand shapes whose entries a
+    fixup rewrites with the pruned size or that follow the axis at run time; a graph output, or any other use
+    (a size in arithmetic, a Slice bound, a Range, ConstantOfShape) keeps the axis."""
+    index, axis_space = n.index, (n.node.input[0], axis)
+    todo, seen = [n.node.output[0]], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in index.graph_outputs:
+            return False
+        for consumer in index.consumers.get(name, []):
+            data_input = _SIZE_DATA_INPUT.get(consumer.op_type, -1) if consumer.domain in ("", "ai.onnx") else -1
+            if data_input is None or data_input >= 0 and consumer.input[data_input] == name:
+                todo += [o for o in consumer.output if o and _reads(index, o, axis_space)]
+            elif not _target_follows(n, consumer, name, axis_space):
+                return False
+    return True
+
+
+def _reads(index, name: str, axis_space: tuple[str, int]) -> bool:
+    sizes = size_entries(index, name)
+    return sizes is None or any(s is None or axis_space in s.axes for s in sizes)
+
+
+def _target_follows(n: NodeView, consumer: onnx.NodeProto, name: str, axis_space: tuple[str, int]) -> bool:
+    """`name` is the target of a Reshape or Expand that takes it (the node's rule holds), and each entry reading
+    the axis is rewritten by the fixup or follows the axis."""
+    if consumer.op_type not in _TARGET_RULES or consumer.domain not in ("", "ai.onnx") or \
+            list(consumer.input).index(name) != 1 or list(consumer.input).count(name) != 1:
+        return False
+    view = NodeView(consumer, n.index, n.opset)
+    try:
+        handled = _TARGET_RULES[consumer.op_type](view)
+        entries = _target_entries(view)
+    except Barrier:
+        return False
+    return all(k in handled for k, e in enumerate(entries or ()) if e.size is None or axis_space in e.size.axes)
+
+
+def _reshape_handled(view: NodeView) -> set[int]:
+    """Target entries whose axis the Reshape rule keeps in play: a fixup writes them, or they follow pruning."""
+    relations = reshape(view).relations
+    return {j for j, e in enumerate(_target_entries(view))
+            if e.value is not None or _follows(view, j, e.size, relations)}
 
 
 def _read_positions(n: NodeView, length: int) -> set[int]:
@@ -235,6 +426,55 @@ def _read_positions(n: NodeView, length: int) -> set[int]:
     if n.node.output[0] in n.index.graph_outputs:
         return everything
     return read
+
+
+@rule("Expand")
+def expand_to(n: NodeView) -> Rule:
+    """Broadcast to a shape (aligned on the last axis). An axis the input has at full size couples; an axis
+    broadcast from size 1 is a fresh one, whose size its shape entry gives: written by the fixup, or following a
+    Shape at run time. A removed channel there holds the broadcast values, not zeros."""
+    entries = _target_entries(n)
+    if entries is None:
+        raise Barrier("shape computed at run time")
+    src, dst = n.in_shape(0), n.out_shape(0)
+    lead, first = len(dst) - len(src), len(dst) - len(entries)
+    handled = {first + k for k in _expand_handled(n)}
+    relations = []
+    for j in range(len(dst)):
+        i = j - lead
+        kept = j < first or j in handled or entries[j - first].value == 1
+        if i >= 0 and is_static(src[i]) and src[i] == dst[j] != 1 and kept:
+            relations.append(couple(In(0, i), Out(0, j)))
+        elif j in handled and (i < 0 or src[i] == 1) and dst[j] != 1:
+            relations.append(couple(Out(0, j), at_zero="Expand broadcasts the same values into a removed channel"))
+    return Rule(*relations, fixup=_fix_expand_shape)
+
+
+def _expand_handled(view: NodeView) -> set[int]:
+    """Shape entries the Expand rule keeps in play: known (the fixup writes them), or the size of the input's own
+    axis at that place (`x.expand(x.shape)`), which follows pruning."""
+    entries = _target_entries(view) or []
+    lead = len(view.out_shape(0)) - len(view.in_shape(0))
+    first = len(view.out_shape(0)) - len(entries)
+    return {k for k, e in enumerate(entries) if e.value is not None and e.value != 0 or e.size is not None
+            and e.size.factor == 1 and e.size.axes == ((view.node.input[0], first + k - lead),)}
+
+
+def _fix_expand_shape(n: NodeView, ctx: FixContext) -> None:
+    _fix_target_entries(n, ctx, first_axis=len(n.out_shape(0)) - len(_target_entries(n)))
+
+
+@rule("Tile")
+def tile(n: NodeView) -> Rule:
+    """Each output axis is `repeats` copies of the input axis one after another, as a Concat of the input with
+    itself; the repeats do not change with pruning."""
+    rank = len(n.in_shape(0))
+    repeats = n.ints("repeats", 1)
+    if repeats is None or len(repeats) != rank:
+        raise Barrier("repeats unknown")
+    relations = [couple(In(0, a), Out(0, a)) for a, r in enumerate(repeats) if r == 1]
+    relations += [compose(Out(0, a), *[In(0, a)] * r) for a, r in enumerate(repeats) if r > 1]
+    return Rule(*relations)
 
 
 @rule("Transpose")
@@ -441,3 +681,6 @@ def softmax(n: NodeView) -> Rule:
     normalised = {axis} if n.opset >= 13 else set(range(axis, rank))
     at_zero = f"{n.op} over the other axes of a removed (zero) channel is not 0"  # uniform, -log n, one-hot
     return Rule(*[couple(In(0, a), Out(0, a), at_zero=at_zero) for a in range(rank) if a not in normalised])
+
+
+_TARGET_RULES = {"Reshape": _reshape_handled, "Expand": _expand_handled}
