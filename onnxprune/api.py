@@ -13,6 +13,7 @@ from .pipeline import (Inputs, collect_statistics, counted_at, group_curves, mac
                        statistics_needed)
 from .report import PruneReport
 from .schedule import prune_iteratively
+from .sparsity.spec import parse_pattern
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -22,18 +23,30 @@ def analyze(model_or_path: ModelSource, exclude: tuple[str, ...] = ()) -> Analys
     return prepare(model_or_path, exclude).analysis
 
 
-def prune(model_or_path: ModelSource, target: Target | float,
+def prune(model_or_path: ModelSource, target: Target | float | None,
           options: Options | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune a model (a ModelProto or a path) to `target` — `Target.ratio(R)` (or just R: remove round(R * C)
     channels from every prunable group), `Target.macs(F)`, `Target.latency(F)` or `Target.plan(plan)` — as
     `options` say (criterion, rounding, allocation, recovery, schedule, calibration data). Returns the pruned
-    model and a report (`report.plan`, and `report.plan_dict` for a file); the input is never modified."""
-    target = target if isinstance(target, Target) else Target.ratio(target)
+    model and a report (`report.plan`, and `report.plan_dict` for a file); the input is never modified. With
+    `options.granularity` unstructured, the ratio (or `Target.params(F)`) is the share of weights zeroed; an N:M
+    granularity takes None, its pattern sets the share."""
     options = options or Options()
+    target = _target_of(target, options)
     validate(target, options)
     if options.schedule == "iterative":
         return prune_iteratively(model_or_path, target, options)
     return run_once(model_or_path, target, options)
+
+
+def _target_of(target: Target | float | None, options: Options) -> Target:
+    """A number is a ratio; no target at all is an N:M granularity's own share of zeros."""
+    if isinstance(target, Target):
+        return target
+    pattern = parse_pattern(options.granularity)
+    if target is None and pattern is not None and not pattern.unstructured:
+        return Target.ratio(pattern.share)
+    return Target.ratio(target)
 
 
 def sensitivity(model_or_path: ModelSource, options: Options) -> dict:

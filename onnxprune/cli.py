@@ -20,6 +20,7 @@ from .criteria import CRITERIA
 from .options import DEFAULT_ROUND_TO, SCHEDULES, Options, Target, validate
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
+from .sparsity.spec import SPARSE_CRITERIA, parse_pattern
 from .errors import OnnxPruneError, UsageError, first_line
 from .files import Named, atomic_path, check_paths, write_text
 from .external_data import external_data_files
@@ -112,6 +113,16 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--target-latency", type=float,
               help="Instead of --ratio: keep this fraction of the onnxruntime latency measured on this machine "
                    "(at --threads), in (0, 1].")
+@click.option("--target-params", type=float,
+              help="With --granularity unstructured, instead of --ratio: keep this fraction of the model's non-zero "
+                   "parameters, in (0, 1].")
+@click.option("--granularity", default="channel", show_default=True, metavar="channel|unstructured|N:M",
+              help="What is removed: channels (physically), single weights (zeroed), or N:M (at most N non-zeros in "
+                   "every M consecutive input channels, e.g. 2:4 for sparse tensor cores).")
+@click.option("--then", "then", metavar="N:M",
+              help="After pruning channels, zero weights in this N:M pattern (e.g. --ratio 0.3 --then 2:4).")
+@click.option("--then-criterion", type=click.Choice(SPARSE_CRITERIA), default="l1", show_default=True,
+              help="How --then chooses the weights to zero.")
 @click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path),
               help="With --target-latency: keep the per-layer latency measurements in this JSON file and reuse "
                    "them in later runs on this machine.")
@@ -120,8 +131,9 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True,
               help="iterative: reach the target in --steps steps of growing ratio, recovering and re-scoring between.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Steps of --schedule iterative.")
-@click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
-              help="How channels are ranked.")
+@click.option("--criterion", "-c", type=click.Choice(sorted(set(CRITERIA) | set(SPARSE_CRITERIA))), default="l1",
+              show_default=True, help="How channels are ranked (--granularity channel) or weights chosen "
+                                      "(unstructured or N:M: l1, wanda or sparsegpt).")
 @click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True,
               help="Keep a multiple of N channels per group (onnxruntime's CPU convolutions are fastest on multiples of 16).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
@@ -142,16 +154,18 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None,
+          target_params: float | None, granularity: str, then: str | None, then_criterion: str,
           latency_table: Path | None, allocation: str, schedule: str, steps: int,
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
           preprocess: str | None, calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
-    target = _target(ratio, target_macs, target_latency, plan_in)
+    target = _target(ratio, target_macs, target_latency, plan_in, target_params, _own_share(granularity))
     options = Options(criterion=criterion, round_to=round_to, exclude=exclude, seed=seed, allocation=allocation,
                       recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
-                      quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess))
+                      quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess),
+                      granularity=granularity, then=then, then_criterion=then_criterion)
     validate(target, options)
     output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
                                              ("--plan-in", plan_in), ("--latency-table", latency_table)],
@@ -181,15 +195,29 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
 
 
 def _target(ratio: float | None, target_macs: float | None, target_latency: float | None,
-            plan_in: Path | None) -> Target:
-    """The one target the options name."""
+            plan_in: Path | None, target_params: float | None = None, own_share: float | None = None) -> Target:
+    """The one target the options name, or, for an N:M granularity, its `own_share` of zeros (naming one is then
+    refused)."""
     given = [(flag, kind, value) for flag, kind, value in (
         ("--ratio", "ratio", ratio), ("--target-macs", "macs", target_macs),
-        ("--target-latency", "latency", target_latency), ("--plan-in", "plan", plan_in)) if value is not None]
+        ("--target-latency", "latency", target_latency), ("--plan-in", "plan", plan_in),
+        ("--target-params", "params", target_params)) if value is not None]
+    if own_share is not None:
+        if given:
+            raise UsageError(f"{given[0][0]} does not go with an N:M --granularity, which sets the share of zeros "
+                             "itself; --ratio R --then N:M prunes channels first")
+        return Target.ratio(own_share)
     if len(given) != 1:
-        raise UsageError("give one of --ratio, --target-macs, --target-latency or --plan-in" if not given else
+        raise UsageError("give one of --ratio, --target-macs, --target-latency, --target-params or --plan-in"
+                         if not given else
                          f"{' and '.join(flag for flag, _, _ in given)} exclude each other")
     return Target(given[0][1], given[0][2])
+
+
+def _own_share(granularity: str) -> float | None:
+    """The share of zeros an N:M granularity sets itself; None for channel and unstructured."""
+    pattern = parse_pattern(granularity)
+    return pattern.share if pattern is not None else None
 
 
 def _calibration(calib: Path | None, size: int | None, batch_size: int,

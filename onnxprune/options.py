@@ -10,19 +10,21 @@ from typing import Literal
 
 from .allocate import ALLOCATIONS, Plan
 from .calibrate import CalibrationSource
-from .criteria import get_criterion, needs_data
+from .criteria import CRITERIA, get_criterion, needs_data
 from .errors import UsageError
 from .recover import RECOVERY
+from .sparsity.spec import SPARSE_ALLOCATIONS, SPARSE_CRITERIA, Request, parse_pattern
 
 DEFAULT_ROUND_TO = 16  # ORT's NCHWc convolution blocks (see BENCHMARKS.md, channel alignment)
 SCHEDULES = ("oneshot", "iterative")
-TargetKind = Literal["ratio", "macs", "latency", "plan"]
+TargetKind = Literal["ratio", "macs", "latency", "plan", "params"]
 
 
 @dataclass(frozen=True)
 class Target:
     """How much to remove: a channel `ratio` per group, a fraction of the MACs or of the measured latency to keep,
-    or a `plan` (a Plan, or a --plan-out file) that names the channels."""
+    or a `plan` (a Plan, or a --plan-out file) that names the channels. With a sparsity granularity, `ratio` is the
+    share of weights zeroed and `params` the fraction of the model's non-zero parameters to keep."""
 
     kind: TargetKind
     value: float | Plan | str | os.PathLike
@@ -43,6 +45,10 @@ class Target:
     def plan(cls, plan: Plan | str | os.PathLike) -> "Target":
         return cls("plan", plan)
 
+    @classmethod
+    def params(cls, fraction: float) -> "Target":
+        return cls("params", fraction)
+
     @property
     def budget(self) -> float | None:
         """The fraction of MACs or latency to keep; None for a ratio or a plan."""
@@ -51,7 +57,9 @@ class Target:
 
 @dataclass(frozen=True)
 class Options:
-    """How to prune: criterion, rounding, exclusions, allocation, recovery, schedule and calibration."""
+    """How to prune: criterion, rounding, exclusions, allocation, recovery, schedule and calibration; the
+    granularity (`channel`, `unstructured` or `N:M` such as `2:4`), and an N:M step `then` after channel pruning,
+    chosen by `then_criterion`."""
 
     criterion: str = "l1"
     round_to: int = DEFAULT_ROUND_TO
@@ -65,19 +73,45 @@ class Options:
     threads: int = 1  # onnxruntime threads for a latency target
     latency_table: str | os.PathLike | None = None
     quiet: bool = True
+    granularity: str = "channel"
+    then: str | None = None
+    then_criterion: str = "l1"
 
 
 def needs_calibration(target: Target, options: Options) -> bool:
     """Whether the run reads calibration data: to score or allocate (not when a plan names the channels), or to
     recover."""
+    sparse = sparsity_request(target, options)
+    if parse_pattern(options.granularity) is not None:
+        return sparse.needs_data
     scoring = target.kind != "plan" and (needs_data(options.criterion) or options.allocation == "sensitivity")
-    return scoring or options.recover != "none"
+    return scoring or options.recover != "none" or (sparse is not None and sparse.needs_data)
+
+
+def sparsity_request(target: Target, options: Options) -> Request | None:
+    """The sparsity step the run asks for (--granularity unstructured or N:M, or --then N:M after the channels);
+    None for channel pruning alone."""
+    pattern = parse_pattern(options.granularity)
+    refit = options.recover == "lsq"
+    if pattern is not None:
+        ratio = target.value if target.kind == "ratio" and pattern.unstructured else pattern.share
+        return Request(pattern, options.criterion, ratio, target.value if target.kind == "params" else None,
+                       options.allocation, refit, options.exclude)
+    if options.then is None:
+        return None
+    then = parse_pattern(options.then)
+    return Request(then, options.then_criterion, then.share, refit=refit, exclude=options.exclude)
 
 
 def validate(target: Target, options: Options) -> None:
     """Usage errors before any work: the target's range, and options that are unknown or do not fit together."""
     _validate_target(target, options.allocation)
     _validate_choices(options)
+    if parse_pattern(options.granularity) is None:
+        _validate_channel_choices(options)
+        _validate_then(target, options)
+    else:
+        _validate_sparsity(target, options)
     if options.latency_table is not None and target.kind != "latency":
         raise UsageError("--latency-table needs --target-latency")
     if target.kind == "plan" and options.schedule == "iterative":
@@ -96,14 +130,60 @@ def _validate_target(target: Target, allocation: str) -> None:
         raise UsageError(f"target-macs must be in (0, 1], got {target.value}")
     if target.kind == "ratio" and (target.value is None or not 0 <= target.value < 1):
         raise UsageError(f"ratio must be in [0, 1), got {target.value}")
+    if target.kind == "params" and not 0 < target.value <= 1:
+        raise UsageError(f"target-params must be in (0, 1], got {target.value}")
+
+
+def _validate_sparsity(target: Target, options: Options) -> None:
+    """--granularity unstructured or N:M: a share of zeros (unstructured: --ratio or --target-params; N:M: its own),
+    a sparsity criterion, uniform or (unstructured) sensitivity allocation, no recovery but lsq, one step."""
+    pattern = parse_pattern(options.granularity)
+    if target.kind not in ("ratio", "params") or (target.kind == "params" and not pattern.unstructured):
+        raise UsageError(f"--granularity {pattern} takes " + ("--ratio (the share of weights zeroed) or "
+                         "--target-params" if pattern.unstructured else "no target: N:M sets the share of zeros; "
+                         "--ratio R --then N:M prunes channels first"))
+    if not pattern.unstructured and target.value != pattern.share:
+        raise UsageError(f"--granularity {pattern} zeroes {pattern.share:g} of the weights; --ratio R --then "
+                         f"{pattern} prunes channels first")
+    if options.criterion not in SPARSE_CRITERIA:
+        raise UsageError(f"criterion '{options.criterion}' ranks channels; --granularity {pattern} takes "
+                         f"{', '.join(SPARSE_CRITERIA)}")
+    allocations = SPARSE_ALLOCATIONS if pattern.unstructured else ("uniform",)
+    if options.allocation not in allocations:
+        raise UsageError(f"--granularity {pattern} takes allocation {' or '.join(allocations)}")
+    if options.recover == "bias" or options.schedule != "oneshot" or options.then is not None:
+        raise UsageError(f"--granularity {pattern} takes --recover none or lsq, a one-shot schedule and no --then")
+
+
+def _validate_then(target: Target, options: Options) -> None:
+    """--then N:M after channel pruning: an N:M pattern, a sparsity criterion, one step; --target-params is for
+    --granularity unstructured."""
+    if target.kind == "params":
+        raise UsageError("--target-params needs --granularity unstructured")
+    if options.then is None:
+        return
+    then = parse_pattern(options.then)
+    if then is None or then.unstructured:
+        raise UsageError(f"--then takes an N:M pattern (2:4, 4:8, ...), got '{options.then}'")
+    if options.then_criterion not in SPARSE_CRITERIA:
+        raise UsageError(f"unknown then-criterion '{options.then_criterion}' (choose from "
+                         f"{', '.join(SPARSE_CRITERIA)})")
+    if options.schedule != "oneshot":
+        raise UsageError("--then needs a one-shot schedule")
+
+
+def _validate_channel_choices(options: Options) -> None:
+    if options.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{options.allocation}' (choose from {', '.join(ALLOCATIONS)})")
+    if options.criterion in SPARSE_CRITERIA and options.criterion not in CRITERIA:
+        raise UsageError(f"criterion '{options.criterion}' chooses single weights: use it with --granularity "
+                         "unstructured or N:M, or as --then-criterion")
+    get_criterion(options.criterion)
 
 
 def _validate_choices(options: Options) -> None:
-    if options.allocation not in ALLOCATIONS:
-        raise UsageError(f"unknown allocation '{options.allocation}' (choose from {', '.join(ALLOCATIONS)})")
     if options.round_to < 1:
         raise UsageError(f"round-to must be a positive integer, got {options.round_to}")
-    get_criterion(options.criterion)
     if options.recover not in RECOVERY:
         raise UsageError(f"unknown recovery '{options.recover}' (choose from {', '.join(RECOVERY)})")
     if options.schedule not in SCHEDULES:
@@ -116,6 +196,9 @@ def _validate_choices(options: Options) -> None:
 
 def _data_user(target: Target, options: Options) -> str:
     """What in the run needs calibration data, as the error names it."""
+    sparse = sparsity_request(target, options)
+    if sparse is not None and sparse.needs_data and sparse.criterion != "l1":
+        return f"criterion {sparse.criterion}"
     if target.kind != "plan" and needs_data(options.criterion):
         return f"criterion {options.criterion}"
     if target.kind != "plan" and options.allocation == "sensitivity":

@@ -26,12 +26,15 @@ from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
 from .layers import refittable
-from .options import Options, Target, needs_calibration
+from .options import Options, Target, needs_calibration, sparsity_request
 from .plan_io import plan_to_dict, read_plan
 from .recover import recover_bias, recover_lsq, require_finite_weights
 from .regression import ContributionGram
 from .report import PruneReport, channel_groups, frozen_reasons
 from .sensitivity import sensitivity_counts, sensitivity_curves
+from .sparsity.sparsify import count_nonzeros
+from .sparsity.spec import Request, parse_pattern
+from .sparsity.step import sparsity_step
 from .surgery import apply_plan
 from .verify import count_macs, count_params, layer_macs, sample_shapes
 
@@ -97,7 +100,8 @@ def open_inputs(model_or_path: onnx.ModelProto | str | os.PathLike, target: Targ
     runtime_sized = bool(graph_mod.runtime_dims(prepared.model))
     calibration = None
     if options.calib is not None:
-        replayable = options.recover != "none" or options.allocation == "sensitivity" or runtime_sized
+        sparse = parse_pattern(options.granularity) is not None or options.then is not None  # layer by layer
+        replayable = options.recover != "none" or options.allocation == "sensitivity" or runtime_sized or sparse
         calibration = Calibration(options.calib, prepared.model, replayable)
     sample, shapes = counted_at(prepared, calibration, target)
     return Inputs(prepared, calibration, sample, shapes)
@@ -215,18 +219,31 @@ def choose(inputs: Inputs, target: Target, options: Options, reference: dict | N
 
 def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target, options: Options,
              reference: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
-    """One-shot pruning: every step once. The input is never modified."""
+    """One-shot pruning: every step once, then the sparsity step where the options ask for one (with a sparsity
+    granularity, the channel steps are given an empty plan). The input is never modified."""
     start = time.perf_counter()
-    inputs = open_inputs(model_or_path, target, options)
-    choice = choose(inputs, target, options, reference)
+    sparse = sparsity_request(target, options)
+    channels = Target.plan(Plan()) if parse_pattern(options.granularity) is not None else target
+    inputs = open_inputs(model_or_path, channels, options)
+    choice = choose(inputs, channels, options, reference)
     before = (count_params(inputs.model), count_macs(inputs.model, inputs.shapes))
+    nonzeros = count_nonzeros(inputs.model) if sparse is not None else 0
     original = copy.deepcopy(inputs.model) if options.recover != "none" else None
     pruned = apply_plan(inputs.model, inputs.analysis, choice.plan)
     recovered = recover(pruned, original, inputs, choice.plan, options, choice.stats)
     require_finite_weights(pruned, inputs.analysis, choice.plan, options.recover)
-    report = build_report(inputs, target, options, choice, pruned, before)
+    sparsity = sparsify(pruned, inputs, sparse, nonzeros, options.quiet) if sparse is not None else None
+    report = build_report(inputs, channels, options, choice, pruned, before)
     report.recovered_layers, report.seconds = recovered, time.perf_counter() - start
+    report.sparsity = sparsity
     return pruned, report
+
+
+def sparsify(pruned: onnx.ModelProto, inputs: Inputs, request: Request, nonzeros: int, quiet: bool) -> dict:
+    """Zero weights of the (channel-pruned) model in place; its layers are re-fitted against it as it was."""
+    reference = copy.deepcopy(pruned) if request.needs_data else pruned
+    batches = inputs.calibration.batches if request.needs_data else None
+    return sparsity_step(pruned, reference, request, nonzeros, batches, quiet)
 
 
 def _given_plan(target: Target, analysis: Analysis) -> Plan:

@@ -154,8 +154,8 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
     _say_quantized_layers_stay(analysis, plan, "lsq")
     layers = refit_layers(analysis, plan)
     for position, layer in enumerate(layers):
-        system = _NormalEquations()
-        for features, target in _layer_rows(pruned, original, layer, _kept_outputs(layer, analysis, plan), batches(),
+        system = NormalEquations()
+        for features, target in layer_rows(pruned, original, layer, _kept_outputs(layer, analysis, plan), batches(),
                                             np.random.default_rng(position), positions, mask):
             system.add(features, target)
         if not system.finite:
@@ -167,7 +167,7 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
     return changed
 
 
-def _layer_rows(pruned: onnx.ModelProto, original: onnx.ModelProto, layer: Layer, kept: np.ndarray | None, batches,
+def layer_rows(pruned: onnx.ModelProto, original: onnx.ModelProto, layer: Layer, kept: np.ndarray | None, batches,
                 rng: np.random.Generator, positions: int, mask: str | None):
     """Per calibration batch, (features, targets): the pruned model's inputs to the layer as rows, and the original
     model's outputs of the layer (its kept channels) at the same positions."""
@@ -194,7 +194,7 @@ def _rows(layer: Layer, inputs: np.ndarray, target: np.ndarray, rng: np.random.G
     return np.concatenate([features, ones], axis=1).astype(np.float64), target.astype(np.float64)
 
 
-class _NormalEquations:
+class NormalEquations:
     """Running F^T F, F^T T and ||T||^2: memory fixed by the layer's size, not by the samples."""
 
     def __init__(self) -> None:
@@ -236,7 +236,7 @@ class _NormalEquations:
                 return None
 
 
-def _apply_fit(model: onnx.ModelProto, layer: Layer, system: _NormalEquations, ridge: float) -> int:
+def _apply_fit(model: onnx.ModelProto, layer: Layer, system: NormalEquations, ridge: float) -> int:
     if system.gram is None:
         return 0
     inits = {i.name: i for i in model.graph.initializer}
@@ -281,7 +281,7 @@ def _cast(weight: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     return cast if np.all(np.isfinite(cast)) else None
 
 
-def _lowers_error(system: _NormalEquations, fitted: np.ndarray | None, current: np.ndarray) -> bool:
+def _lowers_error(system: NormalEquations, fitted: np.ndarray | None, current: np.ndarray) -> bool:
     """The fit is finite and lowers the layer's error on the calibration data: `after < before` is false for a NaN
     error as well as for a worse one."""
     if fitted is None or not np.all(np.isfinite(fitted)):

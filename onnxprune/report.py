@@ -5,6 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .groups import Analysis
+from .sparsity.step import summary_lines as sparsity_lines
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PruneReport:
     target_latency: dict | None = None  # latency.counts_for_latency: target, predicted and measured fractions
     padding_mask: str | None = None  # the input whose zeros marked padded positions, left out of calibration
     runtime_dims: list[str] = field(default_factory=list, repr=False)  # graph.runtime_dims; not part of the JSON
+    sparsity: dict | None = None  # sparsity.step.sparsity_step: zeros per layer, non-zeros before and after
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -58,6 +60,8 @@ class PruneReport:
         whole = len(self.groups) - len(self.pruned_groups) - len(self.frozen_groups)
         why = f"too small for the ratio and --round-to {self.round_to}" if self.ratio is not None else \
             "the MAC or latency budget took nothing from them"
+        if self.sparsity and not self.plan.keep:
+            why = "channels are not pruned at this granularity"
         return f", {whole} prunable but kept whole ({why})" if whole else ""
 
     def _macs_line(self) -> str:
@@ -92,7 +96,7 @@ class PruneReport:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
         if not self.groups:
             lines += [f"  barrier: {reason} ({count} node(s))" for reason, count in barrier_counts(self.barriers)[:8]]
-        return lines
+        return lines + (sparsity_lines(self.sparsity) if self.sparsity else [])
 
 
 def _change(before: int, after: int) -> str:

@@ -148,7 +148,7 @@ def test_lsq_keeps_the_layer_when_the_fit_is_not_finite(monkeypatch, fit):
     model, data = constant_channel_model()
     prepared, plan, _, original, pruned = pruned_setup(model, data, with_stats=False)
     untouched = pruned.SerializeToString()
-    monkeypatch.setattr(recover_module._NormalEquations, "solve", lambda self, ridge: np.full_like(self.cross, fit))
+    monkeypatch.setattr(recover_module.NormalEquations, "solve", lambda self, ridge: np.full_like(self.cross, fit))
     assert recover_lsq(pruned, original, prepared.analysis, plan, lambda: iter([data])) == 0
     assert pruned.SerializeToString() == untouched
 
@@ -156,7 +156,7 @@ def test_lsq_keeps_the_layer_when_the_fit_is_not_finite(monkeypatch, fit):
 def test_lsq_keeps_the_layer_when_the_error_is_nan(monkeypatch):
     model, data = constant_channel_model()
     prepared, plan, _, original, pruned = pruned_setup(model, data, with_stats=False)
-    monkeypatch.setattr(recover_module._NormalEquations, "error", lambda self, weights: float("nan"))
+    monkeypatch.setattr(recover_module.NormalEquations, "error", lambda self, weights: float("nan"))
     assert recover_lsq(pruned, original, prepared.analysis, plan, lambda: iter([data])) == 0
 
 
