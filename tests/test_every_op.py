@@ -350,6 +350,7 @@ EINSUM_LINEAR = {  # equation -> weight shape: the forms exporters write for a l
     "bij,kj->bik": (32, HIDDEN),
     "...j,jk->...k": (HIDDEN, 32),
     "bij,jk": (HIDDEN, 32),  # implicit output: "bik"
+    "...j,jk": (HIDDEN, 32),  # implicit output: "...k"
 }
 
 
@@ -404,3 +405,16 @@ def test_keras_multi_head_projections():
     sizes = sorted(analysis.groups[g].size for g in plan.keep)
     assert sizes == [4, 8, TOKENS]  # heads, head size, the second projection's outputs
     assert sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 3) == [(2, 4, 8), (TOKENS, 2, 4)]
+
+
+def test_einsum_with_an_ellipsis_broadcast_over_the_weight():
+    """'...ij,...jk->...ik' with a weight (1, 1, j, k): its size-1 ellipsis axes broadcast and stay out of the
+    groups; both channel axes prune exactly."""
+    b = GraphBuilder(seed=12)
+    h = b.op("Relu", [b.matmul(b.input(["N", 3, 6, TOKENS]), TOKENS, HIDDEN)])
+    y = b.op("Einsum", [h, b.weight(1, 1, HIDDEN, 32)], equation="...ij,...jk->...ik")
+    model = b.model(b.matmul(b.op("Relu", [y]), 32, 4))
+    einsum = next(n for n in model.graph.node if n.op_type == "Einsum")
+    assert layer_macs(model)[einsum.name] == 3 * 6 * HIDDEN * 32
+    pruned, _, _ = prune_exact(model)
+    assert [list(i.dims) for i in pruned.graph.initializer if i.name == einsum.input[1]] == [[1, 1, HIDDEN // 2, 16]]
