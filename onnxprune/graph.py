@@ -290,9 +290,12 @@ def _constants_to_initializers(graph: onnx.GraphProto, protected: set[str]) -> N
 
 def _subgraph_constants_to_initializers(graph: onnx.GraphProto) -> None:
     """Constant nodes inside If branches and Loop and Scan bodies become initializers of their subgraph, so the
-    analysis reads a body's weights and shape constants as it reads the main graph's."""
-    for sub in nested_graphs(graph):
-        _constants_to_initializers(sub, {o.name for o in sub.output} | subgraph_references(sub))
+    analysis reads a body's weights and shape constants as it reads the main graph's. The name stays, so values that
+    nested subgraphs read convert too; a subgraph's outputs stay node outputs."""
+    for node in graph.node:  # a graph's nodes are rebuilt before its subgraphs are read, so none goes stale
+        for sub in subgraphs_of(node):
+            _constants_to_initializers(sub, {o.name for o in sub.output})
+            _subgraph_constants_to_initializers(sub)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

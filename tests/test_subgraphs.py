@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 import onnxprune
 from onnxprune import CalibrationSource, Options
 from onnxprune.criteria import probes
+from onnxprune.graph import all_nodes
 from onnxprune.pipeline import prepare
 from onnxprune.surgery import apply_plan
 from onnxprune.verify import check_valid, count_params, io_signature, run, zero_removed_channels
@@ -210,7 +211,7 @@ def test_scan_prunes_its_scanned_input_and_its_state():
 
 
 # ------------------------------------------------------------------------------------------------ nested
-def test_if_nested_inside_a_loop():
+def nested_model() -> onnx.ModelProto:
     """A Loop (trip count 2) whose body chooses between two conv branches on an outer flag, carrying h."""
     b = GraphBuilder()
     x = b.op("Relu", [b.conv(b.input([1, 3, 8, 8]), 3, 8)])
@@ -227,10 +228,42 @@ def test_if_nested_inside_a_loop():
                 (b.op("If", [flag], then_branch=then, else_branch=other), FLOAT)]
     loop = subgraph(b, "body", inputs, body)
     final = b.op("Loop", [b.const(np.array(2, np.int64)), "", x], body=loop)
-    model = finish(b, {b.conv(final, 8, 4): [1, 4, 8, 8]})
+    return finish(b, {b.conv(final, 8, 4): [1, 4, 8, 8]})
+
+
+def test_if_nested_inside_a_loop():
+    model = nested_model()
     feeds = [{"x": images(batch=1), "flag": np.array(v)} for v in (True, False)]
     _, analysis, plan = exact_on(model, feeds)
     assert len(plan.keep) == 2  # the carried 8 through both branches, the 16 inside 'then'
+
+
+def test_weights_in_constant_nodes_of_nested_subgraphs():
+    """Exporters hold a body's weights in Constant nodes: normalisation makes them initializers of their subgraph at
+    any depth, here the 'then' branch's in that branch and the 'else' branch's in the Loop body around it (a graph's
+    nodes are rebuilt before its subgraphs are read, so none is read stale)."""
+    model = nested_model()
+    loop = next(n for n in model.graph.node if n.op_type == "Loop").attribute[0].g
+    node = next(n for n in loop.node if n.op_type == "If")
+    weights = {i.name: i for i in model.graph.initializer}
+    moved = [_as_constant_nodes(graph, [i for n in source.node for i in n.input if i in weights], weights)
+             for graph, source in [(branch(node, "then_branch"),) * 2, (loop, branch(node, "else_branch"))]]
+    kept = [i for i in model.graph.initializer if not any(i.name in names for names in moved)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = [{"x": images(batch=1), "flag": np.array(v)} for v in (True, False)]
+    pruned, _, plan = exact_on(model, feeds)
+    assert len(plan.keep) == 2
+    assert not [n for n in all_nodes(pruned.graph) if n.op_type == "Constant"]
+
+
+def _as_constant_nodes(graph: onnx.GraphProto, names: list[str], weights: dict) -> list[str]:
+    """Put these weights into Constant nodes at the start of `graph`; returns the names."""
+    nodes = [helper.make_node("Constant", [], [name], value=weights[name]) for name in names] + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ data
