@@ -1,6 +1,7 @@
 """From scores to a Plan: how many channels each group keeps, and which."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -33,6 +34,22 @@ def step_for(group: Group, round_to: int) -> int:
 
 
 def round_count(group: Group, keep: int, round_to: int) -> int:
+    """`keep` rounded to the group's step at the alignment `alignment_for` chooses."""
+    return _rounded(group, keep, alignment_for(group, keep, round_to))
+
+
+def alignment_for(group: Group, keep: int, round_to: int) -> int:
+    """The largest alignment, `round_to` and then the powers of two below it down to 1, at which the group still
+    reaches the count asked: it removes between half and twice the channels that keeping `keep` would remove. A
+    block speeds a layer up only where the layer is wide enough to use it (BENCHMARKS.md, channel alignment), so a
+    wide group keeps `round_to`, while one that rounding to it would leave whole, or cut far less or far more than
+    asked (a small network's 10, 16 or 20 channels at ratio 0.5), takes the widest smaller block that fits."""
+    asked = group.size - max(1, keep)
+    candidates = [round_to] + [2 ** k for k in range(round_to.bit_length() - 1, -1, -1) if 2 ** k < round_to]
+    return next((a for a in candidates if asked <= 2 * (group.size - _rounded(group, keep, a)) <= 4 * asked), 1)
+
+
+def _rounded(group: Group, keep: int, round_to: int) -> int:
     """`keep` rounded to the group's step, at least one step (or the whole group when it is not larger)."""
     step = step_for(group, round_to)
     keep = max(1, keep)
@@ -69,10 +86,8 @@ def uniform_counts(analysis: Analysis, ratio: float, round_to: int,
     counts = {}
     for g in analysis.prunable:
         original = next((reference[a] for a in g.owned_axes(analysis.index.shapes) if a in (reference or {})), None)
-        if original is None:
-            counts[g.id] = keep_count(g, ratio, round_to)
-        else:
-            counts[g.id] = min(g.size, round_count(g, original - int(round(ratio * original)), round_to))
+        one_shot = g if original is None else dataclasses.replace(g, size=original)  # rounded as one-shot would
+        counts[g.id] = min(g.size, keep_count(one_shot, ratio, round_to))
     return counts
 
 

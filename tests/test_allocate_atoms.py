@@ -21,7 +21,8 @@ def group(size: int, inner: int = 1) -> Group:
 @pytest.mark.parametrize("size,ratio,round_to,expected", [
     (64, 0.5, 1, 32), (10, 0.25, 1, 8), (3, 0.9, 1, 1),       # round(r*C) removed, at least one kept
     (64, 0.5, 16, 32), (64, 0.3, 16, 48), (96, 0.5, 16, 48),  # a multiple of 16
-    (24, 0.5, 16, 16), (12, 0.5, 16, 12),                     # never below one step; small groups stay whole
+    (24, 0.5, 16, 16), (12, 0.5, 16, 8),                      # never below one step; a small group takes a
+    (12, 0.0, 16, 12), (100, 0.0, 16, 100),                   # smaller block where 16 would not cut (issue 10)
     (100, 0.5, 16, 48),                                       # nearest multiple
 ])
 def test_keep_count(size, ratio, round_to, expected):
