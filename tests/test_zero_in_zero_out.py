@@ -117,6 +117,7 @@ NOT_BETWEEN = {
     "Einsum": "a layer with its own roles (tests/test_rules.py)",
     "Flatten": "changes rank, so the second conv cannot read it: a Flatten -> Gemm head (tests/test_patterns.py)",
     "Shape": "returns the sizes, not the values: nothing of a channel's value passes through",
+    "OneHot": "takes integer indices, and its depth axis is data: frozen (tests/test_targets_reach.py)",
     **{op: "control flow: between two convs in tests/test_every_op.py, more in tests/test_subgraphs.py"
        for op in ("If", "Loop", "Scan")},
     **{op: "a quantized layer that freezes with the reason (tests/test_quantized.py)"

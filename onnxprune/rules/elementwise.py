@@ -77,7 +77,7 @@ _ROLES = {
 
 
 @rule("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu", "Where",
-      "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "BitShift", "Mod")
+      "And", "Or", "Xor", "BitShift", "Mod")  # comparisons: rules/compare.py
 def broadcast(n: NodeView) -> Rule:
     roles = _ROLES.get(n.op, {})
     inputs = [i for i in range(len(n.node.input)) if n.has_input(i)]
