@@ -241,11 +241,13 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers' data: cheap, unlike ModelProto.ByteSize() which walks the whole message."""
+    """Bytes of the initializers' data, subgraphs' included: cheap, unlike ModelProto.ByteSize() which walks the
+    whole message."""
     total = 0
-    for init in model.graph.initializer:  # never touch raw_data: reading it copies the bytes
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-        total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
+    for graph in [model.graph, *nested_graphs(model.graph)]:
+        for init in graph.initializer:  # never touch raw_data: reading it copies the bytes
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
     return total
 
 

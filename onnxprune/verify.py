@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from .allocate import Plan
 from .errors import OnnxPruneError, first_line
-from .graph import (Dims, all_nodes, batched_inputs, infer_shapes, nested_graphs, runtime_dims, shapes_at,
+from .graph import (Dims, batched_inputs, infer_shapes, nested_graphs, node_attr, runtime_dims, shapes_at,
                     subgraphs_of)
 from .groups import Analysis
 from .layers import macs as node_macs, stored_zero
@@ -68,18 +68,41 @@ def sample_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) 
 
 
 def layer_macs(model: onnx.ModelProto, shapes: dict[str, Dims] | None = None) -> dict[str, int]:
-    """MACs per node name, for the nodes count_macs counts; a layer inside an If branch or a Loop or Scan body
-    counts once, as for one run of its subgraph."""
+    """MACs per node name, for the nodes count_macs counts. A layer inside a Loop body counts once per iteration
+    where the trip count is a constant (an upper bound: the condition may end the loop sooner), inside a Scan body
+    once per step where the scanned length is static, else once (an If branch: as if that branch ran)."""
     shapes = shapes if shapes is not None else infer_shapes(model)
-    found = {}
-    for node in all_nodes(model.graph):
+    found: dict[str, int] = {}
+    constants = {i.name: i for g in [model.graph, *nested_graphs(model.graph)] for i in g.initializer}
+    _count_macs(model.graph, shapes, constants, 1, found)
+    return found
+
+
+def _count_macs(graph: onnx.GraphProto, shapes: dict[str, Dims], constants: dict, runs: int,
+                found: dict[str, int]) -> None:
+    """Each node's MACs times `runs`, the runs of the subgraph it sits in; a subgraph's nodes before its node."""
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            _count_macs(sub, shapes, constants, runs * _iterations(node, shapes, constants), found)
         try:
             count = node_macs(node, lambda name: _batch1(shapes.get(name)))
         except (TypeError, KeyError, IndexError):
             continue
         if count is not None:
-            found[node.name] = count
-    return found
+            found[node.name] = count * runs
+
+
+def _iterations(node: onnx.NodeProto, shapes: dict[str, Dims], constants: dict) -> int:
+    """How often a Loop or Scan runs its body where that is known before running it; 1 otherwise."""
+    if node.op_type == "Loop" and node.input and node.input[0] in constants:
+        trips = numpy_helper.to_array(constants[node.input[0]]).reshape(-1)
+        return int(trips[0]) if trips.size == 1 and 0 <= trips[0] < 2**31 else 1
+    if node.op_type == "Scan":
+        scanned = node.input[len(node.input) - int(node_attr(node, "num_scan_inputs", 0) or 0):]
+        axis = (node_attr(node, "scan_input_axes", None) or [0])[0]
+        dims = shapes.get(scanned[0]) if scanned else None
+        return dims[axis] if dims and -len(dims) <= axis < len(dims) and isinstance(dims[axis], int) else 1
+    return 1
 
 
 def _batch1(dims: Dims | None) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from onnxprune.criteria import probes
 from onnxprune.graph import all_nodes
 from onnxprune.pipeline import prepare
 from onnxprune.surgery import apply_plan
-from onnxprune.verify import check_valid, count_params, io_signature, run, zero_removed_channels
+from onnxprune.verify import check_valid, count_params, io_signature, layer_macs, run, zero_removed_channels
 
 FLOAT = TensorProto.FLOAT
 
@@ -283,3 +283,35 @@ def test_data_criteria_and_recovery_leave_body_values_alone():
     carried = group_of(prepared.analysis, model.graph.node[0].input[1], 0)
     after_loop = {n.input[0] for n in model.graph.node if n.op_type == "Conv"} - {"x"}
     assert {m.space[0] for m in probes(carried, prepared.analysis.index)} == after_loop
+
+
+def test_carried_value_that_comes_back_not_zero_marks_the_group_inexact():
+    """h -> conv -> Sigmoid carried twice: a removed channel is zero in the first iteration and Sigmoid(0) = 0.5 in
+    the second, where the body's conv sums it in. After the Loop it is multiplied by the (zero) start value, so only
+    the body's second iteration loses it: the zero flow reruns the body with what the carried value brings back."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input([1, 3, 8, 8]), 3, 8)])
+    inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("h_in", FLOAT, [1, 8, 8, 8])]
+    loop = subgraph(b, "body", inputs, lambda: [(b.op("Identity", ["cond_in"]), TensorProto.BOOL),
+                                                (b.op("Sigmoid", [b.conv("h_in", 8, 8)]), FLOAT)])
+    final = b.op("Loop", [b.const(np.array(2, np.int64)), "", x], body=loop)
+    model = finish(b, {b.conv(b.op("Mul", [final, x]), 8, 4): [1, 4, 8, 8]})
+    analysis = prepare(model).analysis
+    carried = group_of(analysis, model.graph.node[0].input[1], 0)
+    assert carried.prunable and any("Sigmoid" in r and "sums it in" in r for r in carried.inexact), carried.inexact
+    body_conv = next(n.name for n in loop.node if n.op_type == "Conv")
+    assert any(f"'{body_conv}'" in r for r in carried.inexact)
+
+
+def test_macs_count_a_body_once_per_iteration():
+    """A Loop with a constant trip count runs its body that many times, a Scan once per scanned step."""
+    model = loop_model()
+    macs = layer_macs(model)
+    body = model.graph.node[2].attribute[0].g
+    assert macs[body.node[0].name] == 2 * (8 * 8) * 16 * (8 * 9)  # 2 iterations of 64 positions x 16 x (8 x 3 x 3)
+    assert macs[model.graph.node[0].name] == (8 * 8) * 8 * (3 * 9)
+    scan = scan_model()
+    body = scan.graph.node[3].attribute[0].g
+    assert layer_macs(scan)[body.node[0].name] == 5 * 2 * 32 * 32  # 5 steps of (2, 32) @ (32, 32)
