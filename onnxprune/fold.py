@@ -45,13 +45,17 @@ def fold_constants(model: onnx.ModelProto, protected: set[str]) -> int:
     if not values:
         return 0
     folded: set[int] = set()
-    readers = _readers(graph)
+    frontiers: list[str] = []
+    dead: list[str] = []
+    readers, sizes = _readers(graph), {init.name: _bytes(init) for init in graph.initializer}
     for region in _regions(graph, values):
-        frontier, dying = _frontier(graph, region, readers, protected), _dying(graph, region, readers, protected)
-        if _worth_folding(frontier, dying, values, graph):
-            _materialise(graph, frontier, dying, values)
+        frontier, dying = _frontier(graph, region, readers, protected), _dying(region, readers, sizes, protected)
+        if _worth_folding(frontier, dying, values, sizes):
+            frontiers += frontier
+            dead += dying
             folded.update(region.nodes)
     if folded:
+        _materialise(graph, frontiers, dead, values)
         _drop_nodes(graph, folded)
         log.info("folded %d constant nodes into initializers", len(folded))
     return len(folded)
@@ -67,20 +71,37 @@ def _evaluate(graph: onnx.GraphProto, opsets: dict[str, int], outputs: set[str])
 
     constants = {init.name: init for init in graph.initializer}
     values: dict[str, np.ndarray] = {}
+    read: dict[str, np.ndarray] = {}  # initializers converted once
     for node in graph.node:
         if not _foldable(node, constants, values, outputs):
             continue
-        inputs = {name: values[name] if name in values else numpy_helper.to_array(constants[name])
-                  for name in node.input if name}
+        inputs = {name: values[name] if name in values else read.setdefault(name, numpy_helper.to_array(
+            constants[name])) for name in node.input if name}
         if sum(v.size for v in inputs.values()) > _EVALUATE_AT_MOST:
             continue
         try:
             results = ReferenceEvaluator(node, opsets=opsets).run(None, inputs)
+            results = _as_declared(node, opsets[""], inputs, [np.asarray(r) for r in results])
         except Exception as exc:  # an op or type the reference evaluator lacks: the node stays
             log.debug("not folding %s '%s': %s", node.op_type, node.name, exc)
             continue
-        values.update((name, np.asarray(v)) for name, v in zip(node.output, results) if name)
+        values.update((name, v) for name, v in zip(node.output, results) if name)
     return values
+
+
+def _as_declared(node: onnx.NodeProto, opset: int, inputs: dict[str, np.ndarray],
+                 results: list[np.ndarray]) -> list[np.ndarray]:
+    """The results in the element types ONNX type inference gives the node's outputs: the reference evaluator
+    computes some ops in a wider type, and a folded constant of another type would break the graph."""
+    schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    types = {name: onnx.helper.make_tensor_type_proto(onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+             for name, v in inputs.items()}
+    declared = onnx.shape_inference.infer_node_outputs(schema, node, types)
+    typed = []
+    for name, value in zip(node.output, results):
+        elem_type = declared[name].tensor_type.elem_type if name in declared else 0
+        typed.append(value.astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)) if elem_type else value)
+    return typed
 
 
 def _foldable(node: onnx.NodeProto, constants: dict, values: dict, graph_outputs: set[str]) -> bool:
@@ -95,35 +116,28 @@ def _foldable(node: onnx.NodeProto, constants: dict, values: dict, graph_outputs
 
 def _regions(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> list[_Region]:
     """Connected groups of evaluated nodes: two nodes are connected when one reads what the other computes or both
-    read the same constant (a weight dies only when all its readers fold together)."""
-    regions: list[_Region] = []
-    owner: dict[str, _Region] = {}
+    read the same constant (a weight dies only when all its readers fold together). Union-find over positions."""
+    parent: dict[int, int] = {}
+    first_seen: dict[str, int] = {}  # tensor -> the first evaluated node that touches it
+
+    def find(p: int) -> int:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
     for position, node in enumerate(graph.node):
         if not node.output or not all(o in values for o in node.output if o):
             continue
-        names = {n for n in list(node.input) + list(node.output) if n}
-        touching = {id(owner[n]): owner[n] for n in names if n in owner}
-        region = _merge(list(touching.values()), regions) if touching else _new_region(regions)
+        parent[position] = position
+        for name in (n for n in list(node.input) + list(node.output) if n):
+            parent[find(first_seen.setdefault(name, position))] = find(position)
+    regions: dict[int, _Region] = {}
+    for position in parent:  # in graph order
+        region = regions.setdefault(find(position), _Region())
         region.nodes.append(position)
-        region.tensors |= names
-        for name in region.tensors:
-            owner[name] = region
-    return regions
-
-
-def _new_region(regions: list[_Region]) -> _Region:
-    regions.append(_Region())
-    return regions[-1]
-
-
-def _merge(parts: list[_Region], regions: list[_Region]) -> _Region:
-    first = parts[0]
-    for other in parts[1:]:
-        first.nodes += other.nodes
-        first.tensors |= other.tensors
-        regions.remove(other)
-    first.nodes.sort()
-    return first
+        region.tensors.update(n for n in list(graph.node[position].input) + list(graph.node[position].output) if n)
+    return list(regions.values())
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[int]]:
@@ -143,20 +157,16 @@ def _frontier(graph: onnx.GraphProto, region: _Region, readers: dict[str, list[i
     return [o for o in outputs if o in protected or any(r not in inside for r in readers.get(o, []))]
 
 
-def _dying(graph: onnx.GraphProto, region: _Region, readers: dict[str, list[int]],
-           protected: set[str]) -> list[str]:
+def _dying(region: _Region, readers: dict[str, list[int]], sizes: dict[str, int], protected: set[str]) -> list[str]:
     """Initializers that only the region reads: they go when it folds."""
     inside = set(region.nodes)
-    initializers = {init.name for init in graph.initializer}
-    return [n for n in region.tensors if n in initializers and n not in protected
+    return [n for n in region.tensors if n in sizes and n not in protected
             and all(r in inside for r in readers.get(n, []))]
 
 
-def _worth_folding(frontier: list[str], dying: list[str], values: dict[str, np.ndarray],
-                   graph: onnx.GraphProto) -> bool:
+def _worth_folding(frontier: list[str], dying: list[str], values: dict[str, np.ndarray], sizes: dict[str, int]) -> bool:
     if all(values[name].size <= SMALL for name in frontier):
         return True
-    sizes = {init.name: _bytes(init) for init in graph.initializer}
     return sum(values[name].nbytes for name in frontier) <= sum(sizes[name] for name in dying)
 
 
