@@ -36,6 +36,7 @@ class PruneReport:
     padding_mask: str | None = None  # the input whose zeros marked padded positions, left out of calibration
     runtime_dims: list[str] = field(default_factory=list, repr=False)  # graph.runtime_dims; not part of the JSON
     sparsity: dict | None = None  # sparsity.step.sparsity_step: zeros per layer, non-zeros before and after
+    sparse_storage: dict | None = None  # sparsity.packed.PackReport.to_dict(), with --sparse-storage packed
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -96,6 +97,7 @@ class PruneReport:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
         if not self.groups:
             lines += [f"  barrier: {reason} ({count} node(s))" for reason, count in barrier_counts(self.barriers)[:8]]
+        lines += self.sparse_storage["summary"] if self.sparse_storage else []
         return lines + (sparsity_lines(self.sparsity) if self.sparsity else [])
 
 
