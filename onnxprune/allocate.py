@@ -120,7 +120,9 @@ class MacModel:
         self.analysis = analysis
         self.fixed = 0
         self.layers: list[tuple[int, list[tuple[tuple[str, int], int]]]] = []
+        self.prunable = 0  # MACs of the layers a prunable group touches
         shapes = analysis.index.shapes
+        spaces = {m.space for g in analysis.prunable for m in g.members}
         for node in analysis.index.nodes:  # layers inside If branches and Loop and Scan bodies too
             macs = layer_macs.get(node.name, 0)
             layer = describe(node, analysis.index)
@@ -128,6 +130,9 @@ class MacModel:
                 self.layers.append((macs, [((layer.weight, a), d) for a, d in enumerate(shapes[layer.weight])]))
             else:
                 self.fixed += macs
+            tensors = [t for t in list(node.input[:2]) + list(node.output[:1]) if t]
+            if macs and any((t, a) in spaces for t in tensors for a in range(len(shapes.get(t) or ()))):
+                self.prunable += macs
 
     def cost(self, counts: dict[int, int]) -> float:
         """MACs of the model when group g keeps counts[g] channels."""
@@ -147,6 +152,52 @@ class MacModel:
     def prefer(self, counts: dict[int, int]) -> dict[int, int]:
         """The counts as they are: MACs have no width that is cheaper than a narrower one."""
         return counts
+
+    def reach(self, round_to: int) -> "MacReach":
+        """How much of the MACs pruning can reach, every prunable group at its floor (what keeping one channel
+        rounds to: one block of `round_to`, or less where the group is too small for a block)."""
+        floor = {g.id: round_count(g, 1, round_to) for g in self.analysis.prunable}
+        return MacReach(self.cost({}), float(self.prunable), self.cost(floor))
+
+
+TARGET_TOLERANCE = 0.02  # a target missed by less (a fraction of the original's MACs, latency or channels) is met
+
+
+@dataclass(frozen=True)
+class MacReach:
+    """A model's MACs (at batch 1), those of the layers a prunable group touches, and those left with every
+    prunable group at its floor: the reachable minimum."""
+
+    total: float
+    prunable: float
+    floor: float
+
+    @property
+    def share(self) -> float:
+        """The share of the MACs in layers a prunable group touches."""
+        return self.prunable / self.total if self.total else 0.0
+
+    @property
+    def minimum(self) -> float:
+        """The fraction of the MACs left with every prunable group at its floor."""
+        return self.floor / self.total if self.total else 1.0
+
+    def can_meet(self, budget: float) -> bool:
+        return self.minimum <= budget + TARGET_TOLERANCE
+
+    def to_dict(self) -> dict:
+        return {"macs": int(self.total), "prunable_macs": int(self.prunable), "prunable_share": self.share,
+                "reachable_minimum": self.minimum}
+
+
+def capped_when_unreachable(analysis: Analysis, counts: dict[int, int], budget: float, reach: MacReach,
+                            round_to: int) -> dict[int, int]:
+    """For a MAC budget below the reachable minimum, no group loses a larger share of its channels than the budget
+    asks the whole model to lose (`--ratio 1 - budget`): the target cannot be met anyway, and driving the few
+    prunable groups to their floor would wreck them for little (a byte embedding kept at 16 of 257 channels)."""
+    if reach.can_meet(budget):
+        return counts
+    return {g.id: max(counts.get(g.id, g.size), keep_count(g, 1 - budget, round_to)) for g in analysis.prunable}
 
 
 def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocation: str, round_to: int,

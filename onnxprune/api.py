@@ -1,6 +1,7 @@
 """The public API: `prune`, `analyze` and `sensitivity`. The CLI only parses options and calls these."""
 from __future__ import annotations
 
+import logging
 import os
 
 import onnx
@@ -8,19 +9,25 @@ import onnx
 from .calibrate import Calibration, CalibrationSource
 from .errors import UsageError
 from .groups import Analysis
-from .options import Options, Target, validate
+from .options import DEFAULT_ROUND_TO, Options, Target, validate
 from .pipeline import (Inputs, collect_statistics, counted_at, group_curves, mac_model_of, prepare, run_once, score,
                        statistics_needed)
-from .report import PruneReport
+from .report import PruneReport, target_text
 from .schedule import prune_iteratively
 from .sparsity.spec import parse_pattern
 
 ModelSource = onnx.ModelProto | str | os.PathLike
+log = logging.getLogger("onnxprune")
 
 
 def analyze(model_or_path: ModelSource, exclude: tuple[str, ...] = ()) -> Analysis:
-    """The channel groups of a model: which channels must be removed together, which are frozen and why."""
-    return prepare(model_or_path, exclude).analysis
+    """The channel groups of a model: which channels must be removed together, which are frozen and why; and
+    `mac_reach` (allocate.MacReach): the share of the MACs in layers a prunable group touches, and the MACs left
+    with every prunable group at its floor (at the default --round-to)."""
+    prepared = prepare(model_or_path, exclude)
+    inputs = Inputs(prepared, None, None, prepared.analysis.index.shapes)
+    prepared.analysis.mac_reach = mac_model_of(inputs).reach(DEFAULT_ROUND_TO)
+    return prepared.analysis
 
 
 def prune(model_or_path: ModelSource, target: Target | float | None,
@@ -35,8 +42,12 @@ def prune(model_or_path: ModelSource, target: Target | float | None,
     target = _target_of(target, options)
     validate(target, options)
     if options.schedule == "iterative":
-        return prune_iteratively(model_or_path, target, options)
-    return run_once(model_or_path, target, options)
+        pruned, report = prune_iteratively(model_or_path, target, options)
+    else:
+        pruned, report = run_once(model_or_path, target, options)
+    if report.target is not None and not report.target["met"]:
+        log.warning("target not met: %s", target_text(report.target))
+    return pruned, report
 
 
 def _target_of(target: Target | float | None, options: Options) -> Target:

@@ -14,6 +14,13 @@ class UsageError(OnnxPruneError):
     exit_code = 2
 
 
+class TargetNotMet(OnnxPruneError):
+    """The run reached less than its target asked (--strict-target); exit code 3, so a pipeline can tell it from
+    a failure."""
+
+    exit_code = 3
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception message (protobuf and onnx errors are long)."""
     for line in str(exc).splitlines():

@@ -18,19 +18,19 @@ import numpy as np
 import onnx
 
 from . import graph as graph_mod
-from .allocate import MacModel, Plan, counts_for_target, plan_from_counts
+from .allocate import MacModel, MacReach, Plan, capped_when_unreachable, counts_for_target, plan_from_counts
 from .calibrate import Calibration, Statistics, collect_stats
 from .criteria import STATISTICS, ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
-from .layers import constant_values, refittable
+from .layers import refittable
 from .options import Options, Target, needs_calibration, sparsity_request
 from .plan_io import plan_to_dict, read_plan
 from .recover import recover_bias, recover_lsq, require_finite_weights
 from .regression import ContributionGram
-from .report import PruneReport, channel_groups, frozen_reasons
+from .report import PruneReport, channel_groups, frozen_reasons, target_outcome, unreachable_reason
 from .sensitivity import sensitivity_counts, sensitivity_curves
 from .sparsity.sparsify import count_nonzeros
 from .sparsity.spec import Request, parse_pattern
@@ -133,8 +133,8 @@ def contribution_grams(analysis: Analysis) -> dict[int, ContributionGram]:
     """The regression criterion's accumulators, for every group read by a layer that least squares can re-fit."""
     index, grams = analysis.index, {}
     for group in analysis.prunable:
-        layers = [(layer, member, constant_values(layer.weight, index)) for node, member in consumers(group, index)
-                  if (layer := refittable(node, index, quantized=True)) is not None]
+        layers = [(layer, member, index.array(layer.weight)) for node, member in consumers(group, index)
+                  if (layer := refittable(node, index)) is not None]
         if layers:
             grams[group.id] = ContributionGram(group, layers)
     return grams
@@ -153,9 +153,10 @@ def score(inputs: Inputs, options: Options, stats: Statistics | None) -> Scores:
 
 
 def allocate(inputs: Inputs, target: Target, options: Options, scores: dict[int, np.ndarray],
-             reference: dict | None = None) -> tuple[Plan, dict | None]:
+             reference: dict | None = None, mac_model: MacModel | None = None) -> tuple[Plan, dict | None]:
     """The plan meeting `target`, and for a latency target what was predicted and measured. `reference` (the
-    group sizes an iterative schedule started from) makes a ratio refer to the original sizes."""
+    group sizes an iterative schedule started from) makes a ratio refer to the original sizes. A MAC target
+    below the reachable minimum cuts no group beyond its share (allocate.capped_when_unreachable)."""
     analysis, ratio = inputs.analysis, target.value if target.kind == "ratio" else None
     search = lambda budget: counts_for_target(analysis, scores, options.allocation, options.round_to,  # noqa: E731
                                               ratio, budget, reference)
@@ -164,12 +165,15 @@ def allocate(inputs: Inputs, target: Target, options: Options, scores: dict[int,
             inputs.model, analysis, search, target.value, round_to=options.round_to, threads=options.threads,
             table_path=options.latency_table, progress=not options.quiet, feed=inputs.sample, shapes=inputs.shapes)
         return plan_from_counts(analysis, scores, counts), outcome
-    mac_model = mac_model_of(inputs)
+    mac_model = mac_model or mac_model_of(inputs)
     if options.allocation == "sensitivity":
         curves = group_curves(inputs, scores, options.round_to, mac_model)
         counts = sensitivity_counts(analysis, curves, mac_model, ratio, target.budget)
     else:
         counts = search((mac_model, target.value) if target.kind == "macs" else None)
+    if target.kind == "macs":
+        counts = capped_when_unreachable(analysis, counts, target.value, mac_model.reach(options.round_to),
+                                         options.round_to)
     return plan_from_counts(analysis, scores, counts), None
 
 
@@ -203,18 +207,24 @@ class Choice:
     stats: Statistics | None = None
     scores: Scores | None = None
     latency: dict | None = None  # for a latency target: predicted and measured fractions
+    reach: MacReach | None = None  # the MACs in prunable groups, and the reachable minimum
 
 
 def choose(inputs: Inputs, target: Target, options: Options, reference: dict | None = None) -> Choice:
-    """Statistics, scores and allocation: the channels to remove (or the plan the target names)."""
+    """Statistics, scores and allocation: the channels to remove (or the plan the target names). A MAC target
+    below the reachable minimum is said up front, before any data is read."""
+    mac_model = mac_model_of(inputs)
+    reach = mac_model.reach(options.round_to)
+    if target.kind == "macs" and not reach.can_meet(target.value):
+        log.warning("target-macs %g cannot be met: %s", target.value, unreachable_reason(target.value, reach))
     reads = statistics_needed(target, options)
     stats = collect_statistics(inputs, reads, options.quiet) if reads else None
     if target.kind == "plan":
-        return Choice(_given_plan(target, inputs.analysis), stats)
+        return Choice(_given_plan(target, inputs.analysis), stats, reach=reach)
     scores = score(inputs, options, stats)
-    plan, latency = allocate(inputs, target, options, scores.values, reference)
+    plan, latency = allocate(inputs, target, options, scores.values, reference, mac_model)
     _warn_fallbacks(options.criterion, scores.context, inputs.analysis)
-    return Choice(plan, stats, scores, latency)
+    return Choice(plan, stats, scores, latency, reach)
 
 
 def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target, options: Options,
@@ -256,7 +266,7 @@ def build_report(inputs: Inputs, target: Target, options: Options, choice: Choic
     analysis, plan, stats = inputs.analysis, choice.plan, choice.stats
     rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
     used_data = needs_calibration(target, options)
-    return PruneReport(
+    report = PruneReport(
         ratio=target.value if target.kind == "ratio" else None, criterion=options.criterion,
         round_to=options.round_to, params_before=before[0], params_after=count_params(pruned),
         macs_before=before[1], macs_after=count_macs(pruned, sample_shapes(pruned, inputs.sample)),
@@ -265,7 +275,10 @@ def build_report(inputs: Inputs, target: Target, options: Options, choice: Choic
         recovery=options.recover, calibration_samples=_samples(inputs, stats) if used_data else 0,
         plan_dict=plan_to_dict(plan, analysis), padding_mask=inputs.calibration.mask if used_data else None,
         target_latency=choice.latency, runtime_dims=graph_mod.runtime_dims(inputs.model),
-        criterion_fallbacks=len(choice.scores.context.fallbacks) if choice.scores is not None else 0)
+        criterion_fallbacks=len(choice.scores.context.fallbacks) if choice.scores is not None else 0,
+        mac_reach=choice.reach)
+    report.target = target_outcome(report, target.kind, target.value)
+    return report
 
 
 def _samples(inputs: Inputs, stats: Statistics | None) -> int:

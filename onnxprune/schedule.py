@@ -12,7 +12,7 @@ from .allocate import reference_sizes
 from .options import Options, Target
 from .pipeline import prepare, run_once
 from .plan_io import plan_from_initializers, plan_to_dict
-from .report import PruneReport, channel_groups, frozen_reasons
+from .report import PruneReport, channel_groups, frozen_reasons, target_outcome
 
 
 def step_targets(steps: int, target: Target) -> list[Target]:
@@ -58,12 +58,15 @@ def _combined_report(original: onnx.ModelProto, reports: list[PruneReport], kept
     plan = plan_from_initializers(analysis, kept)
     rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
     first, last = reports[0], reports[-1]
-    return dataclasses.replace(
+    combined = dataclasses.replace(
         last, ratio=target.value if target.kind == "ratio" else None, params_before=first.params_before,
         macs_before=first.macs_before, weight_bytes_before=first.weight_bytes_before, groups=rows,
         frozen_reasons=frozen_reasons(rows), seconds=sum(r.seconds for r in reports),
         recovered_layers=sum(r.recovered_layers for r in reports), plan=plan, plan_dict=plan_to_dict(plan, analysis),
-        target_latency=_combined_latency(reports, target.value) if target.kind == "latency" else None)
+        target_latency=_combined_latency(reports, target.value) if target.kind == "latency" else None,
+        mac_reach=first.mac_reach)
+    combined.target = target_outcome(combined, target.kind, target.value)  # the whole run's, not the last step's
+    return combined
 
 
 def _combined_latency(reports: list[PruneReport], target: float) -> dict:

@@ -1,16 +1,22 @@
 """Issue 10 (part E): inputs onnxruntime accepts are accepted, small groups prune at the ratio asked, targets that
 are not met say so, unreachable targets do not wreck what is reachable, and analyze reports the prunable share."""
+import json
+import logging
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from builders import GraphBuilder
+from builders import GraphBuilder, invoke
 from exactness import prune_exact
 from onnx import TensorProto
 
 import onnxprune
 from onnxprune import CalibrationSource, Options, Target
+from onnxprune.allocate import TARGET_TOLERANCE, keep_count
 from onnxprune.calibrate import check_feed, input_specs
 from onnxprune.errors import OnnxPruneError
+from onnxprune.groups import Group, Member
 from onnxprune.rules.compare import ONE_HOT
 
 
@@ -40,7 +46,75 @@ def test_static_dims_and_rank_are_still_enforced_as_onnxruntime_does():
     assert check_feed({"x": np.zeros((5, 3, 48, 192), np.float32)}, specs)["x"].shape[0] == 5
 
 
-# ------------------------------------------------------------------------------------------ one-hot of the input
+# ------------------------------------------------------------------------------------------ alignment per group
+
+def small_net():
+    """A small network, 10, 16 and 32 channels wide: with a fixed block of 16, 10 and 16 would stay whole."""
+    b = GraphBuilder()
+    x = b.conv_bn_relu(b.input(["N", 3, 8, 8]), 3, 10)
+    x = b.conv_bn_relu(x, 10, 16)
+    x = b.conv_bn_relu(x, 16, 32)
+    return b.model(b.conv(x, 32, 4))
+
+
+def test_small_groups_take_the_widest_block_that_reaches_the_ratio():
+    _, report = onnxprune.prune(small_net(), 0.5)  # default --round-to 16
+    kept = {g["channels"]: g["kept"] for g in report.groups if g["prunable"]}
+    assert kept == {10: 4, 16: 8, 32: 16}
+    assert report.macs_after / report.macs_before < 0.3 and report.target["met"]
+    prune_exact(small_net(), 0.5, round_to=16)
+
+
+@pytest.mark.parametrize("size,ratio,expected", [
+    (64, 0.5, 32), (48, 0.5, 32), (24, 0.5, 16), (96, 0.3, 64), (256, 0.1, 224),  # 16 reaches: unchanged
+    (16, 0.5, 8), (10, 0.5, 4), (20, 0.5, 8), (64, 0.1, 56), (12, 0.1, 11),       # it does not: a smaller block
+    (100, 0.0, 100),                                                              # nothing asked, nothing cut
+])
+def test_alignment_per_group(size, ratio, expected):
+    assert keep_count(Group(0, size, [Member(("w", 0), 0, 1, "w_out", True)]), ratio, 16) == expected
+
+
+def test_a_ratio_the_floor_stops_is_reported_not_met():
+    _, report = onnxprune.prune(small_net(), 0.9)
+    assert report.target["kind"] == "ratio" and not report.target["met"]
+    assert report.target["reached"] < 0.9 - TARGET_TOLERANCE and "block" in report.target["reason"]
+    assert any(line.startswith("target      NOT MET") for line in report.summary_lines())
+
+
+# ------------------------------------------------------------------------------------------ unreachable targets
+
+def mostly_frozen():
+    """A 3 -> 1024 conv straight from the input to an output (frozen: 63% of the MACs) beside a prunable
+    3 -> 256 -> 4 branch: with the 256 group at its floor of 16, 65% of the MACs remain."""
+    b = GraphBuilder()
+    x = b.input(["N", 3, 8, 8])
+    frozen = b.conv(x, 3, 1024)
+    branch = b.conv(b.op("Relu", [b.conv(x, 3, 256)]), 256, 4)
+    return b.model(frozen, branch)
+
+
+def branch_kept(report) -> int:
+    return next(g["kept"] for g in report.groups if g["prunable"] and g["channels"] == 256)
+
+
+def test_an_unreachable_mac_target_is_said_up_front_and_caps_every_cut(caplog):
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
+        _, report = onnxprune.prune(mostly_frozen(), Target.macs(0.5))
+    first = caplog.records[0].getMessage()
+    assert first.startswith("target-macs 0.5 cannot be met") and "reachable minimum" in first
+    assert "target not met" in caplog.records[-1].getMessage()
+    assert branch_kept(report) == 128  # as --ratio 0.5 would cut it, not the floor of 16
+    assert report.target["met"] is False and report.target["reached"] > 0.5 + TARGET_TOLERANCE
+    assert report.mac_reach.minimum == pytest.approx(report.to_dict()["mac_reach"]["reachable_minimum"])
+    assert 0.6 < report.mac_reach.minimum < 0.7 and 0.35 < report.mac_reach.share < 0.4
+
+
+def test_a_reachable_mac_target_is_met_without_cap(caplog):
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
+        _, report = onnxprune.prune(mostly_frozen(), Target.macs(0.7))
+    assert report.target["met"] and report.target["reached"] <= 0.7 + TARGET_TOLERANCE
+    assert branch_kept(report) < 128 and not caplog.records
+
 
 def byte_embedding():
     """Bytes (N, S) -> one-hot over 257 values (Equal against a constant range) -> Cast -> MatMul: an embedding
@@ -68,3 +142,41 @@ def test_a_comparison_of_activations_still_couples_the_channels():
     model = b.model(b.conv(leaky, 16, 4))
     assert [g.size for g in onnxprune.analyze(model).groups if g.prunable] == [16]
     prune_exact(model, 0.5)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+def test_cli_says_when_a_target_is_not_met_and_strict_target_exits_3(tmp_path, caplog):
+    path = tmp_path / "m.onnx"
+    onnx.save(mostly_frozen(), path)
+    result = invoke(path, "--target-macs", 0.5, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0 and "target not met" in caplog.text and "NOT MET" in result.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["target"]["met"] is False
+    out = tmp_path / "strict.onnx"
+    strict = invoke(path, "--target-macs", 0.5, "--strict-target", "-o", out, "--report", tmp_path / "s.json")
+    assert strict.exit_code == 3 and not out.exists()
+    assert [line for line in strict.stderr.splitlines() if line.startswith("onnxprune: error: target not met")]
+    assert json.loads((tmp_path / "s.json").read_text())["target"]["reason"].startswith("37% of the MACs")
+    met = invoke(path, "--target-macs", 0.7, "--strict-target", "-o", out)
+    assert met.exit_code == 0 and out.exists() and "NOT MET" not in met.stdout
+
+
+def test_analyze_reports_the_share_of_macs_in_prunable_groups(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(mostly_frozen(), path)
+    result = invoke("analyze", path, "--json", tmp_path / "g.json")
+    assert result.exit_code == 0 and "prunable MACs: 37% (of" in result.stdout
+    reach = json.loads((tmp_path / "g.json").read_text())["mac_reach"]
+    assert reach["prunable_share"] == pytest.approx(onnxprune.analyze(mostly_frozen()).mac_reach.share)
+
+
+def test_an_iterative_schedule_reports_the_whole_run_against_the_target():
+    options = Options(schedule="iterative", steps=2)
+    _, report = onnxprune.prune(mostly_frozen(), Target.macs(0.5), options)
+    assert report.target["asked"] == 0.5 and report.target["met"] is False
+    assert report.target["reached"] == pytest.approx(report.macs_after / report.macs_before)
+    assert report.mac_reach.total == report.macs_before
+    _, stepped = onnxprune.prune(small_net(), 0.5, Options(schedule="iterative", steps=3))
+    _, one_shot = onnxprune.prune(small_net(), 0.5)
+    assert [g["kept"] for g in stepped.groups] == [g["kept"] for g in one_shot.groups]  # aligned as one-shot
+    assert stepped.target == one_shot.target and one_shot.target["met"]

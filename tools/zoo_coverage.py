@@ -4,8 +4,8 @@
 
 Each skeleton in models/zoo is materialised with seeded random weights and pruned with `--criterion l1` at the
 given ratio (default rounding). Prunable MACs are those of Conv/ConvTranspose/Gemm/MatMul nodes whose input or output
-channels belong to a prunable group. Latency: onnxruntime, 1 thread, original and pruned runs interleaved after a
-warm-up, median of --runs each.
+channels belong to a prunable group (`onnxprune.analyze(model).mac_reach`, as `onnxprune analyze` prints them).
+Latency: onnxruntime, 1 thread, original and pruned runs interleaved after a warm-up, median of --runs each.
 """
 from __future__ import annotations
 
@@ -23,27 +23,9 @@ from bench_prune import latency_pair  # noqa: E402
 
 import onnxprune  # noqa: E402
 from onnxprune import Options  # noqa: E402
-from onnxprune.pipeline import prepare  # noqa: E402
 from onnxprune.testing.skeleton import materialize  # noqa: E402
-from onnxprune.verify import layer_macs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def prunable_mac_share(model: onnx.ModelProto) -> float:
-    prepared = prepare(model)
-    analysis, shapes = prepared.analysis, prepared.analysis.index.shapes
-    prunable_spaces = {m.space for g in analysis.prunable for m in g.members}
-    counted = layer_macs(prepared.model, shapes)
-    total = prunable = 0
-    for node in prepared.model.graph.node:
-        if node.name not in counted:
-            continue
-        macs = counted[node.name]
-        total += macs
-        touched = [(t, a) for t in list(node.input[:2]) + [node.output[0]] for a in range(len(shapes.get(t, ())))]
-        prunable += macs if any(s in prunable_spaces for s in touched) else 0
-    return prunable / total if total else 0.0
 
 
 def reason_kind(reason: str) -> str:
@@ -71,7 +53,7 @@ def cover(path: Path, ratio: float, runs: int) -> dict:
             "frozen": len(report.frozen_groups), "reasons": reasons.most_common(3),
             "inexact": sum(bool(g["inexact"]) for g in report.groups),
             "params": (report.params_before, report.params_after), "macs": (report.macs_before, report.macs_after),
-            "prunable_macs": prunable_mac_share(model), "ms": (before * 1e3, after * 1e3), "prune_s": seconds}
+            "prunable_macs": onnxprune.analyze(model).mac_reach.share, "ms": (before * 1e3, after * 1e3), "prune_s": seconds}
 
 
 def markdown(rows: list[dict]) -> str:
