@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import onnx
 
 from . import api
 from .allocate import ALLOCATIONS
@@ -22,6 +23,10 @@ from .plan_io import write_plan_dict
 from .recover import RECOVERY
 from .report import reach_line, target_text
 from .sparsity.spec import SPARSE_CRITERIA, parse_pattern
+from .sparsity.packed import SPARSE_STORAGES, pack_model
+from .sparsity.pattern import SparsityReport, nm_pattern, sparsity_report
+from .sparsity.spec import Pattern
+from .report import PruneReport
 from .errors import OnnxPruneError, TargetNotMet, UsageError, first_line
 from .files import Named, atomic_path, check_paths, write_text
 from .external_data import external_data_files
@@ -144,6 +149,9 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
               help="Write the kept indices of every pruned weight axis (and of every group) as JSON.")
 @click.option("--plan-in", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Remove the channels a --plan-out file lists, instead of choosing by --ratio and --criterion.")
+@click.option("--sparse-storage", type=click.Choice(SPARSE_STORAGES), default="dense", show_default=True,
+              help="dense: zeros stay in the weights (TensorRT reads 2:4 there); packed: sparse weights are stored as "
+                   "kept values plus positions and rebuilt by ONNX nodes that onnxruntime folds when it loads them.")
 @click.option("--strict-target", is_flag=True,
               help="Exit 3 and write no model when the result falls short of the target (the report is still "
                    "written); without it, a shortfall is a warning and the report's target.met.")
@@ -159,7 +167,7 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None,
           target_params: float | None, granularity: str, then: str | None, then_criterion: str,
-          latency_table: Path | None, allocation: str, schedule: str, steps: int,
+          latency_table: Path | None, allocation: str, schedule: str, steps: int, sparse_storage: str,
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, strict_target: bool, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
@@ -177,7 +185,7 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
     original = load_model(model)
     if data:
         load_data(data, original, labels)  # bad data fails before the work
-    pruned, result = api.prune(original, target, options)
+    pruned, result = _stored(*api.prune(original, target, options), sparse_storage)
     gate = None
     if run_check or data or min_agreement is not None or max_drop is not None or latency:
         gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
@@ -206,6 +214,16 @@ def _refusal(result, gate: CheckReport | None, strict_target: bool) -> OnnxPrune
     if strict_target and result.target is not None and not result.target["met"]:
         return TargetNotMet(f"target not met: {target_text(result.target)}; no model written")
     return None
+
+
+def _stored(pruned: onnx.ModelProto, result: PruneReport,
+            sparse_storage: str) -> tuple[onnx.ModelProto, PruneReport]:
+    """The pruned model as --sparse-storage says (packed: sparse weights as values plus positions, sparsity.packed),
+    and the report, which says what packing did."""
+    if sparse_storage == "packed":
+        pruned, storage = pack_model(pruned)
+        result.sparse_storage = storage.to_dict()
+    return pruned, result
 
 
 def _target(ratio: float | None, target_macs: float | None, target_latency: float | None,
@@ -295,10 +313,15 @@ def _jsonable(value: object) -> object:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Freeze groups touching matching names.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the groups as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only channel groups.")
-def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_all: bool) -> None:
+@click.option("--pattern", metavar="N:M", help="Also report each layer weight's zeros and whether N:M holds.")
+def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_all: bool,
+            pattern: str | None) -> None:
     """Print MODEL's channel groups (what would be pruned together, and what is frozen and why); change nothing."""
+    nm = nm_pattern(pattern) if pattern is not None else None
     _check_files([("the input model", model)], [], [("--json", json_path)])
-    analysis = api.analyze(load_model(model), exclude)
+    loaded = load_model(model)
+    sparsity = sparsity_report(loaded, nm) if nm is not None else None  # before analyze normalises the model
+    analysis = api.analyze(loaded, exclude)
     groups = [g for g in analysis.groups if show_all or (g.is_channel_group and g.size >= 2)]
     for g in groups:
         state = "prunable" if g.prunable else f"frozen: {g.frozen[0]}" if g.frozen else "no weights"
@@ -308,9 +331,12 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
     prunable = sum(g.prunable for g in groups)
     click.echo(f"{len(groups)} channel groups: {prunable} prunable, {len(groups) - prunable} frozen")
     click.echo(reach_line(analysis.mac_reach, DEFAULT_ROUND_TO))
+    for line in sparsity.summary_lines() if sparsity else []:
+        click.echo(line)
     if json_path is not None:
         _write_json(json_path, {"groups": [g.to_dict() for g in groups], "barriers": analysis.barriers,
-                                "mac_reach": analysis.mac_reach.to_dict()})
+                                "mac_reach": analysis.mac_reach.to_dict(),
+                                **({"sparsity": sparsity.to_dict()} if sparsity else {})})
 
 
 @cli.command("sensitivity")
@@ -363,26 +389,59 @@ def _plot(curves: dict, path: Path) -> None:
 
 @cli.command("check")
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("pruned", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("pruned", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @check_options
+@click.option("--pattern", metavar="N:M",
+              help="Verify that every layer weight of PRUNED (or of the one model given) holds at most N non-zeros in "
+                   "every M consecutive input channels; print its zeros per layer and the MACs a 2:4 engine could "
+                   "skip. Exit 1 where it does not hold.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-def check_command(original: Path, pruned: Path, data: Path | None, labels: str | None, min_agreement: float | None,
-                  max_drop: float | None, latency: bool, threads: int, json_path: Path | None) -> None:
-    """Compare PRUNED with ORIGINAL in onnxruntime; exit 0 within the thresholds, 1 when one fails."""
-    _check_files([("the original model", original), ("the pruned model", pruned)],
-                 [("--data", data), ("--labels", _labels_file(labels))], [("--json", json_path)])
-    first, second = load_model(original), load_model(pruned)
-    gate = _run_check(first, second, data, labels, min_agreement, max_drop, latency, threads)
+def check_command(original: Path, pruned: Path | None, data: Path | None, labels: str | None,
+                  min_agreement: float | None, max_drop: float | None, latency: bool, threads: int,
+                  pattern: str | None, json_path: Path | None) -> None:
+    """Compare PRUNED with ORIGINAL in onnxruntime; exit 0 within the thresholds, 1 when one fails.
+    `check MODEL --pattern 2:4` verifies one model's sparsity pattern."""
+    nm = nm_pattern(pattern) if pattern is not None else None
+    comparing = data or labels or min_agreement is not None or max_drop is not None or latency
+    if pruned is None and (nm is None or comparing):
+        raise UsageError("check compares two models, ORIGINAL PRUNED; one model alone takes --pattern N:M")
+    models = [("the original model", original)] + ([("the pruned model", pruned)] if pruned else [])
+    _check_files(models, [("--data", data), ("--labels", _labels_file(labels))], [("--json", json_path)])
+    result, failures = {}, []
+    if pruned is not None:
+        gate = _compare_files(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
+        result, failures = gate.to_dict(), list(gate.failures)
+    if nm is not None:
+        sparsity = _print_sparsity(load_model(pruned or original), nm)
+        result["sparsity"] = sparsity.to_dict()
+        failures += sparsity.failure_lines()
+    result.update(failures=failures, passed=not failures)
+    if json_path is not None:
+        _write_json(json_path, result)
+    if failures:
+        raise OnnxPruneError(f"check failed: {failures[0]}")
+
+
+def _compare_files(original: Path, pruned: Path, data: Path | None, labels: str | None, min_agreement: float | None,
+                   max_drop: float | None, latency: bool, threads: int) -> CheckReport:
+    """Run both models on the data and print what the accuracy gate found."""
+    gate = _run_check(load_model(original), load_model(pruned), data, labels, min_agreement, max_drop, latency,
+                      threads)
     for line in gate.summary_lines():
         if not line.startswith("check failed"):
             click.echo(line)
     model = gate.model
     click.echo(f"parameters {model['params'][0]:,} -> {model['params'][1]:,}; MACs {model['macs'][0]:,} -> "
                f"{model['macs'][1]:,}; files {original.stat().st_size:,} -> {pruned.stat().st_size:,} bytes")
-    if json_path is not None:
-        _write_json(json_path, gate.to_dict())
-    if not gate.passed:
-        raise OnnxPruneError(f"check failed: {gate.failures[0]}")
+    return gate
+
+
+def _print_sparsity(model: onnx.ModelProto, pattern: Pattern) -> SparsityReport:
+    """The model's sparsity per layer against an N:M pattern (packed weights read back), printed."""
+    sparsity = sparsity_report(model, pattern)
+    for line in sparsity.summary_lines():
+        click.echo(line)
+    return sparsity
 
 
 def main() -> None:

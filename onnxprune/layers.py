@@ -294,13 +294,14 @@ def describe(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
     return replace(layer, quantized=True) if layer is not None and stored != node.input[1] else layer
 
 
-def refittable(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
-    """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight, a float
-    weight: integer data behind a DequantizeLinear is left as it is)."""
+def refittable(node: onnx.NodeProto, index: GraphIndex, quantized: bool = False) -> Layer | None:
+    """The node's description where least squares can re-fit it (group 1, no transA, a 2-D MatMul weight); with
+    `quantized`, a QDQ model's layer too (recovery re-quantizes its fit, see store_value), which readers of the
+    index's arrays leave out."""
     layer = describe(node, index)
     if node.output[0] in index.body_values:  # inside a subgraph: onnxruntime cannot expose its output to fit
         return None
-    return layer if layer is not None and layer.refittable and not layer.quantized else None
+    return layer if layer is not None and layer.refittable and (quantized or not layer.quantized) else None
 
 
 def _stored_weight(name: str, index: GraphIndex) -> str | None:
@@ -382,11 +383,7 @@ def dequantizer(name: str, index: GraphIndex) -> onnx.NodeProto | None:
 
 def dequantized(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray:
     """The float64 value of a DequantizeLinear of constants: (data - zero point) * scale, per tensor or per axis."""
-    data = index.array(node.input[0]).astype(np.float64)
-    scale = _along_quantized_axis(index.array(node.input[1]), node, data.ndim)
-    has_zero_point = len(node.input) > 2 and node.input[2]
-    zero_point = _along_quantized_axis(index.array(node.input[2]), node, data.ndim) if has_zero_point else 0.0
-    return (data - zero_point) * scale
+    return _dequantize(node, *[index.array(i) if i else None for i in node.input])
 
 
 def _along_quantized_axis(values: np.ndarray, node: onnx.NodeProto, rank: int) -> np.ndarray:
@@ -405,9 +402,10 @@ def _dequantizing(name: str, node: onnx.NodeProto, index: GraphIndex) -> bool:
 
 
 def constant_values(name: str, index: GraphIndex) -> np.ndarray | None:
-    """A constant as the layers that read it see it: a QDQ model's integer weight dequantized (float64), any other
-    constant as stored; None for a tensor computed at run time."""
-    node = next((n for n in index.consumers.get(name, []) if _dequantizing(name, n, index)), None)
+    """A constant as the layers that read it see it: a QDQ model's integer weight (or the DequantizeLinear's output
+    made of it) dequantized (float64), any other constant as stored; None for a tensor computed at run time."""
+    node = dequantizer(name, index) or next(
+        (n for n in index.consumers.get(name, []) if _dequantizing(name, n, index)), None)
     return index.array(name) if node is None else dequantized(node, index)
 
 
@@ -461,6 +459,72 @@ def _is_bias_of(layer_node: onnx.NodeProto, reader: onnx.NodeProto, name: str, i
             and reader.input[site.input] == name)
 
 
+# ------------------------------------------------------------------------------------------------ stored values
+
+def stored_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value a node of `model` computes with when it reads `name`: an initializer as stored, the output of a
+    DequantizeLinear of initializers (a QDQ weight or bias) dequantized (float32); None for anything else."""
+    inits = {i.name: i for i in model.graph.initializer}
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    found = _model_dequantizer(model, name, inits)
+    if found is None:
+        return None
+    arrays = [numpy_helper.to_array(inits[i]) if i else None for i in found.input]
+    return _dequantize(found, *arrays).astype(np.float32)
+
+
+def as_stored(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.ndarray:
+    """`value` as store_value would leave it: in the initializer's type, or re-quantized with the DequantizeLinear's
+    scale and zero point (rounded half to even, clipped to the integer type's range) and dequantized again."""
+    inits = {i.name: i for i in model.graph.initializer}
+    found = _model_dequantizer(model, name, inits)
+    if found is None:
+        return value.astype(numpy_helper.to_array(inits[name]).dtype) if name in inits else value
+    arrays = [numpy_helper.to_array(inits[i]) if i else None for i in found.input]
+    return _dequantize(found, _quantize(found, value, *arrays), *arrays[1:]).astype(np.float32)
+
+
+def store_value(model: onnx.ModelProto, name: str, value: np.ndarray) -> bool:
+    """Write `value` where stored_value reads it (see as_stored); False, and nothing written, where the integer data
+    is shared with other nodes or `name` is neither."""
+    inits = {i.name: i for i in model.graph.initializer}
+    found = _model_dequantizer(model, name, inits)
+    target = found.input[0] if found is not None else name
+    if target not in inits or (found is not None and sum(list(n.input).count(target) for n in model.graph.node) > 1):
+        return False
+    arrays = [numpy_helper.to_array(inits[i]) if i else None for i in found.input] if found is not None else []
+    stored = _quantize(found, value, *arrays) if found is not None else as_stored(model, name, value)
+    inits[target].CopyFrom(numpy_helper.from_array(stored, target))
+    return True
+
+
+def _model_dequantizer(model: onnx.ModelProto, name: str, inits: dict) -> onnx.NodeProto | None:
+    """The DequantizeLinear of `model` that makes `name` from initializers only (see dequantizer)."""
+    node = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and name in n.output), None)
+    if node is None or node_attr(node, "block_size", 0) or not all(i in inits for i in node.input if i):
+        return None
+    return node
+
+
+def _dequantize(node: onnx.NodeProto, data: np.ndarray, scale: np.ndarray,
+                zero_point: np.ndarray | None = None) -> np.ndarray:
+    shift = 0.0 if zero_point is None else _along_quantized_axis(zero_point, node, data.ndim)
+    return (data.astype(np.float64) - shift) * _along_quantized_axis(scale, node, data.ndim)
+
+
+def _quantize(node: onnx.NodeProto, value: np.ndarray, data: np.ndarray, scale: np.ndarray,
+              zero_point: np.ndarray | None = None) -> np.ndarray:
+    """`value` as integer data of `data`'s type: QuantizeLinear with the node's scale and zero point."""
+    shift = 0.0 if zero_point is None else _along_quantized_axis(zero_point, node, data.ndim)
+    steps = value.astype(np.float64) / _along_quantized_axis(scale, node, data.ndim)
+    if data.dtype.kind not in "iu":  # float8: the cast rounds and saturates
+        return (steps + shift).astype(data.dtype)
+    steps = np.round(steps) + shift
+    limits = np.iinfo(data.dtype)
+    return np.clip(steps, limits.min, limits.max).astype(data.dtype)
+
+
 # ------------------------------------------------------------------------------------------------ dtypes
 
 def widened(array: np.ndarray) -> np.ndarray:
@@ -487,9 +551,9 @@ def current_bias(model: onnx.ModelProto, layer: Layer, outputs: int) -> np.ndarr
     if site is None:
         return None
     node, name = _bias_input(model, site)
-    inits = {i.name: i for i in model.graph.initializer}
-    if name in inits:
-        bias = numpy_helper.to_array(inits[name]).astype(np.float64).reshape(-1) * site.scale
+    stored = stored_value(model, name) if name else None
+    if stored is not None:
+        bias = stored.astype(np.float64).reshape(-1) * site.scale
         return bias if bias.shape == (outputs,) else None
     return np.zeros(outputs) if site.create and not name else None
 
@@ -503,8 +567,10 @@ def add_to_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
     node, name = _bias_input(model, site)
     if name:
         inits = {i.name: i for i in model.graph.initializer}
+        if name not in inits and stored_value(model, name) is not None:  # a QDQ bias: re-quantized in place
+            return _update_quantized_bias(model, name, delta / site.scale)
         return _update_bias(model, node, site.input, inits.get(name), delta / site.scale)
-    if not site.create:
+    if not site.create or layer.quantized:  # a float bias beside integer weights would cost the int8 kernel
         return 0
     bias = numpy_helper.from_array((delta / site.scale).astype(weight_dtype(model, layer)),
                                    f"{node.name}_recovered_bias")
@@ -531,6 +597,13 @@ def _update_bias(model: onnx.ModelProto, node: onnx.NodeProto, position: int, in
         model.graph.initializer.append(updated)
         node.input[position] = updated.name
     return 1
+
+
+def _update_quantized_bias(model: onnx.ModelProto, name: str, delta: np.ndarray) -> int:
+    bias = stored_value(model, name)
+    if bias.shape[-1:] != delta.shape:
+        return 0
+    return int(store_value(model, name, bias + delta))
 
 
 def _bias_input(model: onnx.ModelProto, site: BiasSite) -> tuple[onnx.NodeProto, str]:

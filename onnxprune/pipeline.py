@@ -25,7 +25,7 @@ from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
-from .layers import refittable
+from .layers import constant_values, refittable
 from .options import Options, Target, needs_calibration, sparsity_request
 from .plan_io import plan_to_dict, read_plan
 from .recover import recover_bias, recover_lsq, require_finite_weights
@@ -133,8 +133,8 @@ def contribution_grams(analysis: Analysis) -> dict[int, ContributionGram]:
     """The regression criterion's accumulators, for every group read by a layer that least squares can re-fit."""
     index, grams = analysis.index, {}
     for group in analysis.prunable:
-        layers = [(layer, member, index.array(layer.weight)) for node, member in consumers(group, index)
-                  if (layer := refittable(node, index)) is not None]
+        layers = [(layer, member, constant_values(layer.weight, index)) for node, member in consumers(group, index)
+                  if (layer := refittable(node, index, quantized=True)) is not None]
         if layers:
             grams[group.id] = ContributionGram(group, layers)
     return grams

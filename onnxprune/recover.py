@@ -17,7 +17,8 @@ from .calibrate import with_outputs, mask_input, padding_of
 from .criteria import consumers
 from .errors import OnnxPruneError
 from .groups import Analysis
-from .layers import Layer, add_to_bias, current_bias, describe, real_positions, refittable
+from .layers import (Layer, add_to_bias, as_stored, constant_values, current_bias, real_positions, refittable,
+                     store_value, stored_value)
 from .verify import session
 
 log = logging.getLogger("onnxprune")
@@ -32,7 +33,6 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats,
     The means are the original model's, so deep in a network whose upstream layers were pruned they can miss (on a
     transformer pruned by l1 they made the outputs far worse). With the `original` model and calibration `batches()`,
     the change is kept only if it brings the pruned model's outputs closer to the original's."""
-    _say_quantized_layers_stay(analysis, plan, "bias")
     contributions = _mean_contributions(analysis, plan, stats)
     trial = copy.deepcopy(pruned) if original is not None else pruned
     changed = 0
@@ -73,24 +73,14 @@ def _mean_contributions(analysis: Analysis, plan: Plan, stats) -> dict[str, tupl
         group = analysis.groups[gid]
         removed = np.setdiff1d(np.arange(group.size), keep)
         for node, data in consumers(group, analysis.index):
-            layer = refittable(node, analysis.index)
+            layer = refittable(node, analysis.index, quantized=True)
             if layer is None or data.space[0] != node.input[0]:
                 continue
             features = data.offset + (removed[:, None] * data.inner + np.arange(data.inner)).ravel()
-            delta = layer.mean_contribution(analysis.index.array(layer.weight), features,
+            delta = layer.mean_contribution(constant_values(layer.weight, analysis.index), features,
                                             stats.channels[data.space].mean[features])
             found[node.name] = (layer, found.get(node.name, (layer, 0))[1] + delta)
     return found
-
-
-def _say_quantized_layers_stay(analysis: Analysis, plan: Plan, recovery: str) -> None:
-    """One line naming the layers that lost input channels but whose weights are integer data behind a
-    DequantizeLinear (a QDQ model): recovery leaves them as they are rather than re-quantize a fit."""
-    names = sorted({node.name for gid in plan.keep for node, _ in consumers(analysis.groups[gid], analysis.index)
-                    if (layer := describe(node, analysis.index)) is not None and layer.quantized})
-    if names:
-        log.warning("%s recovery leaves %d quantized layer(s) as they are (integer weights behind DequantizeLinear "
-                    "are not re-fitted): %s", recovery, len(names), ", ".join(names))
 
 
 def _add_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
@@ -137,7 +127,7 @@ def refit_layers(analysis: Analysis, plan: Plan) -> list[Layer]:
     found: dict[str, Layer] = {}
     for gid in plan.keep:
         for node, _ in consumers(analysis.groups[gid], analysis.index):
-            layer = refittable(node, analysis.index)
+            layer = refittable(node, analysis.index, quantized=True)
             if layer is not None:
                 found[node.name] = layer
     return [found[n.name] for n in analysis.index.model.graph.node if n.name in found]
@@ -151,7 +141,6 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
     A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
     mask = mask_input(original)
     changed = 0
-    _say_quantized_layers_stay(analysis, plan, "lsq")
     layers = refit_layers(analysis, plan)
     for position, layer in enumerate(layers):
         system = NormalEquations()
@@ -239,8 +228,7 @@ class NormalEquations:
 def _apply_fit(model: onnx.ModelProto, layer: Layer, system: NormalEquations, ridge: float) -> int:
     if system.gram is None:
         return 0
-    inits = {i.name: i for i in model.graph.initializer}
-    weight = numpy_helper.to_array(inits[layer.weight])
+    weight = stored_value(model, layer.weight)  # a QDQ weight dequantized
     as_rows = layer.weight_rows(weight)  # (features, outputs)
     bias = current_bias(model, layer, as_rows.shape[1])
     if bias is None:  # nowhere to put a bias (a MatMul without an Add after it): fit without one
@@ -249,17 +237,27 @@ def _apply_fit(model: onnx.ModelProto, layer: Layer, system: NormalEquations, ri
         current = as_rows
     else:
         current = np.concatenate([as_rows, bias[None, :]], axis=0)
-    fitted = system.solve(ridge)
+    fitted = _as_stored_rows(model, layer, system.solve(ridge), weight, len(as_rows))
     lowers = _lowers_error(system, fitted, current)
     update = _fitted_update(layer, fitted, weight, bias, len(as_rows)) if lowers else None
-    if update is None:
+    # A QDQ weight is re-quantized with its scale and zero point; integer data shared with other nodes stays.
+    if update is None or not store_value(model, layer.weight, update[0]):
         log.info("least-squares recovery kept %s '%s' as it was", layer.node.op_type, layer.node.name)
         return 0
-    new_weight, bias_delta = update
-    inits[layer.weight].CopyFrom(numpy_helper.from_array(new_weight, layer.weight))
+    bias_delta = update[1]
     if bias_delta is not None:
         add_to_bias(model, layer, bias_delta)
     return 1
+
+
+def _as_stored_rows(model: onnx.ModelProto, layer: Layer, fitted: np.ndarray | None, weight: np.ndarray,
+                    features: int) -> np.ndarray | None:
+    """The fit as the model will hold it: a QDQ weight re-quantized (rounded, clipped to its integers), so that the
+    error check judges what is written; a float fit as it is."""
+    if fitted is None or not layer.quantized or not np.all(np.isfinite(fitted)):
+        return fitted
+    stored = as_stored(model, layer.weight, layer.rows_to_weight(fitted[:features], weight))
+    return np.concatenate([layer.weight_rows(stored), fitted[features:]])
 
 
 def _fitted_update(layer: Layer, fitted: np.ndarray, weight: np.ndarray, bias: np.ndarray,

@@ -39,6 +39,7 @@ class PruneReport:
     mac_reach: MacReach | None = None  # MACs in prunable groups and the reachable minimum (JSON: its to_dict())
     target: dict | None = None  # target_outcome: asked and reached, met or not and why
     sparsity: dict | None = None  # sparsity.step.sparsity_step: zeros per layer, non-zeros before and after
+    sparse_storage: dict | None = None  # sparsity.packed.PackReport.to_dict(), with --sparse-storage packed
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -102,6 +103,7 @@ class PruneReport:
             lines.append(f"  frozen: {item['groups']} group(s), {item['channels']} channels - {item['reason']}")
         if not self.groups:
             lines += [f"  barrier: {reason} ({count} node(s))" for reason, count in barrier_counts(self.barriers)[:8]]
+        lines += self.sparse_storage["summary"] if self.sparse_storage else []
         return lines + (sparsity_lines(self.sparsity) if self.sparsity else [])
 
 

@@ -18,6 +18,7 @@ import onnxprune
 from builders import GraphBuilder, invoke
 from exactness import planned, prune_exact
 from onnxprune import CalibrationSource, Options, Target
+from onnxprune.recover import output_error
 from onnxprune.verify import check_valid, random_feeds
 
 
@@ -52,12 +53,16 @@ class RandomReader(CalibrationDataReader):
 
 def quantized(model: onnx.ModelProto, tmp_path, per_channel: bool, unsigned: bool = False) -> onnx.ModelProto:
     """The model quantized by onnxruntime in QDQ format, calibrated on random data; int8 (weights symmetric, zero
-    point 0), or `unsigned` uint8 (weights asymmetric: zero points that are not 0)."""
+    point 0), or `unsigned` uint8 (weights asymmetric: zero points that are not 0).
+
+    Weights get 7 bits (reduce_range): on AVX2 machines without VNNI onnxruntime's u8s8 kernels add products in
+    saturating int16 pairs, so with 8-bit weights which channels sit side by side can change a sum by a quantum,
+    and removing channels changes that (measured on the digits model: 0.027, one output quantum)."""
     source, target = tmp_path / "float.onnx", tmp_path / f"qdq{int(per_channel)}.onnx"
     onnx.save(model, source)
     kind = QuantType.QUInt8 if unsigned else QuantType.QInt8
     quantize_static(str(source), str(target), RandomReader(model), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, weight_type=kind, activation_type=kind)
+                    per_channel=per_channel, weight_type=kind, activation_type=kind, reduce_range=True)
     return onnx.load(target)
 
 
@@ -177,26 +182,34 @@ def test_l1_ranks_channels_by_their_dequantized_weights():
     assert list(plan.keep.values())[0].tolist() == [0, 1, 2, 3]
 
 
-def test_activation_criterion_measures_channels_at_the_dequantized_inputs(tmp_path):
+@pytest.mark.parametrize("criterion", ["activation", "apoz", "regression"])
+def test_data_driven_criteria_rank_quantized_layers(tmp_path, criterion):
+    """Activations are measured at the dequantized inputs, the regression criterion reads dequantized weights: no
+    group falls back to l1."""
     model = quantized(conv_net(), tmp_path, per_channel=True)
     feeds = [random_feeds(model, seed=k) for k in range(4)]
-    _, report = onnxprune.prune(model, Target.ratio(0.5), Options(criterion="activation", round_to=1,
+    _, report = onnxprune.prune(model, Target.ratio(0.5), Options(criterion=criterion, round_to=1,
                                                                   calib=CalibrationSource(feeds)))
     assert report.to_dict()["criterion_fallbacks"] == 0
 
 
 @pytest.mark.parametrize("recover", ["bias", "lsq"])
-def test_recovery_leaves_quantized_layers_as_they_are_and_says_so(tmp_path, caplog, recover):
+def test_recovery_requantizes_what_it_fits_and_keeps_the_int8_kernels(tmp_path, recover):
+    """Bias recovery and least squares work on the dequantized values; what they fit goes back as integers with the
+    layer's own scale and zero point (int8 weights, int32 biases), so onnxruntime still fuses the same kernels."""
     model = quantized(conv_net(), tmp_path, per_channel=True)
-    feeds = [random_feeds(model, seed=k) for k in range(4)]
-    pruned, _ = onnxprune.prune(model, Target.ratio(0.5), Options(recover=recover, round_to=1,
-                                                                  calib=CalibrationSource(feeds)))
-    check_valid(pruned)
-    lines = [r.getMessage() for r in caplog.records if "quantized" in r.getMessage()]
-    assert len(lines) == 1 and f"{recover} recovery" in lines[0], lines
+    feeds = [random_feeds(model, seed=k) for k in range(16)]
     plain = onnxprune.prune(model, Target.ratio(0.5), Options(round_to=1))[0]
-    for name in (i.name for i in plain.graph.initializer):
-        assert np.array_equal(initializer(pruned, name), initializer(plain, name))
+    pruned, report = onnxprune.prune(model, Target.ratio(0.5), Options(recover=recover, round_to=1,
+                                                                       calib=CalibrationSource(feeds)))
+    check_valid(pruned)
+    changed = [i.name for i in plain.graph.initializer
+               if not np.array_equal(initializer(pruned, i.name), numpy_helper.to_array(i))]
+    assert changed and all(initializer(pruned, n).dtype == initializer(plain, n).dtype for n in changed)
+    assert {initializer(pruned, n).dtype.kind for n in changed} == {"i"}  # integers, nothing float added
+    assert len(pruned.graph.initializer) == len(plain.graph.initializer)
+    assert output_error(pruned, model, feeds) < output_error(plain, model, feeds)
+    assert optimized_op_types(pruned, tmp_path) == optimized_op_types(model, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- what freezes
