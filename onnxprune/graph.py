@@ -357,7 +357,14 @@ def outer_scope_names(sub: onnx.GraphProto) -> set[str]:
     return {n for n in used - defined if n}
 
 
+_GRAPH_OPS = ("If", "Loop", "Scan", "SequenceMap")  # the ai.onnx ops with graph attributes
+
+
 def subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node holds in its attributes (an ai.onnx op other than _GRAPH_OPS holds none: reading every
+    node's attributes would cost more than the analysis of a small model)."""
+    if node.op_type not in _GRAPH_OPS and node.domain in ("", "ai.onnx"):
+        return []
     subs: list[onnx.GraphProto] = []
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
