@@ -113,6 +113,27 @@ def test_if_output_sizes_follow_both_branches():
     assert sizes[node.output[0]] == 8
 
 
+def test_fixups_inside_a_branch():
+    """A depthwise conv's group and Reshape targets held by the branch are fixed where they are."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input(["N", 3, 8, 8]), 3, 16)])
+    flag = b.input([], name="flag", elem_type=TensorProto.BOOL)
+
+    def then():
+        flat = b.op("Reshape", [b.conv(x, 16, 16, group=16), b.const(np.array([0, 16, 64], np.int64))])
+        return [(b.op("Reshape", [b.op("Relu", [flat]), b.const(np.array([0, 16, 8, 8], np.int64))]), FLOAT)]
+    other = subgraph(b, "else", [], lambda: [(b.op("Relu", [x]), FLOAT)], True)
+    y = b.op("If", [flag], then_branch=subgraph(b, "then", [], then, True), else_branch=other)
+    model = finish(b, {b.conv(y, 16, 4): ["N", 4, 8, 8]})
+    feeds = [{"x": images(), "flag": np.array(v)} for v in (True, False)]
+    pruned, _, plan = exact_on(model, feeds)
+    assert len(plan.keep) == 1
+    then = branch(next(n for n in pruned.graph.node if n.op_type == "If"), "then_branch")
+    assert next(a.i for a in then.node[0].attribute if a.name == "group") == 8
+    targets = sorted(tuple(onnx.numpy_helper.to_array(i)) for i in then.initializer if i.data_type == TensorProto.INT64)
+    assert targets == [(0, 8, 8, 8), (0, 8, 64)]
+
+
 def test_branches_that_reuse_a_name_stay_frozen_with_the_reason():
     model = if_model()
     then, other = branch(model.graph.node[2], "then_branch"), branch(model.graph.node[2], "else_branch")
