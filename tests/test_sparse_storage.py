@@ -1,6 +1,8 @@
 """Packed sparse storage: every layer weight that packing makes smaller is stored as its kept values plus positions
 (N:M) or a bitmask, rebuilt by standard ONNX nodes that onnxruntime folds at load; the packed model passes the full
 checker and strict shape inference and gives bit-for-bit the outputs of the dense-sparse model."""
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune.graph
 from onnxprune.graph import GraphIndex, load_model, save_model
 from onnxprune.layers import describe
-from onnxprune.sparsity.packed import bitmask_encoding, field_bits, nm_encoding, pack_fields, pack_model
+from onnxprune.sparsity.packed import (MASK_BITS, Rebuild, Tables, bitmask_encoding, combinations,
+                                       codes_per_byte, nm_encoding, pack_codes, pack_model, unpack_table)
 from onnxprune.sparsity.pattern import fold_constant_weights, pattern_holds
 from onnxprune.sparsity.spec import Pattern
 from onnxprune.verify import random_feeds, session
@@ -101,10 +104,10 @@ def assert_packed_exactly(dense: onnx.ModelProto, storage: str | None) -> onnx.M
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("kind", ["conv", "gemm", "matmul"])
 @pytest.mark.parametrize("pattern, storage", [(Pattern(2, 4), "2:4"), (Pattern(1, 4), "1:4"),
-                                              (Pattern(4, 8), "bitmask")])
+                                              (Pattern(4, 8), "4:8")])
 def test_nm_weights_round_trip_bit_exact(kind, pattern, storage, dtype):
-    """2:4 and 1:4 are stored as N:M (2-bit positions: at 2:4 as many bits as a mask, at 1:4 half); 4:8's 4-bit
-    positions take twice a bitmask's bits, so the smaller bitmask is chosen."""
+    """2:4, 1:4 and 4:8 are stored as N:M: a block's combination code takes 8/3, 2 and 8 bits, fewer than or as
+    many as a bitmask's M bits, and a bitmask also stores one zero."""
     dense = sparsified(layer_net(kind), pattern, dtype=dtype)
     assert all(pattern_holds(numpy_helper.to_array(i), axis, pattern)
                for i in dense.graph.initializer for name, axis in layer_weights(dense).items() if i.name == name)
@@ -215,9 +218,12 @@ def test_weights_not_packed_say_why():
 # ---------------------------------------------------------------------------------------------- encodings
 
 def rebuilt(encoding, name: str, weight: np.ndarray) -> np.ndarray:
-    """What onnxruntime computes from an encoding's nodes and initializers alone."""
-    graph = helper.make_graph(encoding.nodes, "rebuild", [], [helper.make_tensor_value_info(
-        name, helper.np_dtype_to_tensor_dtype(weight.dtype), weight.shape)], encoding.initializers)
+    """What onnxruntime computes from an encoding's nodes, initializers and tables alone, at opset 11."""
+    tables = encoding.tables
+    graph = helper.make_graph([n for t in tables for n in t.nodes] + encoding.nodes, "rebuild", [],
+                              [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(weight.dtype),
+                                                             weight.shape)],
+                              encoding.initializers + [i for t in tables for i in t.initializers])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     onnx.checker.check_model(model, full_check=True)
     return session(model).run(None, {})[0]
@@ -230,10 +236,14 @@ def fresh(base: str) -> str:
 COUNTER = iter(range(10**9))
 
 
+def rebuild(name: str = "w") -> Rebuild:
+    return Rebuild(name, fresh, Tables(fresh))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
 @pytest.mark.parametrize("shape, axis", [((4, 3), 0), ((3, 8), 1), ((5, 12, 3, 3), 1), ((2, 16, 3), 1),
                                          ((7, 4, 2, 2, 2), 1), ((8, 5), 0)])
-@pytest.mark.parametrize("n, m", [(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (5, 16)])
+@pytest.mark.parametrize("n, m", [(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (2, 16)])
 def test_every_encoding_rebuilds_its_weight_bit_for_bit_at_opset_11(shape, axis, n, m, dtype):
     """N:M at every M that divides the channels (field counts that do not fill their last byte included) and the
     bitmask, in every float type, from ai.onnx opset 11 nodes alone."""
@@ -241,23 +251,51 @@ def test_every_encoding_rebuilds_its_weight_bit_for_bit_at_opset_11(shape, axis,
     weight = rng.standard_normal(shape).astype(dtype)
     if shape[axis] % m == 0:
         weight = np.where(nm_mask(weight, axis, Pattern(n, m)), weight, 0).astype(dtype)
-        assert rebuilt(nm_encoding(weight, axis, n, m, "w", fresh), "w", weight).tobytes() == weight.tobytes()
+        assert rebuilt(nm_encoding(weight, axis, n, m, rebuild()), "w", weight).tobytes() == weight.tobytes()
     weight[rng.random(shape) < 0.4] = 0
     weight.flat[0] = -0.0
-    assert rebuilt(bitmask_encoding(weight, "w", fresh), "w", weight).tobytes() == weight.tobytes()
+    assert rebuilt(bitmask_encoding(weight, rebuild()), "w", weight).tobytes() == weight.tobytes()
 
 
-# ---------------------------------------------------------------------------------------------- fields
+# ---------------------------------------------------------------------------------------------- codes
 
-@pytest.mark.parametrize("m", [2, 4, 8, 16])
-def test_fields_pack_high_bits_first_and_unpack(m):
-    bits = field_bits(m)
-    assert 2 ** bits >= m and 8 % bits == 0
-    fields = np.random.default_rng(m).integers(0, m, 37).astype(np.uint8)
-    packed = pack_fields(fields, bits)
-    assert packed.shape == (-(-37 * bits // 8), 1) and packed.dtype == np.uint8
-    per = 8 // bits
-    unpacked = (packed >> (bits * np.arange(per - 1, -1, -1)).astype(np.uint8)) % (1 << bits)
-    np.testing.assert_array_equal(unpacked.ravel()[:37], fields)
-    if bits == 1:
-        np.testing.assert_array_equal(packed.ravel(), np.packbits(fields))
+@pytest.mark.parametrize("n, m, per", [(1, 2, 8), (1, 4, 4), (2, 4, 3), (3, 4, 4), (2, 8, 1), (4, 8, 1), (1, 16, 2),
+                                       (2, 16, 1)])
+def test_combination_codes_pack_as_many_to_a_byte_as_fit_and_unpack_by_table(n, m, per):
+    """C(m, n) combinations, `per` to a byte (2:4: 6 of them, 3 to a byte); the table maps every byte back."""
+    combos = combinations(n, m)
+    assert len(combos) == math.comb(m, n) and codes_per_byte(len(combos)) == per
+    indices = np.random.default_rng(m * n).integers(0, len(combos), 37)
+    packed = pack_codes(indices, len(combos))
+    assert packed.shape == (-(-37 // per),) and packed.dtype == np.uint8
+    rows = unpack_table(combos)[packed].reshape(-1, n)[:37]
+    np.testing.assert_array_equal(rows, combos[indices])
+
+
+@pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (4, 8), (1, 16)])
+def test_the_table_nodes_compute_the_table(n, m):
+    table = Tables(fresh).get(combinations(n, m))
+    graph = helper.make_graph(table.nodes, "table", [], [helper.make_tensor_value_info(table.name, TensorProto.UINT8,
+                                                                                       None)], table.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    np.testing.assert_array_equal(session(model).run(None, {})[0], unpack_table(combinations(n, m)))
+    assert table.bytes < unpack_table(combinations(n, m)).nbytes + 400  # names here carry a long counter
+
+
+def test_bitmask_codes_are_numpy_packbits():
+    bits = np.random.default_rng(0).integers(0, 2, 45)
+    np.testing.assert_array_equal(pack_codes(bits, 2), np.packbits(bits))
+    np.testing.assert_array_equal(unpack_table(MASK_BITS), np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], 1))
+    assert codes_per_byte(257) == 0
+
+
+def test_weights_with_the_same_codes_share_one_table():
+    b = GraphBuilder(seed=4)
+    x = b.op("Relu", [b.conv(b.input(["N", 16, 6, 6]), 16, 32)])
+    dense = sparsified(b.model(b.conv(b.conv(x, 32, 64, k=1), 64, 16)), Pattern(2, 4))
+    packed, report = pack_model(dense)
+    assert [w.storage for w in report.weights] == ["2:4"] * 3
+    assert sum(n.op_type == "Range" for n in packed.graph.node) == 1
+    before = {i.name for i in dense.graph.initializer} | {n.name for n in dense.graph.node}
+    added = sum(t.ByteSize() for t in list(packed.graph.initializer) + list(packed.graph.node) if t.name not in before)
+    assert added == report.stored_bytes  # the table counted once

@@ -176,9 +176,9 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
 
 @dataclass
 class LayerSparsity:
-    """One layer's weight: `zero_count` of its values are zero (-0.0 too), `zeros` as a fraction; `holds` whether the checked N:M pattern holds (None where
-    M does not divide its input channels), `violations` the blocks with more than N non-zeros; `skippable_macs`
-    what a 2:4 engine would not compute."""
+    """One layer's weight: `zero_count` of its values are zero (-0.0 too), `zeros` as a fraction; `holds` whether
+    the checked N:M pattern holds (None where M does not divide its input channels), `violations` the blocks with
+    more than N non-zeros; `skippable_macs` what a 2:4 engine would not compute."""
 
     node: str
     op: str
