@@ -196,3 +196,17 @@ def test_a_model_without_layers_passes_with_nothing_to_verify(tmp_path):
     result = invoke("check", tmp_path / "m.onnx", "--pattern", "2:4")
     assert result.exit_code == 0, result.output
     assert "0 of 0 layer weights" in result.output
+
+
+def test_a_weight_onnxruntime_cannot_compute_stays_computed_and_the_others_are_read():
+    """A Gather whose constant indices are out of range passes the checker and shape inference (values are not
+    looked at) but not onnxruntime: that layer's weight stays a computed tensor (no layer to report), the packed
+    weight beside it is still read back."""
+    b = GraphBuilder(seed=3)
+    packed_weight = b.const(two_of_four((64, 32), 0), "w")
+    odd = b.op("Gather", [b.const(np.ones((4, 8), np.float32)), b.const(np.full(32, 9, np.int64))])
+    model = b.model(b.op("MatMul", [b.op("MatMul", [b.input([2, 64]), packed_weight]), odd]))
+    packed, storage = pack_model(model)
+    assert storage.weights[0].storage == "2:4"
+    report = sparsity_report(packed, Pattern(2, 4))
+    assert [layer.weight for layer in report.layers] == ["w"] and report.passed

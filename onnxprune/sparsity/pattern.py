@@ -12,6 +12,7 @@ very values onnxruntime computes with.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ from ..graph import GraphIndex, subgraphs_of
 from ..layers import Layer, describe
 from ..verify import layer_macs, session
 from .spec import SPEED_NOTE, Pattern, parse_pattern
+
+log = logging.getLogger("onnxprune")
 
 _NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli", "Dropout")
@@ -77,9 +80,9 @@ def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     constant = _constant_nodes(model.graph)
     weights = list(dict.fromkeys(n.input[1] for n in model.graph.node if len(n.input) > 1
                                  and len(constant.get(n.input[1], _NO_NODE).output) == 1))
-    if not weights:
+    values = _values(model, weights, constant) if weights else {}
+    if not values:
         return model
-    values = _evaluate(model, _cone(weights, constant), weights)
     folded = copy.deepcopy(model)
     nodes = [n for n in folded.graph.node if not (len(n.output) == 1 and n.output[0] in values)]
     computed = set(_constant_nodes(folded.graph))
@@ -134,6 +137,21 @@ def _cone(targets: list[str], constant: dict[str, onnx.NodeProto]) -> list[onnx.
     return sorted(needed.values(), key=lambda n: order[id(n)])
 
 
+def _values(model: onnx.ModelProto, weights: list[str], constant: dict[str, onnx.NodeProto]) -> dict[str, np.ndarray]:
+    """The weights' values from one onnxruntime run; where that fails (an op onnxruntime lacks), one weight at a
+    time, without those that fail: they stay computed, so no layer reads them as a constant."""
+    try:
+        return _evaluate(model, _cone(weights, constant), weights)
+    except OnnxPruneError:
+        found = {}
+        for weight in weights:
+            try:
+                found.update(_evaluate(model, _cone([weight], constant), [weight]))
+            except OnnxPruneError as exc:
+                log.info("'%s' stays computed: %s", weight, exc)
+        return found
+
+
 def _evaluate(model: onnx.ModelProto, cone: list[onnx.NodeProto], outputs: list[str]) -> dict[str, np.ndarray]:
     """The values of `outputs`, computed by the `cone` nodes in onnxruntime."""
     graph = model.graph
@@ -148,7 +166,7 @@ def _evaluate(model: onnx.ModelProto, cone: list[onnx.NodeProto], outputs: list[
         small.graph.output.extend(_typed_outputs(typed, outputs))
         return dict(zip(outputs, session(small).run(outputs, {})))
     except Exception as exc:
-        raise OnnxPruneError(f"cannot compute the model's packed weights: {first_line(exc)}") from None
+        raise OnnxPruneError(f"onnxruntime cannot compute {', '.join(outputs)}: {first_line(exc)}") from None
 
 
 def _typed_outputs(typed: onnx.ModelProto, outputs: list[str]) -> list[onnx.ValueInfoProto]:
