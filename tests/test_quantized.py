@@ -19,6 +19,7 @@ from builders import GraphBuilder, invoke
 from exactness import planned, prune_exact
 from onnxprune import CalibrationSource, Options, Target
 from onnxprune.recover import output_error
+from onnxprune.roles import Role
 from onnxprune.verify import check_valid, random_feeds
 
 
@@ -139,6 +140,23 @@ def test_uint8_activations_and_int8_weights_built_by_hand_prune_exactly():
         x = b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, s, zp]), s, zp])
     pruned, analysis, plan = prune_exact(b.model(x), 0.5)
     assert [analysis.groups[g].size for g in plan.keep] == [16]
+
+
+def test_float_weights_quantized_in_the_graph_prune_exactly():
+    """Quantization-aware-training exports keep float weights behind QuantizeLinear -> DequantizeLinear: the float
+    weight takes the roles the conv gives the dequantized value, and its per-axis scales are sliced with it."""
+    b = GraphBuilder(seed=13, opset=13)
+    x = b.input([1, 3, 8, 8])
+    for cin, cout in ((3, 16), (16, 8)):
+        s, zp = b.const(np.float32(0.05)), b.const(np.int8(0))
+        x = b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, s, zp]), s, zp])
+        ws, wzp = b.const(np.full(cout, 0.02, np.float32)), b.const(np.zeros(cout, np.int8))
+        w = b.op("QuantizeLinear", [b.weight(cout, cin, 3, 3), ws, wzp], axis=0)
+        w = b.op("DequantizeLinear", [w, ws, wzp], axis=0)
+        x = b.op("Relu", [b.op("Conv", [x, w, b.const(np.zeros(cout, np.float32))], pads=[1] * 4)])
+    pruned, analysis, plan = prune_exact(b.model(x), 0.5)
+    roles = {m.role for g in plan.keep for m in analysis.groups[g].members if m.constant}
+    assert {Role.W_OUT, Role.W_IN, Role.BIAS} <= roles
 
 
 def test_per_axis_quantized_activation_slices_its_scale():
