@@ -46,11 +46,13 @@ def scan(n: NodeView) -> Rule:
     (states..., elements), outputs (states..., stacked elements) along the scan axes of the attributes."""
     if n.opset < 9:
         raise Barrier("Scan before opset 9 (batch axis and sequence lengths) is not analysed")
-    scanned_in = int(n.attr("num_scan_inputs"))
+    scanned_in = int(n.attr("num_scan_inputs", 0))
     states = len(n.node.input) - scanned_in
     scanned_out = len(n.node.output) - states
     in_axes = list(n.attr("scan_input_axes") or [0] * scanned_in)
     out_axes = list(n.attr("scan_output_axes") or [0] * scanned_out)
+    if states < 0 or scanned_out < 0 or len(in_axes) != scanned_in or len(out_axes) != scanned_out:
+        raise Barrier("scan inputs, outputs and axes do not add up")
     relations = []
     for k in range(states):
         relations += _carried(n, In(k, 0), BodyIn("body", k, 0), BodyOut("body", k, 0), Out(k, 0))
@@ -74,6 +76,8 @@ def _carried(n: NodeView, start: Ref, inside: Ref, after: Ref, result: Ref) -> l
 def _scanned(n: NodeView, stacked: Ref, element: Ref, scan_axis: int) -> list:
     """A node value stacking (or split into) the body's per-iteration `element` along `scan_axis`: every other axis
     of the stacked value is the element's axis, in order."""
+    if stacked.side == "out" and not n.has_output(stacked.index):
+        return []
     rank = len(_shape(n, element))
     if len(_shape(n, stacked)) != rank + 1:
         raise Barrier(f"a scanned value has rank {len(_shape(n, stacked))}, its body element {rank}")
