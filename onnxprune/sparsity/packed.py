@@ -8,15 +8,16 @@ under its original name, so its readers do not change:
     N:M      the weight's input-channel axis split into blocks of M; per block the N kept values, and which N
              positions they take as the index of that combination among the C(M, N): 2:4 has 6, so 3 blocks share
              a byte (2.7 bits a block where two 2-bit positions take 4); 1:4 has 4, 4 to a byte
-             codes: Cast, Gather from the table, Reshape (Slice) [Transpose] -> Cast -> ScatterElements into
+             codes: Cast, Gather from the table, Reshape (Slice) [Transpose] -> ScatterElements into
              ConstantOfShape zeros -> Reshape
     bitmask  one bit per weight (np.packbits' order) and the non-zeros in order
-             bits: Cast, Gather from the table, Reshape (Slice) -> Cast -> CumSum, Mul -> Gather from (0, values)
+             bits: Cast, Gather from the table, Reshape (or Slice) -> CumSum, Mul -> Gather from (0, values)
              -> Reshape
 
 A code byte is decoded by one lookup in a 256-row table that every weight of the model with the same codes shares
-(2:4's is 256 x 6 bytes, the bitmask's 256 x 8): onnxruntime's Gather runs about 4x faster than the BitShift and
-Mod that would decode the same bits, and indices are int32, not int64, which halves the time of the int arithmetic.
+(computed by a few nodes from the codes, as int32: the indices ScatterElements and Gather take): onnxruntime's
+Gather runs about 4x faster than the BitShift and Mod that would decode the same bits, and int32 halves the time
+of int64 arithmetic. onnxruntime's folding copies every tensor a node makes, so the chains are kept short.
 Every input of those nodes is an initializer, so onnxruntime folds them into the dense weight once, when the
 session is created: inference runs on the same weights, as fast, with bit-for-bit the same outputs. All nodes are
 ai.onnx from opset 11. For each weight the smallest of its N:M (M in 2, 4, 8, 16, N the largest count of non-zeros
@@ -270,8 +271,7 @@ def nm_encoding(weight: np.ndarray, axis: int, n: int, m: int, parts: Rebuild) -
         axes = list(range(values.ndim - 1))
         decoded = parts.node("Transpose", [decoded], perm=axes[:block_axis] + [values.ndim - 1] + axes[block_axis:])
     zeros = parts.zeros(grouped.shape, weight.dtype)
-    scattered = parts.node("ScatterElements", [zeros, parts.cast(decoded, TensorProto.INT32),
-                                               parts.constant(values, "values")], axis=block_axis)
+    scattered = parts.node("ScatterElements", [zeros, decoded, parts.constant(values, "values")], axis=block_axis)
     parts.node("Reshape", [scattered, parts.shape(weight.shape)], output=parts.weight)
     return parts.encoding(f"{n}:{m}")
 
@@ -282,7 +282,7 @@ def bitmask_encoding(weight: np.ndarray, parts: Rebuild) -> Encoding:
     NonZero / ScatterND: onnxruntime does not fold NonZero, whose output size depends on the data."""
     flat = weight.reshape(-1)
     keep = stored(flat)
-    bits = parts.cast(parts.unpack(keep.astype(np.int64), MASK_BITS, flat.shape), TensorProto.INT32)
+    bits = parts.unpack(keep.astype(np.int64), MASK_BITS, flat.shape)
     ranks = parts.node("CumSum", [bits, parts.constant(np.array(0, np.int32), "axis")])
     values = parts.constant(np.concatenate([np.zeros(1, weight.dtype), flat[keep]]), "values")
     rebuilt = parts.node("Gather", [values, parts.node("Mul", [ranks, bits])])
@@ -364,7 +364,8 @@ class Rebuild:
 
     def unpack(self, indices: np.ndarray, codes: np.ndarray, shape: tuple[int, ...]) -> str:
         """The rows of `codes` that `indices` name, stored packed (pack_codes) and looked up in the model's table
-        for those codes (Gather: one row of the table per byte), as a uint8 tensor of `shape`."""
+        for those codes (Gather: one row of the table per byte), as an int32 tensor of `shape`. Every node here
+        makes a tensor of the weight's size, which onnxruntime's folding copies: there are as few as can be."""
         table = self.tables.get(codes)
         self.read.append(table)
         packed = self.constant(pack_codes(indices, len(codes)), "codes")
@@ -374,11 +375,13 @@ class Rebuild:
             flat = self.node("Reshape", [rows, self.shape((-1,))])
             rows = self.node("Slice", [flat, self.constant(np.array([0], np.int64), "start"),
                                        self.constant(np.array([count], np.int64), "end")])
+            if len(shape) == 1:
+                return rows
         return self.node("Reshape", [rows, self.shape(shape)])
 
     def table(self, codes: np.ndarray) -> str:
-        """unpack_table(codes) computed by nodes from `codes` alone (a few bytes, where the table takes 256 rows):
-        the digits of 0..255 in base len(codes), each looked up in `codes`."""
+        """unpack_table(codes) as int32 (the indices the rebuild needs), computed by nodes from `codes` alone (a few
+        bytes, where the table takes 256 rows): the digits of 0..255 in base len(codes), each looked up in `codes`."""
         count, per = len(codes), codes_per_byte(len(codes))
         scalar = lambda value, what: self.constant(np.array(value, np.int32), what)  # noqa: E731
         values = self.node("Range", [scalar(0, "start"), scalar(256, "limit"), scalar(1, "delta")])
@@ -386,7 +389,7 @@ class Rebuild:
         powers = self.constant((count ** np.arange(per - 1, -1, -1)).astype(np.int32), "powers")
         digits = self.node("Mod", [self.node("Div", [column, powers]), scalar(count, "count")])  # (256, per)
         rows = self.node("Gather", [self.constant(codes, "codes"), digits])  # (256, per, width)
-        return self.node("Reshape", [rows, self.shape((256, -1))])
+        return self.cast(self.node("Reshape", [rows, self.shape((256, -1))]), TensorProto.INT32)
 
     def encoding(self, storage: str) -> Encoding:
         return Encoding(storage, self.initializers, self.nodes, self.read)
