@@ -207,7 +207,7 @@ def scan_model() -> onnx.ModelProto:
     a scan output; final state and stacked outputs -> MatMul each."""
     b = GraphBuilder()
     h = b.op("Relu", [b.matmul(b.input([5, 2, 16]), 16, 32)])
-    inputs = [helper.make_tensor_value_info("state", FLOAT, [2, 32]), helper.make_tensor_value_info("e", FLOAT, [2, 32])]
+    inputs = [helper.make_tensor_value_info(name, FLOAT, [2, 32]) for name in ("state", "e")]
 
     def body():
         r = b.op("Relu", [b.matmul("e", 32, 32)])
@@ -227,8 +227,8 @@ def test_scan_prunes_its_scanned_input_and_its_state():
     state = group_of(analysis, body.node[0].input[1], 1)  # body MatMul -> state, stacked outputs -> consumers
     assert scanned.prunable and state.prunable and {scanned.id, state.id} <= set(plan.keep)
     assert ("state", 1) in {m.space for m in state.members}
-    weights = [tuple(i.dims) for i in next(n for n in pruned.graph.node if n.op_type == "Scan").attribute[0].g.initializer]
-    assert (16, 16) in weights
+    body = next(n for n in pruned.graph.node if n.op_type == "Scan").attribute[0].g
+    assert (16, 16) in [tuple(i.dims) for i in body.initializer]
 
 
 # ------------------------------------------------------------------------------------------------ nested
