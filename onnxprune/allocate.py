@@ -137,14 +137,21 @@ class MacModel:
     def cost(self, counts: dict[int, int]) -> float:
         """MACs of the model when group g keeps counts[g] channels."""
         total = float(self.fixed)
-        keep = {gid: np.arange(n) for gid, n in counts.items()}  # which channels does not matter, only how many
         for macs, axes in self.layers:
             fraction = 1.0
             for space, size in axes:
-                kept = self.analysis.kept_indices(space, keep)
-                fraction *= (len(kept) / size) if kept is not None else 1.0
+                kept = self._kept_size(space, counts)
+                fraction *= (kept / size) if kept is not None else 1.0
             total += macs * fraction
         return total
+
+    def _kept_size(self, space: tuple[str, int], counts: dict[int, int]) -> int | None:
+        """How many indices of `space` survive the counts (which ones does not matter); None where no group that
+        lies in it changes."""
+        segments = self.analysis.layouts.get(space, [])
+        if not any(gid in counts for gid, _, _ in segments):
+            return None
+        return sum(counts.get(gid, self.analysis.groups[gid].size) * inner for gid, _, inner in segments)
 
     steps = 40  # bisection steps (cheap: the cost is computed, not measured)
     fill_gaps = False  # MACs change smoothly with the counts; they are what the bisection met
