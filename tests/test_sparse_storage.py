@@ -274,7 +274,14 @@ def test_combination_codes_pack_as_many_to_a_byte_as_fit_and_unpack_by_table(n, 
 
 @pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (4, 8), (1, 16)])
 def test_the_table_nodes_compute_the_table(n, m):
-    table = Tables(fresh).get(combinations(n, m))
+    used = set()
+
+    def short_names(base: str) -> str:  # as a model's names come: the base, made unique
+        while base in used:
+            base += "_"
+        used.add(base)
+        return base
+    table = Tables(short_names).get(combinations(n, m))
     graph = helper.make_graph(table.nodes, "table", [], [helper.make_tensor_value_info(table.name, TensorProto.INT32,
                                                                                        None)], table.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
