@@ -21,12 +21,11 @@ from .criteria import CRITERIA
 from .options import DEFAULT_ROUND_TO, SCHEDULES, Options, Target, validate
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
-from .report import reach_line, target_text
+from .report import PruneReport, reach_line, target_text
 from .sparsity.spec import SPARSE_CRITERIA, parse_pattern
 from .sparsity.packed import SPARSE_STORAGES, pack_model
 from .sparsity.pattern import SparsityReport, nm_pattern, sparsity_report
 from .sparsity.spec import Pattern
-from .report import PruneReport
 from .errors import OnnxPruneError, TargetNotMet, UsageError, first_line
 from .files import Named, atomic_path, check_paths, write_text
 from .external_data import external_data_files
@@ -207,7 +206,7 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
         click.echo(f"wrote {output}")
 
 
-def _refusal(result, gate: CheckReport | None, strict_target: bool) -> OnnxPruneError | None:
+def _refusal(result: PruneReport, gate: CheckReport | None, strict_target: bool) -> OnnxPruneError | None:
     """Why no model is written: a failed check (exit 1), or, with --strict-target, a target not met (exit 3)."""
     if gate is not None and not gate.passed:
         return OnnxPruneError(f"check failed: {gate.failures[0]}; no model written")
