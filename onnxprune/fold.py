@@ -176,14 +176,12 @@ def _bytes(init: onnx.TensorProto) -> int:
 
 
 def _materialise(graph: onnx.GraphProto, frontier: list[str], dying: list[str], values: dict) -> None:
+    """Drop the dying initializers in place (rebuilding the list would copy every weight) and add the results."""
     gone = set(dying)
-    keep = [init for init in graph.initializer if init.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    inputs = [vi for vi in graph.input if vi.name not in gone]  # IR < 4 lists every initializer as an input
-    if len(inputs) != len(graph.input):
-        del graph.input[:]
-        graph.input.extend(inputs)
+    for position in reversed([p for p, init in enumerate(graph.initializer) if init.name in gone]):
+        del graph.initializer[position]
+    for position in reversed([p for p, vi in enumerate(graph.input) if vi.name in gone]):
+        del graph.input[position]  # IR < 4 lists every initializer as an input
     graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in frontier)
 
 

@@ -290,7 +290,9 @@ def size_entries(index, name: str, depth: int = 0) -> list[_Size | None] | None:
     """The entries of a small integer value as products of axis sizes, followed from Shape through Gather / Slice /
     Concat / Unsqueeze / Squeeze / Cast / Mul; an entry is None where other arithmetic made it; None when the value
     is not such a list (or its length is unknown)."""
-    node = index.producer.get(name)
+    node, shape = index.producer.get(name), index.shapes.get(name)
+    if shape is None or len(shape) > 1:
+        return None  # sizes travel as scalars and 1-D lists only
     if name in index.initializers or node is None or depth > 32 or node.domain not in ("", "ai.onnx"):
         value = index.array(name) if name in index.initializers else None
         if value is None or value.dtype.kind not in "iu" or value.size > 64:
