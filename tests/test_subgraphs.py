@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from builders import GraphBuilder
 from exactness import planned, removed_channels
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune import CalibrationSource, Options
@@ -336,3 +336,42 @@ def test_macs_count_a_body_once_per_iteration():
     scan = scan_model()
     body = scan.graph.node[3].attribute[0].g
     assert layer_macs(scan)[body.node[0].name] == 5 * 2 * 32 * 32  # 5 steps of (2, 32) @ (32, 32)
+
+
+def test_constant_values_crossing_the_boundary_are_zeroed_with_their_channels():
+    """A branch that returns a constant and a Scan state that starts from a non-zero constant: the constants hold
+    the group's channels, so the harness zeroes them with the channels and pruning stays exact."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input([1, 3, 8, 8]), 3, 16)])
+    flag = b.input([], name="flag", elem_type=TensorProto.BOOL)
+    then = subgraph(b, "then", [], lambda: [(b.op("Relu", [b.conv(x, 16, 16)]), FLOAT)], True)
+    fixed = numpy_helper.from_array(np.random.default_rng(3).uniform(0.5, 1.5, (1, 16, 8, 8)).astype(np.float32),
+                                    "fixed")
+    other = helper.make_graph([], "else", [], [helper.make_tensor_value_info("fixed", FLOAT, [1, 16, 8, 8])], [fixed])
+    y = b.op("If", [flag], then_branch=then, else_branch=other)
+    rows = b.op("Transpose", [y], perm=[2, 0, 3, 1])  # (8, 1, 8, 16): scanned over its first axis
+    inputs = [helper.make_tensor_value_info(n, FLOAT, [1, 8, 16]) for n in ("acc", "row")]
+    body = subgraph(b, "body", inputs, lambda: [(b.op("Add", ["acc", "row"]), FLOAT)])
+    start = b.const(np.random.default_rng(4).uniform(0.5, 1.5, (1, 8, 16)).astype(np.float32))
+    total = b.op("Scan", [start, rows], body=body, num_scan_inputs=1)
+    model = finish(b, {b.matmul(total, 16, 4): [1, 8, 4]})
+    feeds = [{"x": images(batch=1), "flag": np.array(v)} for v in (True, False)]
+    _, analysis, plan = exact_on(model, feeds)
+    crossing = group_of(analysis, then.node[0].input[1], 0)
+    assert crossing.id in plan.keep and {"fixed", start} <= {m.space[0] for m in crossing.members}
+
+
+def test_branch_output_computed_from_constants_freezes_with_the_reason():
+    """Identity of an initializer as a branch's output: no rule zeroes that constant with the channels, so the If
+    freezes (instead of pruning channels whose constant values the consumer then silently loses)."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input([1, 3, 8, 8]), 3, 16)])
+    flag = b.input([], name="flag", elem_type=TensorProto.BOOL)
+    then = subgraph(b, "then", [], lambda: [(b.op("Relu", [b.conv(x, 16, 16)]), FLOAT)], True)
+    fixed = b.const(np.random.default_rng(3).uniform(0.5, 1.5, (1, 16, 8, 8)).astype(np.float32))
+    other = subgraph(b, "else", [], lambda: [(b.op("Identity", [fixed]), FLOAT)])
+    y = b.op("If", [flag], then_branch=then, else_branch=other)
+    model = finish(b, {b.conv(y, 16, 4): [1, 4, 8, 8]})
+    analysis = prepare(model).analysis
+    out = group_of(analysis, then.node[0].input[1], 0)
+    assert not out.prunable and any("computed from constants alone (Identity" in r for r in out.frozen), out.frozen

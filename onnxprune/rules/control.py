@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..roles import Role
 from .registry import Barrier, BodyIn, BodyOut, In, NodeView, Out, Ref, Rule, couple, rule
 
 BRANCHES = ("then_branch", "else_branch")
@@ -22,7 +23,7 @@ def if_(n: NodeView) -> Rule:
         if not n.has_output(k):
             continue
         rank = _same_rank(n, Out(k, 0), *[BodyOut(b, k, 0) for b in BRANCHES])
-        relations += [couple(Out(k, a), *[BodyOut(b, k, a) for b in BRANCHES]) for a in range(rank)]
+        relations += [couple(Out(k, a), *[_at(BodyOut(b, k, 0), a) for b in BRANCHES]) for a in range(rank)]
     return Rule(*relations)
 
 
@@ -88,7 +89,9 @@ def _scanned(n: NodeView, stacked: Ref, element: Ref, scan_axis: int) -> list:
 
 
 def _at(ref: Ref, axis: int) -> Ref:
-    return replace(ref, axis=axis)
+    """The ref at `axis`. A constant that crosses the boundary (a branch returning an initializer, a state starting
+    from one) holds the channels as an element-wise operand does: it is zeroed with them (Role.CONST)."""
+    return replace(ref, axis=axis, role=Role.CONST if ref.side != "out" else None)
 
 
 def _same_rank(n: NodeView, *refs: Ref) -> int:
@@ -99,6 +102,19 @@ def _same_rank(n: NodeView, *refs: Ref) -> int:
 
 
 def _shape(n: NodeView, ref: Ref) -> tuple:
+    if ref.side == "body_out":
+        _not_made_of_constants(n, ref)
     if ref.side in ("body_in", "body_out"):
         return n.body_shape(ref)
     return n.in_shape(ref.index) if ref.side == "in" else n.out_shape(ref.index)
+
+
+def _not_made_of_constants(n: NodeView, ref: Ref) -> None:
+    """A subgraph output that a node computes from constants alone (Identity or Cast of an initializer): its removed
+    channels are not zero where the exactness harness zeroes the channels, and no rule gives that constant a role
+    to zero it with them (an initializer handed out directly is zeroed, see _at)."""
+    producer = n.index.producer.get(n.body_value(ref))
+    if producer is not None and producer.input and all(not i or i in n.index.initializers for i in producer.input):
+        raise Barrier(f"{ref.graph} output {ref.index} is computed from constants alone ({producer.op_type} "
+                      f"'{producer.name}')")
+
