@@ -17,6 +17,7 @@ from onnxprune.allocate import TARGET_TOLERANCE, keep_count
 from onnxprune.calibrate import check_feed, input_specs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.groups import Group, Member
+from onnxprune.report import PruneReport, target_outcome
 from onnxprune.rules.compare import ONE_HOT
 
 
@@ -180,3 +181,26 @@ def test_an_iterative_schedule_reports_the_whole_run_against_the_target():
     _, one_shot = onnxprune.prune(small_net(), 0.5)
     assert [g["kept"] for g in stepped.groups] == [g["kept"] for g in one_shot.groups]  # aligned as one-shot
     assert stepped.target == one_shot.target and one_shot.target["met"]
+
+
+def report_with(**fields) -> PruneReport:
+    base = dict(ratio=None, criterion="l1", round_to=16, params_before=10, params_after=5, macs_before=100,
+                macs_after=60, weight_bytes_before=40, weight_bytes_after=20)
+    return PruneReport(**{**base, **fields})
+
+
+@pytest.mark.parametrize("fields,kind,asked,met,reason", [
+    ({"target_latency": {"measured_kept": 0.8, "predicted_kept": 0.7}}, "latency", 0.7, False, "table predicted 70.0%"),
+    ({"target_latency": {"measured_kept": 0.71, "predicted_kept": 0.7}}, "latency", 0.7, True, None),
+    ({"macs_before": 0, "macs_after": 0}, "macs", 0.5, False, "no MACs counted"),
+    ({}, "macs", 0.59, True, None),
+    ({"groups": []}, "ratio", 0.5, False, "no prunable channel group"),
+    ({"groups": []}, "ratio", 0.0, True, None),
+    ({}, "plan", 0.5, None, None),
+])
+def test_target_outcome_of_each_kind(fields, kind, asked, met, reason):
+    outcome = target_outcome(report_with(**fields), kind, asked)
+    if met is None:
+        assert outcome is None
+        return
+    assert outcome["met"] is met and (outcome["reason"] is None if reason is None else reason in outcome["reason"])
