@@ -260,7 +260,7 @@ def normalize(model: onnx.ModelProto) -> None:
     protected = set(o.name for o in graph.output) | subgraph_references(graph)
     _constants_to_initializers(graph, protected)
     _bypass_constant_identities(graph, protected)
-    _subgraph_constants_to_initializers(graph)
+    _normalize_subgraphs(graph, {init.name for init in graph.initializer})
     if model.ir_version >= 4:
         _initializers_out_of_inputs(graph)
     fold.fold_constants(model, protected)
@@ -290,14 +290,17 @@ def _constants_to_initializers(graph: onnx.GraphProto, protected: set[str]) -> N
         graph.node.extend(keep)
 
 
-def _subgraph_constants_to_initializers(graph: onnx.GraphProto) -> None:
-    """Constant nodes inside If branches and Loop and Scan bodies become initializers of their subgraph, so the
-    analysis reads a body's weights and shape constants as it reads the main graph's. The name stays, so values that
-    nested subgraphs read convert too; a subgraph's outputs stay node outputs."""
+def _normalize_subgraphs(graph: onnx.GraphProto, visible: set[str]) -> None:
+    """Inside If branches and Loop and Scan bodies too, Constant nodes become initializers (of their subgraph: the
+    name stays, so values nested subgraphs read convert as well) and Identity nodes on a constant the subgraph sees
+    are bypassed, so the analysis reads a body's weights and shape constants as it reads the main graph's; a
+    subgraph's outputs stay as they are. `visible`: the initializers of the enclosing graphs."""
     for node in graph.node:  # a graph's nodes are rebuilt before its subgraphs are read, so none goes stale
         for sub in subgraphs_of(node):
-            _constants_to_initializers(sub, {o.name for o in sub.output})
-            _subgraph_constants_to_initializers(sub)
+            outputs = {o.name for o in sub.output}
+            _constants_to_initializers(sub, outputs)
+            _bypass_constant_identities(sub, outputs | subgraph_references(sub), visible)
+            _normalize_subgraphs(sub, visible | {init.name for init in sub.initializer})
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -315,9 +318,10 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None  # sparse_value, value_string(s): left as they are
 
 
-def _bypass_constant_identities(graph: onnx.GraphProto, protected: set[str]) -> None:
-    """Exporters wrap shared weights in Identity nodes; point the consumers at the initializer itself."""
-    constants = {init.name for init in graph.initializer}
+def _bypass_constant_identities(graph: onnx.GraphProto, protected: set[str], outer: set[str] = frozenset()) -> None:
+    """Exporters wrap shared weights in Identity nodes; point the consumers at the initializer itself (the graph's
+    own or, in a subgraph, an `outer` one)."""
+    constants = {init.name for init in graph.initializer} | outer
     rename: dict[str, str] = {}
     keep = []
     for node in graph.node:

@@ -375,3 +375,21 @@ def test_branch_output_computed_from_constants_freezes_with_the_reason():
     analysis = prepare(model).analysis
     out = group_of(analysis, then.node[0].input[1], 0)
     assert not out.prunable and any("computed from constants alone (Identity" in r for r in out.frozen), out.frozen
+
+
+def test_identity_on_an_outer_constant_inside_a_body_is_bypassed():
+    """A body adds a main-graph constant through an Identity (as exporters wrap shared weights): normalisation points
+    the Add at the constant itself, so the constant gets its role and is zeroed with the channels."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input([1, 3, 8, 8]), 3, 8)])
+    shift = b.const(np.random.default_rng(5).uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32))
+    inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("h_in", FLOAT, [1, 8, 8, 8])]
+    loop = subgraph(b, "body", inputs, lambda: [(b.op("Identity", ["cond_in"]), TensorProto.BOOL),
+                                                (b.op("Add", [b.conv("h_in", 8, 8), b.op("Identity", [shift])]),
+                                                 FLOAT)])
+    final = b.op("Loop", [b.const(np.array(2, np.int64)), "", x], body=loop)
+    model = finish(b, {b.conv(final, 8, 4): [1, 4, 8, 8]})
+    _, analysis, plan = exact_on(model, [{"x": images(batch=1)}])
+    assert plan.keep and not any(analysis.groups[g].inexact for g in plan.keep)
