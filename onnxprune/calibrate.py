@@ -114,15 +114,15 @@ def arrays_for_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec], wha
 
 
 def array_batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], size: int | None,
-                  batch_size: int) -> Iterator[Feed]:
+                  batch_size: int, first: int = 0) -> Iterator[Feed]:
     """Feed dicts of `batch_size` samples (one at a time where the model's batch dimension is fixed or an input is
-    a scalar). A scalar input's array holds one value per sample, (N,), fed as a 0-d value; a 0-d array is the same
-    value for every sample."""
+    a scalar), from sample `first` on. A scalar input's array holds one value per sample, (N,), fed as a 0-d value;
+    a 0-d array is the same value for every sample."""
     total = sample_count(arrays, specs)
-    total = min(total, size) if size else total
+    total = min(total, first + size) if size else total
     step = batch_step(specs, batch_size)
     scalars = {s.name for s in specs if s.scalar}
-    for start in range(0, total, step):
+    for start in range(first, total, step):
         yield {n: _samples(a, start, min(start + step, total), n in scalars) for n, a in arrays.items()}
 
 
@@ -212,9 +212,10 @@ def _nonfinite(value: np.ndarray) -> np.ndarray | None:
     return None if finite.all() else ~finite
 
 
-def checked_feeds(feeds: Iterable[Feed], specs: list[InputSpec]) -> Iterator[Feed]:
-    """`check_feed` on each batch, counting samples so that an error names the first bad sample of the data."""
-    seen = 0
+def checked_feeds(feeds: Iterable[Feed], specs: list[InputSpec], first: int = 0) -> Iterator[Feed]:
+    """`check_feed` on each batch, counting samples (from `first`) so that an error names the first bad sample of
+    the data."""
+    seen = first
     for feed in feeds:
         checked = check_feed(feed, specs, seen)
         yield checked
@@ -237,12 +238,14 @@ def calibration_batches(source: object, model: onnx.ModelProto, size: int | None
 class CalibrationSource:
     """Where calibration samples come from: a .npz / .npy path, a folder of images (read as `preprocess` says),
     a `get_next()` reader (onnxruntime.quantization style) or an iterable of feed dicts; at most `size` samples,
-    `batch_size` per onnxruntime run."""
+    `batch_size` per onnxruntime run. `start` skips the samples before it in a file or folder: a shard of the data
+    (see distributed.shard_ranges)."""
 
     data: object
     size: int | None = None
     batch_size: int = 16
     preprocess: "Preprocess | str | None" = None
+    start: int = 0
 
     @property
     def images(self) -> "Preprocess":
@@ -263,6 +266,8 @@ class Calibration:
         self.source, self.specs, self.mask = source, input_specs(model), mask_input(model)
         self.model = model
         self._arrays = self._kept = self._reader = None
+        if source.start and not isinstance(source.data, (str, os.PathLike)):
+            raise UsageError("a shard of calibration data (a start sample) needs a file or a folder, not a reader")
         if source.folder is None and isinstance(source.data, (str, os.PathLike)):
             self._arrays = load_arrays(source.data, self.specs)
         elif source.folder is None and replayable:
@@ -277,13 +282,14 @@ class Calibration:
         batch_size = batch_size or self.source.batch_size
         if self._kept is not None:
             return reader_batches(self._kept, size)
+        start = self.source.start
         if self._arrays is not None:
-            batches = array_batches(self._arrays, self.specs, size, batch_size)
+            batches = array_batches(self._arrays, self.specs, size, batch_size, start)
         elif self.source.folder is not None:
-            batches = image_batches(self.source.folder, self.specs, size, batch_size, self.source.images)
+            batches = image_batches(self.source.folder, self.specs, size, batch_size, self.source.images, start)
         else:
             batches = self._stream(size)
-        return checked_feeds(batches, self.specs)
+        return checked_feeds(batches, self.specs, start)
 
     def _stream(self, size: int) -> Iterator[Feed]:
         reader, self._reader = self._reader, None
@@ -295,6 +301,23 @@ class Calibration:
     def samples(self) -> int:
         """How many samples `batches()` yields."""
         return sum(batch_length(feed) for feed in self.batches()) if self._reader is None else 0
+
+    def stored_samples(self) -> int:
+        """The samples a file or folder holds (up to the source's `size`), counted without reading them; what
+        shards of the data split (see distributed.shard_ranges)."""
+        if self._arrays is not None:
+            total = sample_count(self._arrays, self.specs)
+        elif self.source.folder is not None:
+            total = len(image_paths(self.source.folder))
+        else:
+            raise UsageError("calibration data from a Python reader cannot be split into shards: pass a file")
+        return min(total, self.source.size) if self.source.size else total
+
+    @property
+    def step(self) -> int:
+        """Samples per onnxruntime run; a shard that starts at a multiple of it reads the same batches as one run
+        over the whole data."""
+        return batch_step(self.specs, self.source.batch_size)
 
     def first_sample(self) -> Feed | None:
         """The first calibration sample (batch 1 where the model's batch is dynamic)."""
@@ -368,17 +391,22 @@ class Preprocess:
 
 
 def image_batches(folder: Path, specs: list[InputSpec], size: int | None, batch_size: int,
-                  preprocess: Preprocess) -> Iterator[Feed]:
-    """Images of a folder (sorted by name), read one at a time: memory holds one batch."""
+                  preprocess: Preprocess, first: int = 0) -> Iterator[Feed]:
+    """Images of a folder (sorted by name) from the `first` on, read one at a time: memory holds one batch."""
     if len(specs) != 1:
         raise OnnxPruneError(f"a folder of images feeds a one-input model; this one has {len(specs)} inputs")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:size or None]
+    paths = image_paths(folder)[first:first + size if size else None]
     if not paths:
         raise OnnxPruneError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     spec = specs[0]
     step = batch_step(specs, batch_size)
     for start in range(0, len(paths), step):
         yield {spec.name: np.stack([_image(p, spec, preprocess) for p in paths[start:start + step]])}
+
+
+def image_paths(folder: Path) -> list[Path]:
+    """The images of a folder, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
@@ -484,10 +512,11 @@ class Statistics:
 
 
 def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches: Iterable[Feed],
-                  quiet: bool = True, threads: int = 0, extra: dict | None = None) -> Statistics:
+                  quiet: bool = True, threads: int = 0, extra: dict | None = None, first: int = 0) -> Statistics:
     """Run `batches` through `model` and accumulate ChannelStats for every probed (tensor, axis), and feed the
     `extra` accumulators (e.g. the regression criterion's Gram matrices) the tensors they ask for. For a model with
-    a padding mask input (a transformer's attention_mask), padded positions are left out."""
+    a padding mask input (a transformer's attention_mask), padded positions are left out. `first`: the index of the
+    first sample in the whole data (a shard's start), which the accumulators' sampling is seeded by."""
     extra = extra or {}
     tensors = sorted({t for t, _ in probes} | {t for acc in extra.values() for t in acc.tensors})
     probed = with_outputs(model, tensors)
@@ -501,7 +530,7 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
             outputs = dict(zip(names, sess.run(names, feed)))
         except Exception as exc:
             raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
-        accumulate(stats, outputs, padding_of(feed, stats.mask))
+        accumulate(stats, outputs, padding_of(feed, stats.mask), first + stats.samples)
         stats.batches += 1
         stats.samples += batch_length(feed)
         progress.show(f"calibrating: {stats.batches} batches, {stats.samples} samples")
@@ -511,14 +540,14 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
     return require_finite_statistics(stats)
 
 
-def accumulate(stats: Statistics, outputs: dict[str, np.ndarray], real: np.ndarray | None) -> None:
-    """Add one batch's probed tensors to the statistics; numpy's overflow warnings are silenced, since an overflow
-    leaves an Inf that `require_finite_statistics` reports in one line."""
+def accumulate(stats: Statistics, outputs: dict[str, np.ndarray], real: np.ndarray | None, first: int = 0) -> None:
+    """Add one batch (whose first sample is sample `first` of the data) to the statistics; numpy's overflow
+    warnings are silenced, since an overflow leaves an Inf that `require_finite_statistics` reports in one line."""
     with np.errstate(over="ignore", invalid="ignore"):
         for (tensor, axis), channel_stats in stats.channels.items():
             channel_stats.update(outputs[tensor], axis, real)
         for accumulator in stats.extra.values():
-            accumulator.update(outputs, real)
+            accumulator.update(outputs, real, first)
 
 
 def require_finite_statistics(stats: Statistics) -> Statistics:

@@ -31,6 +31,9 @@ from .files import Named, atomic_path, check_paths, write_text
 from .external_data import external_data_files
 from .graph import EXTERNAL_DATA_ABOVE, external_data_path, load_model, save_model
 from .check import CheckReport, check as check_models, load_data
+from .distributed import CalibrationRequest, calibrate as calibrate_statistics
+from .files import same_file
+from .stats_file import merge_stats, read_stats, write_stats
 
 
 class _DefaultToPrune(click.Group):
@@ -162,6 +165,10 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
               help="Training-free recovery on the calibration data: bias = fold the removed channels' mean "
                    "contribution into the next layer's bias; lsq = re-fit the next layers by least squares.")
 @calibration_options
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics written by `onnxprune calibrate` (or merge-stats) instead of a calibration pass: they "
+                   "serve the criterion's scores and --recover bias; --recover lsq, --allocation sensitivity and a "
+                   "data-driven --then-criterion still run the model on --calib.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None,
@@ -170,16 +177,16 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, strict_target: bool, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
           max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
-          preprocess: str | None, calib_size: int | None, batch_size: int, seed: int, quiet: bool) -> None:
+          preprocess: str | None, calib_size: int | None, batch_size: int, stats_path: Path | None, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
     target = _target(ratio, target_macs, target_latency, plan_in, target_params, _own_share(granularity))
     options = Options(criterion=criterion, round_to=round_to, exclude=exclude, seed=seed, allocation=allocation,
                       recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
                       quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess),
-                      granularity=granularity, then=then, then_criterion=then_criterion)
+                      granularity=granularity, then=then, then_criterion=then_criterion, stats=stats_path)
     validate(target, options)
     output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
-                                             ("--plan-in", plan_in), ("--latency-table", latency_table)],
+                                             ("--plan-in", plan_in), ("--latency-table", latency_table), ("--stats", stats_path)],
                              [("--report", report), ("--plan-out", plan_out), ("--latency-table", latency_table)])
     original = load_model(model)
     if data:
@@ -384,6 +391,75 @@ def _plot(curves: dict, path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path, "plot") as tmp:
         figure.savefig(tmp, dpi=120, format="png")
+
+
+@cli.command("calibrate")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The statistics file to write (.npz).")
+@click.option("--criterion", "-c", type=click.Choice(sorted(CRITERIA)), required=True,
+              help="The criterion the statistics are for (apoz and activation read channel sums, regression Gram "
+                   "matrices).")
+@click.option("--recover", type=click.Choice(("none", "bias")), default="none", show_default=True,
+              help="bias: also the channel means bias recovery reads.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="As when pruning: excluded groups are not probed.")
+@calibration_options
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Split the samples into N shards computed on Dask workers (a local cluster of N processes unless "
+                   "--scheduler); needs pip install 'onnxprune[distributed]'.")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="With --workers: a running Dask scheduler (tcp://HOST:8786); the model and the data must be at "
+                   "the same paths on every worker.")
+@click.option("--shard", metavar="I/N", help="Only the I-th of N contiguous shards of the samples (merge the N files "
+                                            "with merge-stats): a cluster without Dask, such as an array job.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def calibrate_command(model: Path, output: Path, criterion: str, recover: str, exclude: tuple[str, ...],
+                      calib: Path | None, preprocess: str | None, calib_size: int | None, batch_size: int,
+                      workers: int | None, scheduler: str | None, shard: str | None, quiet: bool) -> None:
+    """Write the calibration statistics a criterion reads, to prune with --stats (or merge with merge-stats)."""
+    if calib is None:
+        raise UsageError("calibrate needs calibration data (--calib)")
+    if scheduler is not None and not workers:
+        raise UsageError("--scheduler needs --workers N, the number of shards")
+    if workers and shard is not None:
+        raise UsageError("--shard and --workers exclude each other")
+    _check_files([("the input model", model)], [("--calib", calib)], [("-o", output)])
+    request = CalibrationRequest(model, _calibration(calib, calib_size, batch_size, preprocess), criterion,
+                                 recover, exclude)
+    stats = calibrate_statistics(request, workers or 0, scheduler, _shard(shard), quiet)
+    write_stats(output, stats)
+    if not quiet:
+        click.echo(f"wrote {output}: {stats.summary()}")
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    """--shard I/N as (I, N)."""
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit()) or int(count) < 1:
+        raise UsageError(f"--shard takes I/N, the I-th of N shards (e.g. 1/4), got '{text}'")
+    return int(index), int(count)
+
+
+@cli.command("merge-stats")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The merged statistics file.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def merge_stats_command(files: tuple[Path, ...], output: Path, quiet: bool) -> None:
+    """Add up statistics files of one model (computed on disjoint shards of its calibration data) into one."""
+    if len(files) < 2:
+        raise UsageError("merge-stats adds up two or more statistics files")
+    for index, first in enumerate(files):
+        twice = next((other for other in files[index + 1:] if same_file(first, other)), None)
+        if twice is not None:
+            raise UsageError(f"{first} and {twice} are the same file: its samples would count twice")
+    check_paths([("a statistics file to merge", f) for f in files], [("-o", output)])
+    merged = merge_stats([read_stats(f) for f in files], [str(f) for f in files])
+    write_stats(output, merged)
+    if not quiet:
+        click.echo(f"wrote {output}: {merged.summary()}, from {len(files)} files")
 
 
 @cli.command("check")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from .allocate import ALLOCATIONS, Plan
 from .calibrate import CalibrationSource
-from .criteria import CRITERIA, get_criterion, needs_data
+from .criteria import CRITERIA, STATISTICS, get_criterion, needs_data
 from .errors import UsageError
 from .recover import RECOVERY
 from .sparsity.spec import SPARSE_ALLOCATIONS, SPARSE_CRITERIA, Request, parse_pattern
@@ -59,7 +59,8 @@ class Target:
 class Options:
     """How to prune: criterion, rounding, exclusions, allocation, recovery, schedule and calibration; the
     granularity (`channel`, `unstructured` or `N:M` such as `2:4`), and an N:M step `then` after channel pruning,
-    chosen by `then_criterion`."""
+    chosen by `then_criterion`. `stats`: a statistics file (`onnxprune calibrate`) that serves the criterion's
+    scores and bias recovery instead of a calibration pass."""
 
     criterion: str = "l1"
     round_to: int = DEFAULT_ROUND_TO
@@ -76,6 +77,13 @@ class Options:
     granularity: str = "channel"
     then: str | None = None
     then_criterion: str = "l1"
+    stats: str | os.PathLike | None = None
+
+
+def statistics_needed(target: Target, options: Options) -> frozenset[str]:
+    """The statistics the criterion declares (when it chooses the channels) and bias recovery's channel means."""
+    reads = STATISTICS.get(options.criterion, frozenset()) if target.kind != "plan" else frozenset()
+    return reads | ({"channels"} if options.recover == "bias" else set())
 
 
 def needs_calibration(target: Target, options: Options) -> bool:
@@ -116,8 +124,35 @@ def validate(target: Target, options: Options) -> None:
         raise UsageError("--latency-table needs --target-latency")
     if target.kind == "plan" and options.schedule == "iterative":
         raise UsageError("an iterative schedule chooses its own plan; --plan-in applies one in a single step")
-    if needs_calibration(target, options) and options.calib is None:
+    if options.stats is not None:
+        _validate_stats(target, options)
+    elif needs_calibration(target, options) and options.calib is None:
         raise UsageError(f"{_data_user(target, options)} needs calibration data (--calib)")
+
+
+def _validate_stats(target: Target, options: Options) -> None:
+    """--stats serves what is computed from statistics (the criterion's scores, bias recovery); the steps that run
+    the model on data still need --calib."""
+    if parse_pattern(options.granularity) is not None or not statistics_needed(target, options):
+        served = ", ".join(sorted(name for name in CRITERIA if needs_data(name)))
+        raise UsageError(f"--stats serves the criteria that read statistics ({served}) and --recover bias; "
+                         "this run reads none")
+    if options.schedule == "iterative":
+        raise UsageError("--stats holds the original model's statistics; an iterative schedule re-scores the "
+                         "pruned model after each step: give --calib instead")
+    runner = _data_runner(target, options)
+    if runner is not None and options.calib is None:
+        raise UsageError(f"{runner} runs the model on calibration data, which --stats cannot serve: give --calib too")
+
+
+def _data_runner(target: Target, options: Options) -> str | None:
+    """What in the run must run the model on calibration data (statistics cannot serve it), or None."""
+    sparse = sparsity_request(target, options)
+    if options.recover == "lsq":
+        return "--recover lsq"
+    if target.kind != "plan" and options.allocation == "sensitivity":
+        return "allocation sensitivity"
+    return f"--then-criterion {sparse.criterion}" if sparse is not None and sparse.needs_data else None
 
 
 def _validate_target(target: Target, allocation: str) -> None:

@@ -20,13 +20,13 @@ import onnx
 from . import graph as graph_mod
 from .allocate import MacModel, MacReach, Plan, capped_when_unreachable, counts_for_target, plan_from_counts
 from .calibrate import Calibration, Statistics, collect_stats
-from .criteria import STATISTICS, ScoringContext, consumers, get_criterion, probes
+from .criteria import ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
 from .layers import constant_values, refittable
-from .options import Options, Target, needs_calibration, sparsity_request
+from .options import Options, Target, needs_calibration, sparsity_request, statistics_needed
 from .plan_io import plan_to_dict, read_plan
 from .recover import recover_bias, recover_lsq, require_finite_weights
 from .regression import ContributionGram
@@ -35,6 +35,7 @@ from .sensitivity import sensitivity_counts, sensitivity_curves
 from .sparsity.sparsify import count_nonzeros
 from .sparsity.spec import Request, parse_pattern
 from .sparsity.step import sparsity_step
+from .stats_file import fill_statistics
 from .surgery import apply_plan
 from .verify import count_macs, count_params, layer_macs, sample_shapes
 
@@ -120,13 +121,31 @@ def counted_at(prepared: Prepared, calibration: Calibration | None, target: Targ
     return sample, sample_shapes(prepared.model, sample) or prepared.analysis.index.shapes
 
 
-def collect_statistics(inputs: Inputs, reads: frozenset[str], quiet: bool) -> Statistics:
-    """One pass over the calibration data for the statistics asked for: "channels" (per-channel sums where every
-    prunable group enters its consumer layers) and "contributions" (each group's contribution Gram matrix)."""
-    analysis, index = inputs.analysis, inputs.analysis.index
+def collect_statistics(inputs: Inputs, reads: frozenset[str], quiet: bool, threads: int = 0) -> Statistics:
+    """One pass over the calibration data for the statistics asked for (see statistics_probes)."""
+    spaces, grams = statistics_probes(inputs.analysis, reads)
+    calibration = inputs.calibration
+    return collect_stats(inputs.model, spaces, calibration.batches(), quiet=quiet, threads=threads, extra=grams,
+                         first=calibration.source.start)
+
+
+def statistics_probes(analysis: Analysis, reads: frozenset[str]) -> tuple[set[tuple[str, int]], dict]:
+    """What the statistics asked for accumulate: "channels", per-channel sums where every prunable group enters its
+    consumer layers (the probed (tensor, axis) spaces), and "contributions", each group's contribution Gram
+    matrix (empty accumulators by group id)."""
+    index = analysis.index
     spaces = {m.space for g in analysis.prunable for m in probes(g, index)} if "channels" in reads else set()
-    grams = contribution_grams(analysis) if "contributions" in reads else {}
-    return collect_stats(inputs.model, spaces, inputs.calibration.batches(), quiet=quiet, extra=grams)
+    return spaces, contribution_grams(analysis) if "contributions" in reads else {}
+
+
+def run_statistics(inputs: Inputs, reads: frozenset[str], options: Options) -> Statistics | None:
+    """The statistics the run reads: from the --stats file when one is given (onnxprune calibrate), else one pass
+    over the calibration data; None when the run reads none."""
+    if not reads:
+        return None
+    if options.stats is not None:
+        return fill_statistics(options.stats, inputs.model, *statistics_probes(inputs.analysis, reads))
+    return collect_statistics(inputs, reads, options.quiet)
 
 
 def contribution_grams(analysis: Analysis) -> dict[int, ContributionGram]:
@@ -138,12 +157,6 @@ def contribution_grams(analysis: Analysis) -> dict[int, ContributionGram]:
         if layers:
             grams[group.id] = ContributionGram(group, layers)
     return grams
-
-
-def statistics_needed(target: Target, options: Options) -> frozenset[str]:
-    """The statistics the criterion declares (when it chooses the channels) and bias recovery's channel means."""
-    reads = STATISTICS[options.criterion] if target.kind != "plan" else frozenset()
-    return reads | ({"channels"} if options.recover == "bias" else set())
 
 
 def score(inputs: Inputs, options: Options, stats: Statistics | None) -> Scores:
@@ -191,7 +204,10 @@ def group_curves(inputs: Inputs, scores: dict[int, np.ndarray], round_to: int,
 
 def recover(pruned: onnx.ModelProto, original: onnx.ModelProto, inputs: Inputs, plan: Plan, options: Options,
             stats: Statistics | None) -> int:
-    """Training-free recovery of the pruned model against the original on the calibration data; the layers changed."""
+    """Training-free recovery of the pruned model against the original on the calibration data; the layers changed.
+    Bias recovery from a --stats file alone (no --calib) keeps its change without comparing outputs on data."""
+    if options.recover == "bias" and inputs.calibration is None:
+        return recover_bias(pruned, inputs.analysis, plan, stats)
     if options.recover == "bias":
         return recover_bias(pruned, inputs.analysis, plan, stats, original, inputs.calibration.batches)
     if options.recover == "lsq":
@@ -217,8 +233,7 @@ def choose(inputs: Inputs, target: Target, options: Options, reference: dict | N
     reach = mac_model.reach(options.round_to)
     if target.kind == "macs" and not reach.can_meet(target.value):
         log.warning("target-macs %g cannot be met: %s", target.value, unreachable_reason(target.value, reach))
-    reads = statistics_needed(target, options)
-    stats = collect_statistics(inputs, reads, options.quiet) if reads else None
+    stats = run_statistics(inputs, statistics_needed(target, options), options)
     if target.kind == "plan":
         return Choice(_given_plan(target, inputs.analysis), stats, reach=reach)
     scores = score(inputs, options, stats)
@@ -273,7 +288,7 @@ def build_report(inputs: Inputs, target: Target, options: Options, choice: Choic
         weight_bytes_before=inputs.prepared.weight_bytes, weight_bytes_after=graph_mod.tensor_bytes(pruned),
         groups=rows, frozen_reasons=frozen_reasons(rows), barriers=analysis.barriers, plan=plan,
         recovery=options.recover, calibration_samples=_samples(inputs, stats) if used_data else 0,
-        plan_dict=plan_to_dict(plan, analysis), padding_mask=inputs.calibration.mask if used_data else None,
+        plan_dict=plan_to_dict(plan, analysis), padding_mask=_mask(inputs, stats) if used_data else None,
         target_latency=choice.latency, runtime_dims=graph_mod.runtime_dims(inputs.model),
         criterion_fallbacks=len(choice.scores.context.fallbacks) if choice.scores is not None else 0,
         mac_reach=choice.reach)
@@ -283,6 +298,11 @@ def build_report(inputs: Inputs, target: Target, options: Options, choice: Choic
 
 def _samples(inputs: Inputs, stats: Statistics | None) -> int:
     return stats.samples if stats is not None else inputs.calibration.samples
+
+
+def _mask(inputs: Inputs, stats: Statistics | None) -> str | None:
+    """The input whose zeros marked padding: the calibration data's, or the statistics file's without one."""
+    return inputs.calibration.mask if inputs.calibration is not None else stats.mask
 
 
 def _warn_fallbacks(criterion: str, context: ScoringContext, analysis: Analysis) -> None:

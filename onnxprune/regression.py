@@ -25,20 +25,23 @@ class ContributionGram:
         self.tensors = sorted({m.space[0] for _, m, _ in consumers})
         self.gram = np.zeros((group.size, group.size))
         self.positions = positions
-        self.rng = np.random.default_rng(group.id)
 
-    def update(self, outputs: dict[str, np.ndarray], real: np.ndarray | None = None) -> None:
+    def update(self, outputs: dict[str, np.ndarray], real: np.ndarray | None = None, first: int = 0) -> None:
+        """Add one batch whose first sample is sample `first` of the data. The positions are drawn from a generator
+        seeded by the group and `first`, so shards of the data that start at a batch boundary draw what one run over
+        the whole data draws, and their Gram matrices add up to its (see stats_file)."""
+        rng = np.random.default_rng([self.group.id, first])
         for layer, member, weight in self.consumers:
-            z = self._contributions(layer, member, weight, outputs[member.space[0]], real)
+            z = self._contributions(layer, member, weight, outputs[member.space[0]], real, rng)
             self.gram += z.T @ z
 
     def _contributions(self, layer: Layer, member: Member, weight: np.ndarray, x: np.ndarray,
-                       real: np.ndarray | None) -> np.ndarray:
+                       real: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
         """(samples, channels): each sampled (position, output) split into the group's channels' contributions."""
         idx = member.offset + np.arange(self.group.size * member.inner)
-        patches = layer.sample(x, self.rng, self.positions, real).patches[:, idx]  # (rows, ci, kernel...)
+        patches = layer.sample(x, rng, self.positions, real).patches[:, idx]  # (rows, ci, kernel...)
         kernels = layer.kernels(weight)[:, idx] * layer.alpha  # (O, ci, kernel...)
-        outputs = self.rng.integers(0, len(kernels), (len(patches), _OUTPUTS_PER_ROW))
+        outputs = rng.integers(0, len(kernels), (len(patches), _OUTPUTS_PER_ROW))
         taps = "klmnopq"[:patches.ndim - 2]  # kernel axes, none for a matrix layer
         z = np.einsum(f"rc{taps},rsc{taps}->rsc", patches, kernels[outputs]).reshape(-1, len(idx))
         return z.reshape(len(z), self.group.size, member.inner).sum(2).astype(np.float64)
