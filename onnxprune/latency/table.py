@@ -50,7 +50,7 @@ class LatencyModel:
     def __init__(self, model: onnx.ModelProto, analysis: Analysis, layer_timer: LayerTimer, round_to: int = 1,
                  feed: dict[str, np.ndarray] | None = None, shapes: dict | None = None):
         self.analysis, self.round_to, self.layer_timer = analysis, round_to, layer_timer
-        self.layers = [layer for node in model.graph.node
+        self.layers = [layer for node in analysis.index.nodes  # layers inside If branches, Loop and Scan bodies too
                        if (layer := _layer(node, analysis, shapes or analysis.index.shapes))]
         self.by_group: dict[int, list[TableLayer]] = defaultdict(list)
         for layer in self.layers:
