@@ -64,6 +64,15 @@ def _load_skeleton_module():
     return mod
 
 
+def _load_frameworks_module():
+    """tools/export_frameworks.py, which writes the README's section about the other frameworks' exports."""
+    path = REPO / "tools" / "export_frameworks.py"
+    spec = importlib.util.spec_from_file_location("_export_frameworks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # name -> (input H/W, kind); kind: "cls" classification, "seg" segmentation
 MODELS = {
     "resnet18": (224, "cls"),
@@ -414,8 +423,10 @@ def write_readme(out_dir: Path) -> None:
 
     sk = _load_skeleton_module()
     rows, total = [], 0
+    frameworks = _load_frameworks_module()
+    others = set(frameworks.framework_files(out_dir))
     for path in sorted(out_dir.glob("*.onnx")):
-        if path.name.startswith(".tmp."):
+        if path.name.startswith(".tmp.") or path in others:
             continue
         m = onnx.load(str(path))
         size = path.stat().st_size
@@ -465,7 +476,8 @@ def write_readme(out_dir: Path) -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
-    lines += ["", f"{len(rows)} files, {total / 1024 / 1024:.2f} MiB in total.", ""]
+    lines += ["", f"{len(rows)} files, {total / 1024 / 1024:.2f} MiB in total."]
+    lines += frameworks.readme_section(out_dir) + [""]
     (out_dir / "README.md").write_text("\n".join(lines))
 
 
