@@ -125,6 +125,17 @@ def test_pads_computed_from_static_sizes_beside_a_run_time_batch_are_known():
     assert channel_group(model, x).prunable
 
 
+def test_resize_to_sizes_read_beside_a_run_time_batch_follows_the_channels():
+    """F.interpolate(x, size=(16, 16)) exported as Resize(x, sizes=Concat(x.shape[:2], [16, 16]))."""
+    b = GraphBuilder(opset=13)
+    x = stem(b)
+    head = b.op("Slice", [b.op("Shape", [x]), b.const(i64(0)), b.const(i64(2))])
+    up = b.op("Resize", [x, "", "", b.op("Concat", [head, b.const(i64(16, 16))], axis=0)], mode="nearest")
+    model = b.model(b.conv(up, C, 4))
+    pruned, _, _ = prune_exact(model)
+    assert "Shape" in node_types(pruned)
+
+
 # ------------------------------------------------------------------------------------------------------ Expand
 
 def test_expand_of_pooled_channels_to_the_feature_shape_prunes_exactly():

@@ -391,18 +391,19 @@ def _reads(index, name: str, axis_space: tuple[str, int]) -> bool:
 
 
 def _target_follows(n: NodeView, consumer: onnx.NodeProto, name: str, axis_space: tuple[str, int]) -> bool:
-    """`name` is the target of a Reshape or Expand that takes it (the node's rule holds), and each entry reading
-    the axis is rewritten by the fixup or follows the axis."""
-    if consumer.op_type not in _TARGET_RULES or consumer.domain not in ("", "ai.onnx") or \
-            list(consumer.input).index(name) != 1 or list(consumer.input).count(name) != 1:
+    """`name` is the target of a Reshape or Expand or the sizes of a Resize (the node's rule holds), and each entry
+    reading the axis is rewritten by the fixup or follows the axis."""
+    position, handled_by = _TARGET_RULES.get(consumer.op_type, (-1, None))
+    inputs = list(consumer.input)
+    if handled_by is None or consumer.domain not in ("", "ai.onnx") or inputs.count(name) != 1 or \
+            inputs.index(name) != position:
         return False
-    view = NodeView(consumer, n.index, n.opset)
+    sizes = size_entries(n.index, name)
     try:
-        handled = _TARGET_RULES[consumer.op_type](view)
-        entries = _target_entries(view)
+        handled = handled_by(NodeView(consumer, n.index, n.opset))
     except Barrier:
         return False
-    return all(k in handled for k, e in enumerate(entries or ()) if e.size is None or axis_space in e.size.axes)
+    return sizes is not None and all(k in handled for k, s in enumerate(sizes) if s is None or axis_space in s.axes)
 
 
 def _reshape_handled(view: NodeView) -> set[int]:
@@ -599,11 +600,34 @@ def _pad_at_zero(n: NodeView) -> str | None:
 @rule("Resize")
 def resize(n: NodeView) -> Rule:
     src, dst = n.in_shape(0), n.out_shape(0)
-    if n.has_input(3) and n.const(3) is None or n.has_input(2) and n.const(2) is None:
-        raise Barrier("scales/sizes computed at run time")
+    if n.has_input(2) and n.const(2) is None:
+        raise Barrier("scales computed at run time")
+    if n.has_input(3) and n.const(3) is None:  # F.interpolate(x, size=...) beside a run-time batch
+        return Rule(*[couple(In(0, a), Out(0, a)) for a in sorted(_resize_following(n))])
     unchanged = [a for a in range(len(src)) if src[a] == dst[a] and is_static(src[a])]
     relations = [couple(In(0, a), Out(0, a)) for a in unchanged]
     return Rule(*relations, fixup=_fix_resize_sizes if n.has_input(3) and n.const(3).size else None)
+
+
+def _resize_following(n: NodeView) -> set[int]:
+    """Axes whose run-time size entry is the size of the input's own axis (read with Shape): unchanged by the
+    resize, they follow pruning at run time. The other entries stay as they are, and so do their axes."""
+    sizes = size_entries(n.index, n.node.input[3])
+    if sizes is None:
+        raise Barrier("sizes computed at run time")
+    axes = [int(a) % len(n.in_shape(0)) for a in n.attr("axes") or range(len(sizes))]
+    return {a for a, size in zip(axes, sizes) if size == _Size(1, ((n.node.input[0], a),))}
+
+
+def _resize_handled(view: NodeView) -> set[int]:
+    """Sizes entries the Resize rule keeps in play: all when they are known (the fixup writes them), else those
+    that follow the input's own axis."""
+    sizes = size_entries(view.index, view.node.input[3]) or []
+    if view.const(3) is not None:
+        return set(range(len(sizes)))
+    axes = [int(a) % len(view.in_shape(0)) for a in view.attr("axes") or range(len(sizes))]
+    following = _resize_following(view)
+    return {k for k, a in enumerate(axes) if a in following}
 
 
 def _fix_resize_sizes(n: NodeView, ctx: FixContext) -> None:
@@ -685,4 +709,5 @@ def softmax(n: NodeView) -> Rule:
     return Rule(*[couple(In(0, a), Out(0, a), at_zero=at_zero) for a in range(rank) if a not in normalised])
 
 
-_TARGET_RULES = {"Reshape": _reshape_handled, "Expand": _expand_handled}
+# The ops whose input (at this position) may hold sizes read with Shape, and which of its entries their rule handles.
+_TARGET_RULES = {"Reshape": (1, _reshape_handled), "Expand": (1, _expand_handled), "Resize": (3, _resize_handled)}
