@@ -41,6 +41,11 @@ class CalibrationRequest:
     def reads(self) -> frozenset[str]:
         return statistics_needed(Target.ratio(0.0), Options(criterion=self.criterion, recover=self.recover))
 
+    @property
+    def options(self) -> dict:
+        """The options that change what is collected, as the file records them."""
+        return {"recover": self.recover, "exclude": list(self.exclude), "batch_size": self.source.batch_size}
+
 
 def calibrate(request: CalibrationRequest, workers: int = 0, scheduler: str | None = None,
               shard: tuple[int, int] | None = None, quiet: bool = True, processes: bool = True) -> StatsFile:
@@ -67,7 +72,7 @@ def calibrate_range(request: CalibrationRequest, start: int | None, stop: int | 
     source = request.source if start is None else replace(request.source, start=start, size=stop - start)
     inputs = Inputs(prepared, Calibration(source, prepared.model, replayable=False), None, {})
     stats = collect_statistics(inputs, request.reads, quiet, threads)
-    return StatsFile.of(stats, model_fingerprint(prepared.model), request.criterion, request.reads)
+    return StatsFile.of(stats, model_fingerprint(prepared.model), request.criterion, request.reads, request.options)
 
 
 def shard_ranges(total: int, step: int, shards: int) -> list[tuple[int, int]]:

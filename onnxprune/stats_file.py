@@ -4,8 +4,9 @@ Every statistic is a float64 sum over samples (per-channel counts, zeros, sums, 
 regression criterion's Gram matrices), so statistics of disjoint shards of the data add up to those of the whole
 data, in any order. A file (.npz, no pickled objects) holds:
 
-    meta            JSON: format, version, the model's fingerprint, the criterion and statistics kinds it was
-                    collected for, samples, batches, the padding mask input, and the key of every array below
+    meta            JSON: format, version, the model's fingerprint, the criterion, statistics kinds and options
+                    (--recover, --exclude, --batch-size) it was collected with, samples, batches, the padding mask
+                    input, and the key of every array below
     c<i>.<sum>      the sums of probed (tensor, axis) number i: count, zeros, total, abs_total, squares
     g<group id>     the Gram matrix of one channel group
 
@@ -47,12 +48,14 @@ class StatsFile:
     mask: str | None = None
     channels: dict[Space, ChannelStats] = field(default_factory=dict)
     grams: dict[int, np.ndarray] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # what else changes them: recover, exclude, batch_size
 
     @classmethod
-    def of(cls, stats: Statistics, fingerprint: str, criterion: str, reads: frozenset[str]) -> "StatsFile":
+    def of(cls, stats: Statistics, fingerprint: str, criterion: str, reads: frozenset[str],
+           options: dict) -> "StatsFile":
         grams = {int(gid): np.asarray(acc.gram, np.float64) for gid, acc in stats.extra.items()}
         return cls(fingerprint, criterion, tuple(sorted(reads)), stats.samples, stats.batches, stats.mask,
-                   dict(stats.channels), grams)
+                   dict(stats.channels), grams, options)
 
     def summary(self) -> str:
         return (f"{self.samples} samples, {len(self.channels)} probed tensors, {len(self.grams)} Gram matrices "
@@ -104,7 +107,8 @@ def _meta(stats: StatsFile) -> dict:
     channels = [[tensor, axis, cs.count, -1 if cs.zeros is None else len(cs.zeros)]
                 for (tensor, axis), cs in stats.channels.items()]
     return {"format": FORMAT, "version": VERSION, "fingerprint": stats.fingerprint, "criterion": stats.criterion,
-            "reads": list(stats.reads), "samples": stats.samples, "batches": stats.batches, "mask": stats.mask,
+            "reads": list(stats.reads), "options": stats.options, "samples": stats.samples,
+            "batches": stats.batches, "mask": stats.mask,
             "channels": channels, "grams": [[gid, len(gram)] for gid, gram in stats.grams.items()]}
 
 
@@ -140,7 +144,7 @@ def _parsed(arrays: dict[str, np.ndarray]) -> StatsFile:
                 for i, (t, a, count, size) in enumerate(meta["channels"])}
     grams = {int(gid): _array(arrays, f"g{gid}", (int(size), int(size))) for gid, size in meta["grams"]}
     return StatsFile(str(meta["fingerprint"]), str(meta["criterion"]), tuple(meta["reads"]), int(meta["samples"]),
-                     int(meta["batches"]), meta["mask"], channels, grams)
+                     int(meta["batches"]), meta["mask"], channels, grams, dict(meta["options"]))
 
 
 def _channel_stats(arrays: dict[str, np.ndarray], index: int, count: int, size: int) -> ChannelStats:
@@ -191,6 +195,10 @@ def _shapes(stats: StatsFile) -> tuple[dict, dict]:
     return channels, {gid: gram.shape for gid, gram in stats.grams.items()}
 
 
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in options.items()) or "no options"
+
+
 def _added(a: ChannelStats, b: ChannelStats) -> ChannelStats:
     if a.zeros is None or b.zeros is None:
         return a if b.zeros is None else b
@@ -212,8 +220,8 @@ def fill_statistics(path: str | os.PathLike, model: onnx.ModelProto, spaces: set
                 if gid not in stored.grams or stored.grams[gid].shape != acc.gram.shape]
     if missing:
         raise OnnxPruneError(f"statistics file {path} has none for {missing[0]} (collected for criterion "
-                             f"{stored.criterion}: {', '.join(stored.reads)}); calibrate for this criterion, "
-                             "--recover and --exclude")
+                             f"{stored.criterion}: {', '.join(stored.reads)}, with {_options_text(stored.options)}); "
+                             "calibrate for this criterion, --recover and --exclude")
     for gid, accumulator in grams.items():
         accumulator.gram = stored.grams[gid]
     return Statistics({space: stored.channels[space] for space in spaces}, grams, stored.samples, stored.batches,

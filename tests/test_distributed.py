@@ -7,6 +7,7 @@ from builders import conv_bn_relu_chain
 
 from onnxprune.calibrate import CalibrationSource
 from onnxprune.distributed import CalibrationRequest, calibrate
+from onnxprune.errors import OnnxPruneError
 
 pytest.importorskip("distributed")
 
@@ -29,3 +30,13 @@ def test_two_local_workers_equal_one_process(tmp_path, criterion):
         np.testing.assert_array_equal(sharded.channels[space].zeros, stats.zeros)
     for gid, gram in single.grams.items():
         np.testing.assert_allclose(sharded.grams[gid], gram, rtol=1e-12, atol=1e-12 * np.abs(gram).max())
+
+
+def test_an_error_on_a_worker_is_the_one_line_error_of_one_process(tmp_path):
+    onnx.save(conv_bn_relu_chain(), tmp_path / "m.onnx")
+    data = np.random.default_rng(0).standard_normal((36, 3, 8, 8)).astype(np.float32)
+    data[30, 1] = np.inf
+    np.savez(tmp_path / "d.npz", x=data)
+    request = CalibrationRequest(tmp_path / "m.onnx", CalibrationSource(tmp_path / "d.npz", batch_size=8), "apoz")
+    with pytest.raises(OnnxPruneError, match="input 'x' has Inf at sample 30"):
+        calibrate(request, workers=2, processes=False)

@@ -222,3 +222,15 @@ def test_calibrate_and_merge_usage_errors(tmp_path, monkeypatch):
     result = invoke("calibrate", model, "--calib", data, "--criterion", "apoz", "--workers", 2, "-o", tmp_path / "c.npz")
     one_line_error(result, 2, "pip install 'onnxprune[distributed]'")
     assert "c.npz" not in files(tmp_path)
+
+
+def test_a_shard_names_bad_samples_by_their_place_in_the_whole_data(tmp_path):
+    model, _ = saved(tmp_path, "conv")
+    data = conv_data()
+    data["x"][30, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **data)
+    calibrate(model, tmp_path / "nan.npz", tmp_path / "first.npz", "--criterion", "apoz", "--shard", "1/2")
+    result = invoke("calibrate", model, "--calib", tmp_path / "nan.npz", "--criterion", "apoz", "--batch-size", 8,
+                    "--shard", "2/2", "-o", tmp_path / "second.npz")
+    one_line_error(result, 1, "input 'x' has NaN at sample 30")
+    assert "second.npz" not in files(tmp_path)
