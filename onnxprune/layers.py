@@ -462,49 +462,150 @@ def _is_bias_of(layer_node: onnx.NodeProto, reader: onnx.NodeProto, name: str, i
 # ------------------------------------------------------------------------------------------------ stored values
 
 def stored_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The value a node of `model` computes with when it reads `name`: an initializer as stored, the output of a
-    DequantizeLinear of initializers (a QDQ weight or bias) dequantized (float32); None for anything else."""
-    inits = {i.name: i for i in model.graph.initializer}
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    found = _model_dequantizer(model, name, inits)
-    if found is None:
-        return None
-    arrays = [numpy_helper.to_array(inits[i]) if i else None for i in found.input]
-    return _dequantize(found, *arrays).astype(np.float32)
+    """The value a node of `model` computes with when it reads `name` (see StoredTensors.stored_value)."""
+    return StoredTensors(model).stored_value(name)
 
 
 def as_stored(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.ndarray:
-    """`value` as store_value would leave it: in the initializer's type, or re-quantized with the DequantizeLinear's
-    scale and zero point (rounded half to even, clipped to the integer type's range) and dequantized again."""
-    inits = {i.name: i for i in model.graph.initializer}
-    found = _model_dequantizer(model, name, inits)
-    if found is None:
-        return value.astype(numpy_helper.to_array(inits[name]).dtype) if name in inits else value
-    arrays = [numpy_helper.to_array(inits[i]) if i else None for i in found.input]
-    return _dequantize(found, _quantize(found, value, *arrays), *arrays[1:]).astype(np.float32)
+    """`value` as store_value would leave it (see StoredTensors.as_stored)."""
+    return StoredTensors(model).as_stored(name, value)
 
 
 def store_value(model: onnx.ModelProto, name: str, value: np.ndarray) -> bool:
-    """Write `value` where stored_value reads it (see as_stored); False, and nothing written, where the integer data
-    is shared with other nodes or `name` is neither."""
-    inits = {i.name: i for i in model.graph.initializer}
-    found = _model_dequantizer(model, name, inits)
-    target = found.input[0] if found is not None else name
-    if target not in inits or (found is not None and sum(list(n.input).count(target) for n in model.graph.node) > 1):
-        return False
-    arrays = [numpy_helper.to_array(inits[i]) if i else None for i in found.input] if found is not None else []
-    stored = _quantize(found, value, *arrays) if found is not None else as_stored(model, name, value)
-    inits[target].CopyFrom(numpy_helper.from_array(stored, target))
-    return True
+    """Write `value` where stored_value reads it (see StoredTensors.store_value)."""
+    return StoredTensors(model).store_value(name, value)
 
 
-def _model_dequantizer(model: onnx.ModelProto, name: str, inits: dict) -> onnx.NodeProto | None:
-    """The DequantizeLinear of `model` that makes `name` from initializers only (see dequantizer)."""
-    node = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and name in n.output), None)
-    if node is None or node_attr(node, "block_size", 0) or not all(i in inits for i in node.input if i):
-        return None
-    return node
+class StoredTensors:
+    """Reads and writes of the values a model's layers compute with (weights and biases, float or QDQ), for a model
+    changed one layer after another: the lookups (initializers and nodes by name, DequantizeLinear nodes by output,
+    how many node inputs read each name) are built once and kept up to date by the writes made here, so re-fitting
+    N layers costs O(N), not O(N^2). A model changed elsewhere needs a new instance."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.nodes = {n.name: n for n in model.graph.node}
+        self.dequantizers = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output}
+        self.readers: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers[name] = self.readers.get(name, 0) + 1
+
+    def stored_value(self, name: str) -> np.ndarray | None:
+        """The value a node computes with when it reads `name`: an initializer as stored, the output of a
+        DequantizeLinear of initializers (a QDQ weight or bias) dequantized (float32); None for anything else."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        found = self._dequantizer(name)
+        return None if found is None else _dequantize(found, *self._arrays(found)).astype(np.float32)
+
+    def as_stored(self, name: str, value: np.ndarray) -> np.ndarray:
+        """`value` as store_value would leave it: in the initializer's type, or re-quantized with the
+        DequantizeLinear's scale and zero point (rounded half to even, clipped to the integer type's range) and
+        dequantized again."""
+        found = self._dequantizer(name)
+        if found is None:
+            return value.astype(numpy_helper.to_array(self.inits[name]).dtype) if name in self.inits else value
+        arrays = self._arrays(found)
+        return _dequantize(found, _quantize(found, value, *arrays), *arrays[1:]).astype(np.float32)
+
+    def store_value(self, name: str, value: np.ndarray) -> bool:
+        """Write `value` where stored_value reads it (see as_stored); False, and nothing written, where the integer
+        data is shared with other nodes or `name` is neither."""
+        found = self._dequantizer(name)
+        target = found.input[0] if found is not None else name
+        if target not in self.inits or (found is not None and self.readers.get(target, 0) > 1):
+            return False
+        stored = _quantize(found, value, *self._arrays(found)) if found is not None else self.as_stored(name, value)
+        self.inits[target].CopyFrom(numpy_helper.from_array(stored, target))
+        return True
+
+    def _dequantizer(self, name: str) -> onnx.NodeProto | None:
+        """The DequantizeLinear that makes `name` from initializers only (see dequantizer)."""
+        node = self.dequantizers.get(name)
+        if node is None or node_attr(node, "block_size", 0) or not all(i in self.inits for i in node.input if i):
+            return None
+        return node
+
+    def _arrays(self, node: onnx.NodeProto) -> list[np.ndarray | None]:
+        return [numpy_helper.to_array(self.inits[i]) if i else None for i in node.input]
+
+    def weight_dtype(self, layer: Layer) -> np.dtype:
+        """The numpy dtype of the layer's weight: what a bias created for it is stored as."""
+        init = self.inits.get(layer.weight)
+        return np.dtype(np.float32) if init is None else np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+
+    def current_bias(self, layer: Layer, outputs: int) -> np.ndarray | None:
+        """The bias the layer's `outputs` outputs get now (scale applied, float64); zeros where the layer could
+        take one but has none; None where there is no place for one (a MatMul without an Add after it, a bias
+        computed at run time or not per output)."""
+        site = layer.bias
+        if site is None:
+            return None
+        _, name = self._bias_input(site)
+        stored = self.stored_value(name) if name else None
+        if stored is not None:
+            bias = stored.astype(np.float64).reshape(-1) * site.scale
+            return bias if bias.shape == (outputs,) else None
+        return np.zeros(outputs) if site.create and not name else None
+
+    def add_to_bias(self, layer: Layer, delta: np.ndarray) -> int:
+        """Add `delta` to what the layer's outputs get as bias: 1 when done, 0 where there is no place for it. A
+        bias shared with other nodes is copied first; a Conv or Gemm without one gets one."""
+        site = layer.bias
+        if site is None:
+            return 0
+        node, name = self._bias_input(site)
+        if name:
+            if name not in self.inits and self.stored_value(name) is not None:  # a QDQ bias: re-quantized in place
+                return self._update_quantized_bias(name, delta / site.scale)
+            return self._update_bias(node, site.input, self.inits.get(name), delta / site.scale)
+        if not site.create or layer.quantized:  # a float bias beside integer weights would cost the int8 kernel
+            return 0
+        bias = numpy_helper.from_array((delta / site.scale).astype(self.weight_dtype(layer)),
+                                       f"{node.name}_recovered_bias")
+        while len(node.input) <= site.input:
+            node.input.append("")
+        self._read_instead(node, site.input, bias)
+        return 1
+
+    def _update_bias(self, node: onnx.NodeProto, position: int, init: onnx.TensorProto | None,
+                     delta: np.ndarray) -> int:
+        if init is None:
+            return 0  # a bias computed at run time
+        bias = numpy_helper.to_array(init)
+        if bias.shape[-1:] != delta.shape:
+            return 0
+        shared = self.readers.get(init.name, 0) != 1
+        new_name = f"{init.name}_recovered_{node.name}" if shared else init.name
+        updated = numpy_helper.from_array((widened(bias) + delta).astype(bias.dtype), new_name)
+        if shared:
+            self._read_instead(node, position, updated)
+        else:
+            init.CopyFrom(updated)
+        return 1
+
+    def _read_instead(self, node: onnx.NodeProto, position: int, tensor: onnx.TensorProto) -> None:
+        """Add `tensor` as an initializer and make the node's input `position` read it."""
+        self.model.graph.initializer.append(tensor)
+        self.inits[tensor.name] = self.model.graph.initializer[-1]
+        old = node.input[position]
+        if old:
+            self.readers[old] -= 1
+        node.input[position] = tensor.name
+        self.readers[tensor.name] = self.readers.get(tensor.name, 0) + 1
+
+    def _update_quantized_bias(self, name: str, delta: np.ndarray) -> int:
+        bias = self.stored_value(name)
+        if bias.shape[-1:] != delta.shape:
+            return 0
+        return int(self.store_value(name, bias + delta))
+
+    def _bias_input(self, site: BiasSite) -> tuple[onnx.NodeProto, str]:
+        """The node holding the bias, and the bias tensor's name ("" where the input is left out)."""
+        node = self.nodes[site.node]
+        return node, node.input[site.input] if site.input < len(node.input) else ""
 
 
 def _dequantize(node: onnx.NodeProto, data: np.ndarray, scale: np.ndarray,
@@ -533,83 +634,16 @@ def widened(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == np.float16 or array.dtype.name == "bfloat16" else array
 
 
-def weight_dtype(model: onnx.ModelProto, layer: Layer) -> np.dtype:
-    """The numpy dtype of the layer's weight in `model`: what a bias created for it is stored as."""
-    init = next((i for i in model.graph.initializer if i.name == layer.weight), None)
-    if init is None:
-        return np.dtype(np.float32)
-    return np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-
-
 # ------------------------------------------------------------------------------------------------ bias
 
 def current_bias(model: onnx.ModelProto, layer: Layer, outputs: int) -> np.ndarray | None:
-    """The bias the layer's `outputs` outputs get now in `model` (scale applied, float64); zeros where the layer
-    could take one but has none; None where there is no place for one (a MatMul without an Add after it, a bias
-    computed at run time or not per output)."""
-    site = layer.bias
-    if site is None:
-        return None
-    node, name = _bias_input(model, site)
-    stored = stored_value(model, name) if name else None
-    if stored is not None:
-        bias = stored.astype(np.float64).reshape(-1) * site.scale
-        return bias if bias.shape == (outputs,) else None
-    return np.zeros(outputs) if site.create and not name else None
+    """The bias the layer's `outputs` outputs get now in `model` (see StoredTensors.current_bias)."""
+    return StoredTensors(model).current_bias(layer, outputs)
 
 
 def add_to_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
-    """Add `delta` to what the layer's outputs get as bias in `model`: 1 when done, 0 where there is no place for it.
-    A bias shared with other nodes is copied first; a Conv or Gemm without one gets one."""
-    site = layer.bias
-    if site is None:
-        return 0
-    node, name = _bias_input(model, site)
-    if name:
-        inits = {i.name: i for i in model.graph.initializer}
-        if name not in inits and stored_value(model, name) is not None:  # a QDQ bias: re-quantized in place
-            return _update_quantized_bias(model, name, delta / site.scale)
-        return _update_bias(model, node, site.input, inits.get(name), delta / site.scale)
-    if not site.create or layer.quantized:  # a float bias beside integer weights would cost the int8 kernel
-        return 0
-    bias = numpy_helper.from_array((delta / site.scale).astype(weight_dtype(model, layer)),
-                                   f"{node.name}_recovered_bias")
-    model.graph.initializer.append(bias)
-    while len(node.input) <= site.input:
-        node.input.append("")
-    node.input[site.input] = bias.name
-    return 1
-
-
-def _update_bias(model: onnx.ModelProto, node: onnx.NodeProto, position: int, init: onnx.TensorProto | None,
-                 delta: np.ndarray) -> int:
-    if init is None:
-        return 0  # a bias computed at run time
-    bias = numpy_helper.to_array(init)
-    if bias.shape[-1:] != delta.shape:
-        return 0
-    users = sum(list(n.input).count(init.name) for n in model.graph.node)
-    new_name = init.name if users == 1 else f"{init.name}_recovered_{node.name}"
-    updated = numpy_helper.from_array((widened(bias) + delta).astype(bias.dtype), new_name)
-    if users == 1:
-        init.CopyFrom(updated)
-    else:
-        model.graph.initializer.append(updated)
-        node.input[position] = updated.name
-    return 1
-
-
-def _update_quantized_bias(model: onnx.ModelProto, name: str, delta: np.ndarray) -> int:
-    bias = stored_value(model, name)
-    if bias.shape[-1:] != delta.shape:
-        return 0
-    return int(store_value(model, name, bias + delta))
-
-
-def _bias_input(model: onnx.ModelProto, site: BiasSite) -> tuple[onnx.NodeProto, str]:
-    """The node holding the bias in `model`, and the bias tensor's name ("" where the input is left out)."""
-    node = next(n for n in model.graph.node if n.name == site.node)
-    return node, node.input[site.input] if site.input < len(node.input) else ""
+    """Add `delta` to what the layer's outputs get as bias in `model` (see StoredTensors.add_to_bias)."""
+    return StoredTensors(model).add_to_bias(layer, delta)
 
 
 # ------------------------------------------------------------------------------------------------ positions
