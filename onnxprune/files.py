@@ -6,10 +6,12 @@
                     when complete; on an error or SIGTERM / SIGHUP / SIGINT the temporary file is removed and the
                     target is the old file (or absent), never a partial one
     write_bytes / write_text    atomic_path for data already in memory
+    scratch_folder  a temporary folder for files only this run reads, removed on exit, on an error or on a signal
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -162,6 +164,29 @@ def _remove(tmp: Path) -> None:
         os.unlink(tmp)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------- scratch space
+
+@contextmanager
+def scratch_folder(prefix: str = "onnxprune-") -> Iterator[Path]:
+    """A new temporary folder for files that only this run reads (activations spilled to disk), removed with all it
+    holds when the body ends: normally, on an error, or on SIGTERM / SIGHUP / SIGINT, which are then passed on as
+    atomic_path passes them on. Signals are held while it is created, so none can leave it behind."""
+    with _signals_raise():
+        held = _hold_signals()
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=prefix))
+        except BaseException as err:
+            _release_signals(held)
+            if isinstance(err, OSError):
+                raise OnnxPruneError(f"cannot create a temporary folder: {err.strerror or err}") from None
+            raise
+        try:
+            _release_signals(held)
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- signals
