@@ -24,7 +24,7 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
                        ratios: tuple[float, ...] = CANDIDATE_RATIOS) -> dict[int, list[dict]]:
     """Per prunable group: for each candidate ratio, the channels kept, the MACs saved and the damage (relative
     squared error of all outputs against the original, on `feeds`)."""
-    reference = _require_finite(model, _outputs(model, feeds))
+    reference = _require_finite(model, model_outputs(model, feeds))
     full = mac_model.cost({})
     curves: dict[int, list[dict]] = {}
     for position, group in enumerate(analysis.prunable):
@@ -38,13 +38,13 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
             pruned = apply_plan(copy.deepcopy(model), analysis, plan_from_counts(analysis, scores, counts))
             points.append({"ratio": ratio, "kept": kept, "channels": group.size,
                            "macs_saved": float(full - mac_model.cost(counts)),
-                           "damage": _damage(reference, _outputs(pruned, feeds))})
+                           "damage": output_damage(reference, model_outputs(pruned, feeds))})
         curves[group.id] = points
         log.info("sensitivity: group %d (%d/%d)", group.id, position + 1, len(analysis.prunable))
     return curves
 
 
-def _outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def model_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Each output over all feeds, flattened: batches may differ in run-time sizes (a sequence length), and the
     damage sums over elements anyway."""
     sess = session(model, threads=0)
@@ -62,7 +62,8 @@ def _require_finite(model: onnx.ModelProto, outputs: list[np.ndarray]) -> list[n
     return outputs
 
 
-def _damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+def output_damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """The relative squared error of `outputs` against `reference`, averaged over the outputs."""
     with np.errstate(over="ignore", invalid="ignore"):
         return float(np.mean([np.sum((o - r) ** 2) / max(np.sum(r ** 2), 1e-30)
                               for r, o in zip(reference, outputs)]))
