@@ -12,6 +12,7 @@ from .groups import Analysis
 from .options import DEFAULT_ROUND_TO, Options, Target, validate
 from .pipeline import (Inputs, collect_statistics, counted_at, group_curves, mac_model_of, prepare, run_once, score,
                        statistics_needed)
+from .recipe import run_recipe
 from .report import PruneReport, target_text
 from .schedule import prune_iteratively
 from .sparsity.spec import parse_pattern
@@ -41,7 +42,9 @@ def prune(model_or_path: ModelSource, target: Target | float | None,
     options = options or Options()
     target = _target_of(target, options)
     validate(target, options)
-    if options.schedule == "iterative":
+    if options.recipe == "accurate":
+        pruned, report = run_recipe(model_or_path, target, options)
+    elif options.schedule == "iterative":
         pruned, report = prune_iteratively(model_or_path, target, options)
     else:
         pruned, report = run_once(model_or_path, target, options)

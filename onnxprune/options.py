@@ -17,6 +17,8 @@ from .sparsity.spec import SPARSE_ALLOCATIONS, SPARSE_CRITERIA, Request, parse_p
 
 DEFAULT_ROUND_TO = 16  # ORT's NCHWc convolution blocks (see BENCHMARKS.md, channel alignment)
 SCHEDULES = ("oneshot", "iterative")
+RECIPES = ("fast", "accurate")  # fast: the options as given; accurate: searched on held-out calibration data (recipe.py)
+DEFAULT_RECIPE_BUDGET = 180.0  # seconds the accurate recipe's search may take before the final prune
 TargetKind = Literal["ratio", "macs", "latency", "plan", "params"]
 
 
@@ -78,6 +80,8 @@ class Options:
     then: str | None = None
     then_criterion: str = "l1"
     stats: str | os.PathLike | None = None
+    recipe: str = "fast"
+    recipe_budget: float = DEFAULT_RECIPE_BUDGET
 
 
 def statistics_needed(target: Target, options: Options) -> frozenset[str]:
@@ -120,6 +124,8 @@ def validate(target: Target, options: Options) -> None:
         _validate_then(target, options)
     else:
         _validate_sparsity(target, options)
+    if options.recipe != "fast":
+        _validate_recipe(target, options)
     if options.latency_table is not None and target.kind != "latency":
         raise UsageError("--latency-table needs --target-latency")
     if target.kind == "plan" and options.schedule == "iterative":
@@ -153,6 +159,22 @@ def _data_runner(target: Target, options: Options) -> str | None:
     if target.kind != "plan" and options.allocation == "sensitivity":
         return "allocation sensitivity"
     return f"--then-criterion {sparse.criterion}" if sparse is not None and sparse.needs_data else None
+
+
+def _validate_recipe(target: Target, options: Options) -> None:
+    """--recipe accurate prunes channels one-shot to a ratio or MAC target, trying candidates on calibration data."""
+    if options.recipe not in RECIPES:
+        raise UsageError(f"unknown recipe '{options.recipe}' (choose from {', '.join(RECIPES)})")
+    if options.calib is None:
+        raise UsageError("--recipe accurate needs calibration data (--calib): it judges candidates on held-out samples")
+    if target.kind not in ("ratio", "macs"):
+        raise UsageError("--recipe accurate takes --ratio or --target-macs")
+    if parse_pattern(options.granularity) is not None or options.then is not None:
+        raise UsageError("--recipe accurate prunes channels: no --granularity unstructured or N:M, no --then")
+    if options.schedule != "oneshot" or options.stats is not None:
+        raise UsageError("--recipe accurate runs one-shot on --calib: no --schedule iterative, no --stats")
+    if options.recipe_budget <= 0:
+        raise UsageError(f"recipe-budget must be positive, got {options.recipe_budget}")
 
 
 def _validate_target(target: Target, allocation: str) -> None:

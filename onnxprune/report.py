@@ -40,6 +40,7 @@ class PruneReport:
     target: dict | None = None  # target_outcome: asked and reached, met or not and why
     sparsity: dict | None = None  # sparsity.step.sparsity_step: zeros per layer, non-zeros before and after
     sparse_storage: dict | None = None  # sparsity.packed.PackReport.to_dict(), with --sparse-storage packed
+    recipe: dict | None = None  # recipe.run_recipe, with --recipe accurate: candidates tried, chosen, why
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -92,6 +93,8 @@ class PruneReport:
             lines.append(f"calibration {self.calibration_samples} samples; criterion {self.criterion}, "
                          f"recovery {self.recovery} ({self.recovered_layers} layers adjusted)" +
                          (f"; positions where '{self.padding_mask}' is 0 left out" if self.padding_mask else ""))
+        if self.recipe:
+            lines.append(recipe_line(self.recipe))
         if self.target_latency:
             t = self.target_latency
             lines.append(f"latency     {t['measured_kept']:.1%} of the original measured here, for a target of "
@@ -105,6 +108,13 @@ class PruneReport:
             lines += [f"  barrier: {reason} ({count} node(s))" for reason, count in barrier_counts(self.barriers)[:8]]
         lines += self.sparse_storage["summary"] if self.sparse_storage else []
         return lines + (sparsity_lines(self.sparsity) if self.sparsity else [])
+
+
+def recipe_line(recipe: dict) -> str:
+    """'recipe      accurate: regression/uniform/lsq of 7 tried in 12 s (lowest relative output error ...)'."""
+    chosen, tried = recipe["chosen"], recipe["candidates"]
+    return (f"recipe      {recipe['name']}: {chosen['criterion']}/{chosen['allocation']}/{chosen['recover']} of "
+            f"{len(tried)} tried in {sum(t['seconds'] for t in tried):.0f} s ({recipe['why']})")
 
 
 def _change(before: int, after: int) -> str:

@@ -1,0 +1,224 @@
+"""`--recipe accurate`: the tool chooses criterion, allocation and recovery from measurements on calibration data.
+
+One sample in HOLDOUT of the calibration data is held out to judge. The statistics every candidate reads are
+collected once on the rest; each candidate (criterion, allocation, recovery) is then scored, allocated to the
+target, applied and recovered on that part, and judged by the relative squared error of the model's outputs against
+the original's on the held-out samples (the damage the sensitivity curves measure). Candidates run in the order of
+STRONG until the next one would take the search past its time budget; the one with the lowest error is then redone
+with all samples, as a plain prune with those options.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import onnx
+
+from .allocate import TARGET_TOLERANCE
+from .calibrate import Calibration, CalibrationSource, Statistics
+from .criteria import consumers
+from .errors import UsageError
+from .groups import Analysis
+from .layers import refittable
+from .options import Options, Target, statistics_needed
+from .pipeline import Inputs, allocate, collect_statistics, mac_model_of, open_inputs, recover, run_once, score
+from .report import PruneReport
+from .sensitivity import model_outputs, output_damage
+from .surgery import apply_plan
+from .verify import count_macs, sample_shapes
+
+HOLDOUT = 4  # one calibration sample in HOLDOUT judges the candidates, the others fit them
+SEARCHED = ("criterion", "allocation", "recover")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One combination the accurate recipe tries."""
+
+    criterion: str
+    allocation: str
+    recover: str
+
+    def options(self, base: Options) -> Options:
+        return replace(base, criterion=self.criterion, allocation=self.allocation, recover=self.recover,
+                       recipe="fast")
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "allocation": self.allocation, "recover": self.recover}
+
+    def __str__(self) -> str:
+        return f"{self.criterion}/{self.allocation}/{self.recover}"
+
+
+# Strongest first (BENCHMARKS.md, issues 4 and 5): regression + lsq won on CNNs, sensitivity allocation + lsq on
+# MiniLM; then other criteria and allocations, bias recovery, and today's defaults last.
+STRONG = (Candidate("regression", "uniform", "lsq"), Candidate("regression", "sensitivity", "lsq"),
+          Candidate("activation", "sensitivity", "lsq"), Candidate("l1", "uniform", "lsq"),
+          Candidate("regression", "global", "lsq"), Candidate("activation", "uniform", "bias"),
+          Candidate("l1", "uniform", "none"))
+
+
+def fixed_choices(options: Options) -> dict[str, str]:
+    """The dimensions the user fixed: a criterion, allocation or recovery other than its default is kept in every
+    candidate; the others are searched."""
+    default = Options()
+    return {name: getattr(options, name) for name in SEARCHED if getattr(options, name) != getattr(default, name)}
+
+
+def candidate_list(options: Options, can_refit: bool) -> list[Candidate]:
+    """STRONG with the fixed dimensions put in, duplicates dropped. Where no layer can be re-fitted, regression (its
+    Gram matrices live on such layers) becomes activation and lsq becomes bias, unless fixed."""
+    fixed, found = fixed_choices(options), []
+    for candidate in STRONG:
+        if not can_refit:
+            candidate = _without_refit(candidate)
+        candidate = replace(candidate, **fixed)
+        if candidate not in found:
+            found.append(candidate)
+    return found
+
+
+def _without_refit(candidate: Candidate) -> Candidate:
+    criterion = "activation" if candidate.criterion == "regression" else candidate.criterion
+    return replace(candidate, criterion=criterion, recover="bias" if candidate.recover == "lsq" else candidate.recover)
+
+
+def can_refit(analysis: Analysis) -> bool:
+    """Whether some prunable group is read by a layer least squares can re-fit (regression and lsq work there)."""
+    index = analysis.index
+    return any(refittable(node, index, quantized=True) is not None
+               for group in analysis.prunable for node, _ in consumers(group, index))
+
+
+def holdout_split(source: CalibrationSource, total: int) -> tuple[CalibrationSource, CalibrationSource]:
+    """The samples that fit the candidates (the first ones) and those that judge them (the last 1/HOLDOUT)."""
+    if total < 2:
+        raise UsageError(f"--recipe accurate holds out calibration samples to judge candidates: it needs at least 2, "
+                         f"got {total}")
+    judged = max(1, total // HOLDOUT)
+    return (replace(source, size=total - judged),
+            replace(source, start=source.start + total - judged, size=judged))
+
+
+def stored_samples(calibration: Calibration) -> int:
+    """The samples of a file or folder; data from a Python reader is refused, as it cannot be split."""
+    if not isinstance(calibration.source.data, (str, os.PathLike)):
+        raise UsageError("--recipe accurate holds out part of the calibration data: pass a file or a folder, not a "
+                         "Python reader")
+    return calibration.stored_samples()
+
+
+@dataclass
+class Search:
+    """What every candidate reads: the inputs on the fit samples, their statistics, the held-out feeds and the
+    original's outputs on them."""
+
+    inputs: Inputs
+    held: list[dict]
+    held_samples: int
+    reference: list
+    stats: Statistics | None = None
+
+
+def open_search(model_or_path, target: Target, options: Options) -> Search:
+    """Prepare the model once, split the calibration data, and run the original on the held-out samples."""
+    opened = open_inputs(model_or_path, target, replace(options, recover="lsq"))  # replayable data
+    fit, held = holdout_split(options.calib, stored_samples(opened.calibration))
+    inputs = Inputs(opened.prepared, Calibration(fit, opened.model, replayable=True), opened.sample, opened.shapes)
+    feeds = list(Calibration(held, opened.model, replayable=True).batches())
+    return Search(inputs, feeds, held.size, model_outputs(opened.model, feeds))
+
+
+def collect_once(search: Search, target: Target, options: Options, candidates: list[Candidate]) -> None:
+    """The statistics any candidate reads, in one pass over the fit samples."""
+    reads = frozenset().union(*(statistics_needed(target, c.options(options)) for c in candidates))
+    search.stats = collect_statistics(search.inputs, reads, options.quiet) if reads else None
+
+
+def trial(search: Search, target: Target, options: Options) -> onnx.ModelProto:
+    """The candidate's pruned and recovered model, chosen and fitted on the fit samples."""
+    inputs = search.inputs
+    scores = score(inputs, options, search.stats)
+    plan, _ = allocate(inputs, target, options, scores.values, mac_model=mac_model_of(inputs))
+    pruned = apply_plan(copy.deepcopy(inputs.model), inputs.analysis, plan)
+    recover(pruned, inputs.model, inputs, plan, options, search.stats)
+    return pruned
+
+
+def try_candidates(search: Search, target: Target, options: Options, candidates: list[Candidate],
+                   started: float) -> list[dict]:
+    """Each candidate's held-out error and seconds, in order, until the next one would pass the budget (estimated
+    as the slowest tried so far); the first always runs."""
+    tried = []
+    for position, candidate in enumerate(candidates):
+        slowest = max((t["seconds"] for t in tried), default=0.0)
+        if tried and time.perf_counter() - started + slowest > options.recipe_budget:
+            break
+        begun = time.perf_counter()
+        pruned = trial(search, target, candidate.options(options))
+        error = output_damage(search.reference, model_outputs(pruned, search.held))
+        tried.append({**candidate.to_dict(), "error": error, "macs_kept": macs_kept(search, pruned),
+                      "seconds": round(time.perf_counter() - begun, 3)})
+        _progress(options, f"recipe accurate: {position + 1}/{len(candidates)} {candidate}: held-out error "
+                           f"{error:.4g} at {tried[-1]['macs_kept']:.1%} of the MACs ({tried[-1]['seconds']:.1f} s)")
+    return tried
+
+
+def macs_kept(search: Search, pruned: onnx.ModelProto) -> float:
+    """The fraction of the original's MACs the candidate keeps (1.0 where none are counted)."""
+    inputs = search.inputs
+    before = count_macs(inputs.model, inputs.shapes)
+    return count_macs(pruned, sample_shapes(pruned, inputs.sample)) / before if before else 1.0
+
+
+def _progress(options: Options, line: str) -> None:
+    if not options.quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
+def eligible(tried: list[dict], target: Target) -> list[dict]:
+    """The candidates that meet a MAC target (a plan that keeps more MACs would win by pruning less); all of them
+    where none does, or for a ratio target."""
+    if target.kind != "macs":
+        return tried
+    return [t for t in tried if t["macs_kept"] <= target.value + TARGET_TOLERANCE] or tried
+
+
+def best_of(tried: list[dict], target: Target) -> dict:
+    """The eligible candidate with the lowest held-out error; the earlier (stronger by prior results) on a tie."""
+    return min(eligible(tried, target), key=lambda t: t["error"])
+
+
+def why_chosen(tried: list[dict], target: Target, listed: int, budget: float, held: int) -> str:
+    """The report's one sentence on the choice."""
+    best = best_of(tried, target)
+    others = sorted((t for t in eligible(tried, target) if t is not best), key=lambda t: t["error"])
+    text = f"lowest relative output error on {held} held-out calibration samples ({best['error']:.4g})"
+    if others:
+        text += f"; next best {Candidate(*[others[0][k] for k in SEARCHED])} ({others[0]['error']:.4g})"
+    if len(eligible(tried, target)) < len(tried):
+        text += f"; {len(tried) - len(eligible(tried, target))} left out for keeping more MACs than the target"
+    if len(tried) < listed:
+        text += f"; {listed - len(tried)} of {listed} candidates not tried within the {budget:g} s budget"
+    return text
+
+
+def run_recipe(model_or_path, target: Target, options: Options) -> tuple[onnx.ModelProto, PruneReport]:
+    """The accurate recipe: search the candidates on held-out calibration samples, then prune with the best one's
+    options on all samples. The report says what was tried, what was chosen and why (`report.recipe`)."""
+    started = time.perf_counter()
+    search = open_search(model_or_path, target, options)
+    candidates = candidate_list(options, can_refit(search.inputs.analysis))
+    collect_once(search, target, options, candidates)
+    tried = try_candidates(search, target, options, candidates, started)
+    chosen = Candidate(*[best_of(tried, target)[k] for k in SEARCHED])
+    _progress(options, f"recipe accurate: chose {chosen}; pruning with all calibration samples")
+    pruned, report = run_once(model_or_path, target, chosen.options(options))
+    report.recipe = {"name": "accurate", "budget_seconds": options.recipe_budget, "candidates": tried,
+                     "chosen": chosen.to_dict(), "held_out_samples": search.held_samples,
+                     "why": why_chosen(tried, target, len(candidates), options.recipe_budget, search.held_samples)}
+    report.seconds = time.perf_counter() - started
+    return pruned, report
