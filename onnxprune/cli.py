@@ -18,7 +18,7 @@ from . import api
 from .allocate import ALLOCATIONS
 from .calibrate import CalibrationSource, Preprocess
 from .criteria import CRITERIA
-from .options import DEFAULT_ROUND_TO, SCHEDULES, Options, Target, validate
+from .options import DEFAULT_RECIPE_BUDGET, DEFAULT_ROUND_TO, RECIPES, SCHEDULES, Options, Target, validate
 from .plan_io import write_plan_dict
 from .recover import RECOVERY
 from .report import PruneReport, reach_line, target_text
@@ -164,6 +164,13 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--recover", type=click.Choice(RECOVERY), default="none", show_default=True,
               help="Training-free recovery on the calibration data: bias = fold the removed channels' mean "
                    "contribution into the next layer's bias; lsq = re-fit the next layers by least squares.")
+@click.option("--recipe", type=click.Choice(RECIPES), default="fast", show_default=True,
+              help="fast: the options as given; accurate (needs --calib): try criterion, allocation and recovery "
+                   "candidates on 3/4 of the samples and keep the one that reconstructs the outputs best on the "
+                   "rest; a --criterion, --allocation or --recover other than its default is kept fixed.")
+@click.option("--recipe-budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_RECIPE_BUDGET,
+              show_default=True, metavar="SECONDS",
+              help="With --recipe accurate: stop trying candidates when the next would pass this time.")
 @calibration_options
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Statistics written by `onnxprune calibrate` (or merge-stats) instead of a calibration pass: they "
@@ -176,14 +183,16 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
           latency_table: Path | None, allocation: str, schedule: str, steps: int, sparse_storage: str,
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, strict_target: bool, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
-          max_drop: float | None, latency: bool, threads: int, recover: str, calib: Path | None,
+          max_drop: float | None, latency: bool, threads: int, recover: str, recipe: str, recipe_budget: float,
+          calib: Path | None,
           preprocess: str | None, calib_size: int | None, batch_size: int, stats_path: Path | None, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
     target = _target(ratio, target_macs, target_latency, plan_in, target_params, _own_share(granularity))
     options = Options(criterion=criterion, round_to=round_to, exclude=exclude, seed=seed, allocation=allocation,
                       recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
                       quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess),
-                      granularity=granularity, then=then, then_criterion=then_criterion, stats=stats_path)
+                      granularity=granularity, then=then, then_criterion=then_criterion, stats=stats_path,
+                      recipe=recipe, recipe_budget=recipe_budget)
     validate(target, options)
     output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
                                              ("--plan-in", plan_in), ("--latency-table", latency_table), ("--stats", stats_path)],
