@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .allocate import Plan
-from .calibrate import with_outputs, mask_input, padding_of
+from .calibrate import Progress, mask_input, padding_of
 from .criteria import consumers
 from .errors import OnnxPruneError
 from .groups import Analysis
-from .layers import (Layer, add_to_bias, as_stored, constant_values, current_bias, real_positions, refittable,
-                     store_value, stored_value)
+from .layers import Layer, StoredTensors, constant_values, real_positions, refittable
+from .sweep import MEMORY_BUDGET, ForwardSweep, SpillStore, spill_store
 from .verify import session
 
 log = logging.getLogger("onnxprune")
@@ -35,10 +37,10 @@ def recover_bias(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, stats,
     the change is kept only if it brings the pruned model's outputs closer to the original's."""
     contributions = _mean_contributions(analysis, plan, stats)
     trial = copy.deepcopy(pruned) if original is not None else pruned
-    changed = 0
+    tensors, changed = StoredTensors(trial), 0
     for layer, delta in contributions.values():
         kept = _kept_outputs(layer, analysis, plan)
-        changed += _add_bias(trial, layer, delta if kept is None else delta[kept])
+        changed += _add_bias(tensors, layer, delta if kept is None else delta[kept])
     if changed and original is not None:
         before, after = (output_error(m, original, batches()) for m in (pruned, trial))
         if not (after < before):  # also refuses a NaN error
@@ -83,7 +85,7 @@ def _mean_contributions(analysis: Analysis, plan: Plan, stats) -> dict[str, tupl
     return found
 
 
-def _add_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
+def _add_bias(tensors: StoredTensors, layer: Layer, delta: np.ndarray) -> int:
     if layer.bias is None:
         log.warning("bias recovery skipped for %s '%s': no bias to adjust", layer.node.op_type, layer.node.name)
         return 0
@@ -91,7 +93,7 @@ def _add_bias(model: onnx.ModelProto, layer: Layer, delta: np.ndarray) -> int:
         log.warning("bias recovery skipped for %s '%s': the removed channels' mean contribution is not finite",
                     layer.node.op_type, layer.node.name)
         return 0
-    return add_to_bias(model, layer, delta)
+    return tensors.add_to_bias(layer, delta)
 
 
 def require_finite_weights(pruned: onnx.ModelProto, analysis: Analysis, plan: Plan, recovery: str) -> None:
@@ -134,40 +136,66 @@ def refit_layers(analysis: Analysis, plan: Plan) -> list[Layer]:
 
 
 def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, plan: Plan,
-                batches, ridge: float = 1e-5, positions: int = 64, quiet: bool = True) -> int:
+                batches, ridge: float = 1e-5, positions: int = 64, quiet: bool = True,
+                budget: int = MEMORY_BUDGET) -> int:
     """Re-fit, layer by layer in graph order, each layer that lost input channels so that its outputs on the
     calibration data match the original model's: ridge-regularised least squares on the pruned model's own inputs
-    to that layer, so errors made upstream are compensated too. `batches()` yields the calibration feeds afresh.
-    A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
-    mask = mask_input(original)
-    changed = 0
+    to that layer, so errors made upstream are compensated too. `batches()` yields the calibration feeds; both
+    models are run once, in one forward sweep (see LayerSweep), keeping up to `budget` bytes of activations in
+    memory. A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
+    changed, tensors = 0, StoredTensors(pruned)
     layers = refit_layers(analysis, plan)
-    for position, layer in enumerate(layers):
-        system = NormalEquations()
-        for features, target in layer_rows(pruned, original, layer, _kept_outputs(layer, analysis, plan), batches(),
-                                            np.random.default_rng(position), positions, mask):
-            system.add(features, target)
-        if not system.finite:
-            raise OnnxPruneError(f"least-squares statistics of '{layer.node.input[0]}' are not finite: the model's "
-                                 "activations overflow or are NaN on the calibration data")
-        changed += _apply_fit(pruned, layer, system, ridge)
-        if not quiet:
-            log.info("recovered %s (%d/%d)", layer.node.name, position + 1, len(layers))
+    with layer_sweep(pruned, original, layers, batches, "lsq", quiet, budget) as sweep:
+        for position, layer in enumerate(layers):
+            kept = _kept_outputs(layer, analysis, plan)
+            system = sweep.system(layer, kept, np.random.default_rng(position), positions)
+            if not system.finite:
+                raise OnnxPruneError(f"least-squares statistics of '{layer.node.input[0]}' are not finite: the "
+                                     "model's activations overflow or are NaN on the calibration data")
+            changed += _apply_fit(tensors, layer, system, ridge)
     return changed
 
 
-def layer_rows(pruned: onnx.ModelProto, original: onnx.ModelProto, layer: Layer, kept: np.ndarray | None, batches,
-                rng: np.random.Generator, positions: int, mask: str | None):
-    """Per calibration batch, (features, targets): the pruned model's inputs to the layer as rows, and the original
-    model's outputs of the layer (its kept channels) at the same positions."""
-    output, data = layer.node.output[0], layer.node.input[0]
-    target_session = session(with_outputs(original, [output]), threads=0)
-    input_session = session(with_outputs(pruned, [data]), threads=0)
-    for feed in batches:
-        target = target_session.run([output], feed)[0]
-        if kept is not None:
-            target = np.take(target, kept, axis=layer.output_axis)
-        yield _rows(layer, input_session.run([data], feed)[0], target, rng, positions, padding_of(feed, mask))
+class LayerSweep:
+    """Per layer, in graph order: the normal equations of its inputs in `model` (with every change made to the
+    layers before it) against its outputs in `reference`, on the calibration feeds. Each model is run once over the
+    calibration data in a forward sweep (sweep.ForwardSweep), so the work grows linearly with depth; a running
+    re-fit reads the same values a run of the whole model would give."""
+
+    def __init__(self, model: onnx.ModelProto, reference: onnx.ModelProto, layers: list[Layer], feeds: list,
+                 store: SpillStore, progress: tuple[str, Progress]):
+        self.inputs = ForwardSweep(model, [layer.node.input[0] for layer in layers], feeds, store)
+        self.outputs = ForwardSweep(reference, [layer.node.output[0] for layer in layers], feeds, store)
+        mask = mask_input(reference)
+        self.real = [padding_of(feed, mask) for feed in feeds]
+        self.label, self.progress = progress
+        self.done, self.total = 0, len(layers)
+
+    def system(self, layer: Layer, kept: np.ndarray | None, rng: np.random.Generator,
+               positions: int) -> NormalEquations:
+        """The layer's rows at `positions` sampled positions per image (drawn from `rng`), its `kept` outputs."""
+        self.done += 1
+        self.progress.show(f"{self.label} {self.done}/{self.total} {layer.node.name}")
+        system = NormalEquations()
+        inputs, targets = self.inputs.values(layer.node.input[0]), self.outputs.values(layer.node.output[0])
+        for batch, real in enumerate(self.real):
+            target = targets[batch] if kept is None else np.take(targets[batch], kept, axis=layer.output_axis)
+            system.add(*_rows(layer, inputs[batch], target, rng, positions, real))
+        return system
+
+
+@contextmanager
+def layer_sweep(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list[Layer], batches, label: str,
+                quiet: bool, budget: int = MEMORY_BUDGET) -> Iterator[LayerSweep]:
+    """A LayerSweep over the calibration feeds `batches()` (read once, when there are layers), its values cached in
+    a spill store of `budget` bytes whose files are removed when the body ends; progress shows each layer."""
+    progress = Progress(enabled=not quiet)
+    with spill_store(budget) as store:
+        feeds = [{name: store.keep(value) for name, value in feed.items()} for feed in batches()] if layers else []
+        try:
+            yield LayerSweep(model, reference, layers, feeds, store, (label, progress))
+        finally:
+            progress.close()
 
 
 def _kept_outputs(layer: Layer, analysis: Analysis, plan: Plan) -> np.ndarray | None:
@@ -225,38 +253,38 @@ class NormalEquations:
                 return None
 
 
-def _apply_fit(model: onnx.ModelProto, layer: Layer, system: NormalEquations, ridge: float) -> int:
+def _apply_fit(tensors: StoredTensors, layer: Layer, system: NormalEquations, ridge: float) -> int:
     if system.gram is None:
         return 0
-    weight = stored_value(model, layer.weight)  # a QDQ weight dequantized
+    weight = tensors.stored_value(layer.weight)  # a QDQ weight dequantized
     as_rows = layer.weight_rows(weight)  # (features, outputs)
-    bias = current_bias(model, layer, as_rows.shape[1])
+    bias = tensors.current_bias(layer, as_rows.shape[1])
     if bias is None:  # nowhere to put a bias (a MatMul without an Add after it): fit without one
         system.drop_bias()
         bias = np.zeros(as_rows.shape[1])
         current = as_rows
     else:
         current = np.concatenate([as_rows, bias[None, :]], axis=0)
-    fitted = _as_stored_rows(model, layer, system.solve(ridge), weight, len(as_rows))
+    fitted = _as_stored_rows(tensors, layer, system.solve(ridge), weight, len(as_rows))
     lowers = _lowers_error(system, fitted, current)
     update = _fitted_update(layer, fitted, weight, bias, len(as_rows)) if lowers else None
     # A QDQ weight is re-quantized with its scale and zero point; integer data shared with other nodes stays.
-    if update is None or not store_value(model, layer.weight, update[0]):
+    if update is None or not tensors.store_value(layer.weight, update[0]):
         log.info("least-squares recovery kept %s '%s' as it was", layer.node.op_type, layer.node.name)
         return 0
     bias_delta = update[1]
     if bias_delta is not None:
-        add_to_bias(model, layer, bias_delta)
+        tensors.add_to_bias(layer, bias_delta)
     return 1
 
 
-def _as_stored_rows(model: onnx.ModelProto, layer: Layer, fitted: np.ndarray | None, weight: np.ndarray,
+def _as_stored_rows(tensors: StoredTensors, layer: Layer, fitted: np.ndarray | None, weight: np.ndarray,
                     features: int) -> np.ndarray | None:
     """The fit as the model will hold it: a QDQ weight re-quantized (rounded, clipped to its integers), so that the
     error check judges what is written; a float fit as it is."""
     if fitted is None or not layer.quantized or not np.all(np.isfinite(fitted)):
         return fitted
-    stored = as_stored(model, layer.weight, layer.rows_to_weight(fitted[:features], weight))
+    stored = tensors.as_stored(layer.weight, layer.rows_to_weight(fitted[:features], weight))
     return np.concatenate([layer.weight_rows(stored), fitted[features:]])
 
 

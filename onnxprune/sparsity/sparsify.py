@@ -3,7 +3,8 @@ layer in graph order, as a `Request` says.
 
 Data-driven criteria and least-squares recovery read each layer's inputs from the model as sparsified so far
 (errors made upstream are seen, and compensated by the re-fit) and its outputs from the `reference` model: the
-Gram matrix and cross terms of recovery's normal equations (`recover.layer_rows`, `recover.NormalEquations`).
+Gram matrix and cross terms of recovery's normal equations (`recover.NormalEquations`), from one forward sweep of
+each model over the calibration data (`recover.layer_sweep`).
 Layers whose inputs are not cut into rows (ConvTranspose, grouped convolutions, batched MatMul weights) are
 sparsified by magnitude and not re-fitted; the report says so per layer.
 """
@@ -17,11 +18,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..calibrate import mask_input
 from ..graph import GraphIndex
 from ..groups import name_matches
-from ..layers import Layer, add_to_bias, current_bias, describe
-from ..recover import NormalEquations, layer_rows
+from ..layers import Layer, StoredTensors, describe
+from ..recover import LayerSweep, NormalEquations, layer_sweep
 from .masks import keep_mask
 from .refit import masked_refit
 from .sparsegpt import sparsegpt
@@ -80,28 +80,33 @@ def dense_reason(layer: Layer, index: GraphIndex, request: Request) -> str | Non
 
 def sparsify_layers(model: onnx.ModelProto, reference: onnx.ModelProto, shares: list[LayerShare], request: Request,
                     batches: Batches | None, quiet: bool = True) -> list[dict]:
-    """Sparsify each layer of `model` in place, in order; one report entry per layer."""
-    entries = []
-    for position, share in enumerate(shares):
-        entries.append(_sparsify(model, reference, share, request, batches, position))
-        if not quiet:
-            log.info("sparsified %s (%d/%d)", share.layer.node.name, position + 1, len(shares))
-    return entries
+    """Sparsify each layer of `model` in place, in order; one report entry per layer. The layers that read data
+    are reached in one forward sweep of `model` and `reference` (progress shows each)."""
+    fitted = [s.layer for s in shares if _wants_data(request, s.layer)] if batches is not None else []
+    label = request.criterion if request.criterion in DATA_CRITERIA else "lsq"
+    tensors = StoredTensors(model)
+    with layer_sweep(model, reference, fitted, batches, label, quiet) as sweep:
+        return [_sparsify(tensors, share, request, sweep if fitted else None, position)
+                for position, share in enumerate(shares)]
 
 
-def _sparsify(model: onnx.ModelProto, reference: onnx.ModelProto, share: LayerShare, request: Request,
-              batches: Batches | None, position: int) -> dict:
-    layer, init = share.layer, _initializer(model, share.layer.weight)
+def _wants_data(request: Request, layer: Layer) -> bool:
+    return (request.criterion in DATA_CRITERIA or request.refit) and layer.refittable
+
+
+def _sparsify(tensors: StoredTensors, share: LayerShare, request: Request, sweep: LayerSweep | None,
+              position: int) -> dict:
+    layer, init = share.layer, tensors.inits[share.layer.weight]
     weight = numpy_helper.to_array(init)
     rows = layer.weight_rows(weight).T  # (outputs, features), alpha folded in
     kernel = rows.shape[1] // layer.kernels(weight).shape[1]
-    wants_data = request.criterion in DATA_CRITERIA or request.refit
-    system = _normal_equations(model, reference, layer, batches, position) if wants_data and layer.refittable else None
+    wanted = sweep is not None and _wants_data(request, layer)
+    system = sweep.system(layer, None, np.random.default_rng(position), POSITIONS) if wanted else None
     criterion = request.criterion if system is not None else "l1"
     updated, keep = _select(rows, system, criterion, request, share.ratio, kernel)
     refitted = False
     if request.refit and system is not None:
-        updated, refitted = _refit(model, layer, system, updated * keep, keep)
+        updated, refitted = _refit(tensors, layer, system, updated * keep, keep)
     new = _written(layer, weight, updated * keep if criterion == "sparsegpt" or refitted else None, keep)
     init.CopyFrom(numpy_helper.from_array(new, init.name))
     return {"node": layer.node.name, "op": layer.node.op_type, "weight": layer.weight, "params": int(weight.size),
@@ -121,16 +126,6 @@ def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(i for i in model.graph.initializer if i.name == name)
 
 
-def _normal_equations(model: onnx.ModelProto, reference: onnx.ModelProto, layer: Layer, batches: Batches,
-                      position: int) -> NormalEquations:
-    """The layer's inputs in `model` against its outputs in `reference`, over the calibration data."""
-    system = NormalEquations()
-    for features, target in layer_rows(model, reference, layer, None, batches(), np.random.default_rng(position),
-                                       POSITIONS, mask_input(reference)):
-        system.add(features, target)
-    return system
-
-
 def _select(rows: np.ndarray, system: NormalEquations | None, criterion: str, request: Request, ratio: float,
             kernel: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, kept mask): the criterion's choice; sparsegpt also updates the kept weights."""
@@ -143,17 +138,17 @@ def _select(rows: np.ndarray, system: NormalEquations | None, criterion: str, re
     return rows, keep_mask(np.abs(rows), request.pattern, ratio, kernel, per_row=False)
 
 
-def _refit(model: onnx.ModelProto, layer: Layer, system: NormalEquations, rows: np.ndarray,
+def _refit(tensors: StoredTensors, layer: Layer, system: NormalEquations, rows: np.ndarray,
            keep: np.ndarray) -> tuple[np.ndarray, bool]:
     """Masked least squares of the kept weights and the bias; (rows, whether anything changed)."""
-    bias = current_bias(model, layer, len(rows))
+    bias = tensors.current_bias(layer, len(rows))
     if bias is None:
         system.drop_bias()
     current = rows.T if bias is None else np.concatenate([rows.T, bias[None, :]])
     fitted = masked_refit(system, current, keep, RIDGE)
     changed = not np.array_equal(fitted, current)
     if changed and bias is not None and np.any(fitted[-1] != bias):
-        add_to_bias(model, layer, (fitted[-1] - bias).astype(np.float32))
+        tensors.add_to_bias(layer, (fitted[-1] - bias).astype(np.float32))
     return fitted[:rows.shape[1]].T, changed
 
 
