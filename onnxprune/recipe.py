@@ -20,7 +20,7 @@ import onnx
 from .allocate import TARGET_TOLERANCE
 from .calibrate import Calibration, CalibrationSource, Statistics
 from .criteria import consumers
-from .errors import UsageError
+from .errors import OnnxPruneError, UsageError, first_line
 from .groups import Analysis
 from .layers import refittable
 from .options import Options, Target, statistics_needed
@@ -150,21 +150,38 @@ def trial(search: Search, target: Target, options: Options) -> onnx.ModelProto:
 
 def try_candidates(search: Search, target: Target, options: Options, candidates: list[Candidate],
                    started: float) -> list[dict]:
-    """Each candidate's held-out error and seconds, in order, until the next one would pass the budget (estimated
-    as the slowest tried so far); the first always runs."""
+    """Each candidate's held-out error, MACs kept and seconds, in order, until the next one would pass the budget
+    (estimated as the slowest tried so far); the first always runs."""
     tried = []
     for position, candidate in enumerate(candidates):
         slowest = max((t["seconds"] for t in tried), default=0.0)
         if tried and time.perf_counter() - started + slowest > options.recipe_budget:
             break
-        begun = time.perf_counter()
-        pruned = trial(search, target, candidate.options(options))
-        error = output_damage(search.reference, model_outputs(pruned, search.held))
-        tried.append({**candidate.to_dict(), "error": error, "macs_kept": macs_kept(search, pruned),
-                      "seconds": round(time.perf_counter() - begun, 3)})
-        _progress(options, f"recipe accurate: {position + 1}/{len(candidates)} {candidate}: held-out error "
-                           f"{error:.4g} at {tried[-1]['macs_kept']:.1%} of the MACs ({tried[-1]['seconds']:.1f} s)")
+        tried.append(judge(search, target, candidate.options(options)) | candidate.to_dict())
+        _progress(options, f"recipe accurate: {position + 1}/{len(candidates)} {candidate}: " + _outcome(tried[-1]))
+    if all(t["error"] is None for t in tried):
+        raise OnnxPruneError(f"--recipe accurate: every candidate tried failed; {tried[0]['failed']}")
     return tried
+
+
+def judge(search: Search, target: Target, options: Options) -> dict:
+    """One candidate's held-out error and MACs kept; a candidate the data or the model defeats (an OnnxPruneError:
+    a non-finite fit, too little memory) is recorded with its reason and left out of the choice."""
+    begun = time.perf_counter()
+    try:
+        pruned = trial(search, target, options)
+        found = {"error": output_damage(search.reference, model_outputs(pruned, search.held)),
+                 "macs_kept": macs_kept(search, pruned)}
+    except OnnxPruneError as exc:
+        found = {"error": None, "macs_kept": None, "failed": first_line(exc)}
+    return found | {"seconds": round(time.perf_counter() - begun, 3)}
+
+
+def _outcome(tried: dict) -> str:
+    if tried["error"] is None:
+        return f"failed: {tried['failed']} ({tried['seconds']:.1f} s)"
+    return (f"held-out error {tried['error']:.4g} at {tried['macs_kept']:.1%} of the MACs "
+            f"({tried['seconds']:.1f} s)")
 
 
 def macs_kept(search: Search, pruned: onnx.ModelProto) -> float:
@@ -180,11 +197,12 @@ def _progress(options: Options, line: str) -> None:
 
 
 def eligible(tried: list[dict], target: Target) -> list[dict]:
-    """The candidates that meet a MAC target (a plan that keeps more MACs would win by pruning less); all of them
-    where none does, or for a ratio target."""
+    """The candidates that ran and meet a MAC target (a plan that keeps more MACs would win by pruning less); all
+    that ran where none meets it, or for a ratio target."""
+    ran = [t for t in tried if t["error"] is not None]
     if target.kind != "macs":
-        return tried
-    return [t for t in tried if t["macs_kept"] <= target.value + TARGET_TOLERANCE] or tried
+        return ran
+    return [t for t in ran if t["macs_kept"] <= target.value + TARGET_TOLERANCE] or ran
 
 
 def best_of(tried: list[dict], target: Target) -> dict:
@@ -199,8 +217,11 @@ def why_chosen(tried: list[dict], target: Target, listed: int, budget: float, he
     text = f"lowest relative output error on {held} held-out calibration samples ({best['error']:.4g})"
     if others:
         text += f"; next best {Candidate(*[others[0][k] for k in SEARCHED])} ({others[0]['error']:.4g})"
-    if len(eligible(tried, target)) < len(tried):
-        text += f"; {len(tried) - len(eligible(tried, target))} left out for keeping more MACs than the target"
+    failed = sum(t["error"] is None for t in tried)
+    if len(eligible(tried, target)) < len(tried) - failed:
+        text += f"; {len(tried) - failed - len(eligible(tried, target))} left out for keeping more MACs than the target"
+    if failed:
+        text += f"; {failed} failed"
     if len(tried) < listed:
         text += f"; {listed - len(tried)} of {listed} candidates not tried within the {budget:g} s budget"
     return text

@@ -8,7 +8,8 @@ import pytest
 from builders import DIGITS, DIGITS_CALIB, DIGITS_DATA, invoke, one_line_error
 
 from onnxprune.api import CalibrationSource, Options, Target, prune
-from onnxprune.errors import UsageError
+from onnxprune import recipe
+from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.recipe import STRONG, best_of, candidate_list, holdout_split
 from onnxprune.verify import session
 
@@ -90,6 +91,25 @@ def test_a_candidate_keeping_more_macs_than_the_target_is_not_chosen():
     assert best_of(tried, Target.macs(0.5)) is tried[2]
     assert best_of(tried, Target.ratio(0.3)) is tried[0]  # a ratio target: every candidate counts
     assert best_of(tried[:1], Target.macs(0.5)) is tried[0]  # none meets it: the best of all
+
+
+def test_a_failing_candidate_is_recorded_and_left_out(monkeypatch):
+    real = recipe.trial
+
+    def lsq_fails(search, target, options):
+        if options.recover == "lsq":
+            raise OnnxPruneError("least squares gave non-finite weights")
+        return real(search, target, options)
+
+    monkeypatch.setattr(recipe, "trial", lsq_fails)
+    options = Options(recipe="accurate", calib=CalibrationSource(DIGITS_CALIB, size=8))
+    _, report = prune(str(DIGITS), Target.macs(0.5), options)
+    failed = [c for c in report.recipe["candidates"] if c["error"] is None]
+    assert failed and all(c["recover"] == "lsq" and "non-finite" in c["failed"] for c in failed)
+    assert report.recipe["chosen"]["recover"] != "lsq" and f"{len(failed)} failed" in report.recipe["why"]
+    monkeypatch.setattr(recipe, "trial", lambda *_: lsq_fails(None, None, Options(recover="lsq")))
+    with pytest.raises(OnnxPruneError, match="every candidate tried failed; least squares"):
+        prune(str(DIGITS), Target.macs(0.5), options)
 
 
 def test_holdout_is_the_last_quarter():
