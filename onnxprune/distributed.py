@@ -109,17 +109,17 @@ def run_on_dask(request: CalibrationRequest, ranges: list[tuple[int, int]], sche
     """Each range's statistics computed by `calibrate_range` on a Dask worker, in the order of `ranges`. On a
     LocalCluster the machine's cores are shared among the workers' onnxruntime sessions."""
     threads = 0 if scheduler else max(1, (os.cpu_count() or 1) // len(ranges))
-    with _client(scheduler, len(ranges), processes) as client:
+    distributed = _dask_distributed()  # first: importing it sets its loggers' levels
+    with _dask_logs_quiet(), _client(distributed, scheduler, len(ranges), processes) as client:
         futures = [client.submit(calibrate_range, request, start, stop, True, threads, pure=False)
                    for start, stop in ranges]
         return client.gather(futures)
 
 
 @contextmanager
-def _client(scheduler: str | None, workers: int, processes: bool) -> Iterator[object]:
+def _client(distributed, scheduler: str | None, workers: int, processes: bool) -> Iterator[object]:
     """A Dask client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded workers
     that is closed afterwards."""
-    distributed = _dask_distributed()
     if scheduler is not None:
         try:
             client = distributed.Client(scheduler, timeout="20s")
@@ -132,6 +132,18 @@ def _client(scheduler: str | None, workers: int, processes: bool) -> Iterator[ob
                                   dashboard_address=None, silence_logs=logging.ERROR) as cluster:
         with distributed.Client(cluster) as client:
             yield client
+
+
+@contextmanager
+def _dask_logs_quiet() -> Iterator[None]:
+    """Dask's INFO and WARNING lines (workers registered, a closing worker killed) kept off the CLI's stderr."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _dask_distributed():
