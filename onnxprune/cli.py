@@ -197,7 +197,7 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
     output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
                                              ("--plan-in", plan_in), ("--latency-table", latency_table), ("--stats", stats_path)],
                              [("--report", report), ("--plan-out", plan_out), ("--latency-table", latency_table)])
-    original = load_model(model)
+    original = load_model(model, lazy=sparse_storage == "dense")  # weights on disk (packing reads them all)
     if data:
         load_data(data, original, labels)  # bad data fails before the work
     pruned, result = _stored(*api.prune(original, target, options), sparse_storage)
@@ -288,12 +288,13 @@ def _check_files(models: list[Named], reads: list[Named], writes: list[Named]) -
 
 def _checked_output(model: Path, output: Path | None, reads: list[Named], writes: list[Named]) -> Path:
     """prune's output (default IN.pruned.onnx beside the input), once _check_files finds no clash. The external-data
-    file save_model writes beside a model over 2 GB counts only if the input is that big: pruning removes weights."""
+    file save_model writes beside the output counts only if the input has external data or is over 2 GB: pruning
+    removes weights."""
     path = output or model.with_name(model.name[:-5] + ".pruned.onnx" if model.name.endswith(".onnx")
                                      else model.name + ".pruned.onnx")
     inputs = _model_files("the input model", model)
     writes = [("-o" if output else "the output", path), *writes]
-    if sum(os.path.getsize(f) for _, f in inputs if os.path.isfile(f)) > EXTERNAL_DATA_ABOVE:
+    if len(inputs) > 1 or sum(os.path.getsize(f) for _, f in inputs if os.path.isfile(f)) > EXTERNAL_DATA_ABOVE:
         writes.append(("the output's external data", external_data_path(path)))
     check_paths(inputs + reads, writes)
     return path

@@ -7,9 +7,12 @@
                     target is the old file (or absent), never a partial one
     write_bytes / write_text    atomic_path for data already in memory
     scratch_folder  a temporary folder for files only this run reads, removed on exit, on an error or on a signal
+    run_scratch_folder  one temporary folder for the whole process (weights surgery spills), removed at exit and on
+                    a signal
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -187,6 +190,41 @@ def scratch_folder(prefix: str = "onnxprune-") -> Iterator[Path]:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+_RUN_SCRATCH: list[Path] = []  # the process's scratch folder, once made
+
+
+def run_scratch_folder() -> Path:
+    """A temporary folder that lives as long as the process, for files a returned model still reads (the weights
+    surgery writes for a model past RAM, read until the model is saved): made on first use, removed at exit and on
+    SIGTERM / SIGHUP / SIGINT, which are then passed on to the handlers that were there before."""
+    if not _RUN_SCRATCH:
+        held = _hold_signals()
+        try:
+            _RUN_SCRATCH.append(Path(tempfile.mkdtemp(prefix="onnxprune-run-")))
+            atexit.register(_remove_run_scratch)
+            if _in_main_thread():
+                _install(_removing_run_scratch, _BEFORE_RUN_SCRATCH)
+        except OSError as err:
+            raise OnnxPruneError(f"cannot create a temporary folder: {err.strerror or err}") from None
+        finally:
+            _release_signals(held)
+    return _RUN_SCRATCH[0]
+
+
+_BEFORE_RUN_SCRATCH: dict[int, object] = {}  # the handlers run_scratch_folder's handler passes signals on to
+
+
+def _removing_run_scratch(signum: int, frame: object) -> None:
+    _remove_run_scratch()
+    _restore(_BEFORE_RUN_SCRATCH)
+    _pass_on(signum, _BEFORE_RUN_SCRATCH[signum])
+
+
+def _remove_run_scratch() -> None:
+    while _RUN_SCRATCH:
+        shutil.rmtree(_RUN_SCRATCH.pop(), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- signals

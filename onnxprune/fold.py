@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from . import lazy_tensors
 
 log = logging.getLogger("onnxprune")
 
@@ -41,7 +44,7 @@ def fold_constants(model: onnx.ModelProto, protected: set[str]) -> int:
     were folded."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
-    values = _evaluate(graph, _opset(model), outputs)
+    values = _evaluate(graph, _opset(model), outputs, lazy_tensors.weights_folder(model))
     if not values:
         return 0
     folded: set[int] = set()
@@ -65,8 +68,10 @@ def _opset(model: onnx.ModelProto) -> dict[str, int]:
     return {"": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 11)}
 
 
-def _evaluate(graph: onnx.GraphProto, opsets: dict[str, int], outputs: set[str]) -> dict[str, np.ndarray]:
-    """The outputs of every foldable node, in graph order (graphs are topologically sorted)."""
+def _evaluate(graph: onnx.GraphProto, opsets: dict[str, int], outputs: set[str],
+              folder: Path | None) -> dict[str, np.ndarray]:
+    """The outputs of every foldable node, in graph order (graphs are topologically sorted). `folder`: where a
+    lazily opened model's external tensors are read from (lazy_tensors)."""
     from onnx.reference import ReferenceEvaluator
 
     constants = {init.name: init for init in graph.initializer}
@@ -75,8 +80,8 @@ def _evaluate(graph: onnx.GraphProto, opsets: dict[str, int], outputs: set[str])
     for node in graph.node:
         if not _foldable(node, constants, values, outputs):
             continue
-        inputs = {name: values[name] if name in values else read.setdefault(name, numpy_helper.to_array(
-            constants[name])) for name in node.input if name}
+        inputs = {name: values[name] if name in values else read.setdefault(name, lazy_tensors.read(
+            constants[name], folder)) for name in node.input if name}
         if sum(v.size for v in inputs.values()) > _EVALUATE_AT_MOST:
             continue
         try:

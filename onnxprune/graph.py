@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import external_data_helper, numpy_helper
 
-from . import files, fold
+from . import files, fold, lazy_tensors
 from .errors import OnnxPruneError, first_line
 
 log = logging.getLogger("onnxprune")
@@ -34,15 +34,22 @@ Dims = tuple  # tuple of int | str | None per axis
 _SMALL_CONSTANT = 4096
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file, its external data too; raise OnnxPruneError with a one-line reason if it cannot."""
+def load_model(path: str | os.PathLike, lazy: bool = False) -> onnx.ModelProto:
+    """Read an ONNX file, its external data too; raise OnnxPruneError with a one-line reason if it cannot.
+
+    `lazy`: a model with external data is opened without reading its weights; they are read one tensor at a time
+    when a step needs them (lazy_tensors), from the file's folder."""
     p = Path(path)
     if not p.exists():
         raise OnnxPruneError(f"model not found: {p}")
     if not p.is_file():
         raise OnnxPruneError(f"not a file: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=not lazy)
+        if lazy and any(lazy_tensors.is_external(t) for t in lazy_tensors.all_tensors(model)):
+            lazy_tensors.open_lazily(model, p.parent)
+    except OnnxPruneError:
+        raise
     except Exception as exc:  # protobuf raises several unrelated types on corrupt input
         raise OnnxPruneError(f"cannot read {p} as an ONNX model: {first_line(exc)}") from None
     check_loadable(model, str(p))
@@ -209,9 +216,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write the model atomically (files.atomic_path: the target is the old file or the complete new one).
 
     Models over 2 GB are written with their weights in one external-data file beside the model, `OUT.onnx.data`;
-    that file is written atomically too, and renamed into place just before the model.
+    that file is written atomically too, and renamed into place just before the model. So is a model opened lazily
+    (weights on disk): its tensors are copied one at a time, and the proto given is not changed.
     """
-    if tensor_bytes(model) > EXTERNAL_DATA_ABOVE:
+    if lazy_tensors.weights_folder(model) is not None:
+        _save_streamed(model, files.resolve(path))
+    elif tensor_bytes(model) > EXTERNAL_DATA_ABOVE:
         _save_with_external_data(model, files.resolve(path))
     else:
         files.write_bytes(path, model.SerializeToString())
@@ -238,6 +248,24 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
                     entry.value = data.name
         with open(tmp_model, "wb") as handle:
             handle.write(model.SerializeToString())
+
+
+def _save_streamed(model: onnx.ModelProto, target: Path) -> None:
+    """A lazily opened model: every external tensor, and every tensor in the proto of 1 KiB or more, is copied into
+    the output's data file one at a time (never the input's data file); a copy of the proto, without the weights
+    folder in its metadata, then points at them."""
+    data, folder = external_data_path(target), lazy_tensors.weights_folder(model)
+    written = copy.deepcopy(model)  # the weights are on disk: a copy of the proto is small
+    lazy_tensors.set_weights_folder(written, None)
+    with files.atomic_path(target) as tmp_model, files.atomic_path(data) as tmp_data:
+        with lazy_tensors.DataFile(tmp_data) as out:
+            for tensor in lazy_tensors.all_tensors(written):
+                if lazy_tensors.is_external(tensor):
+                    lazy_tensors.point_at(tensor, {**out.add_copy(tensor, folder), "location": data.name})
+                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    lazy_tensors.point_at(tensor, {**out.add_bytes(tensor.raw_data), "location": data.name})
+        with open(tmp_model, "wb") as handle:
+            handle.write(written.SerializeToString())
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -734,8 +762,11 @@ class GraphIndex:
         that shape arithmetic computes from static shapes count as constants."""
         if name not in self.initializers:
             return self.known_values.get(name)
+        tensor = self.initializers[name]
+        if lazy_tensors.is_external(tensor):  # memory-mapped, not kept: mapped pages would stay resident
+            return lazy_tensors.read(tensor, lazy_tensors.weights_folder(self.model))
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+            self._arrays[name] = numpy_helper.to_array(tensor)
         return self._arrays[name]
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from . import graph as graph_mod
+from . import graph as graph_mod, lazy_tensors
 from .allocate import MacModel, MacReach, Plan, capped_when_unreachable, counts_for_target, plan_from_counts
 from .calibrate import Calibration, Statistics, collect_stats
 from .criteria import ScoringContext, consumers, get_criterion, probes
@@ -80,12 +80,18 @@ class Scores:
     context: ScoringContext
 
 
-def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[str, ...] = ()) -> Prepared:
+def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[str, ...] = (),
+            lazy: bool = False) -> Prepared:
+    """The working copy, normalised and analysed. `lazy`: a model with external data keeps its weights on disk,
+    read one tensor at a time (lazy_tensors); otherwise they are read into the copy first, where the steps that
+    run the model or change its weights expect them."""
     if isinstance(model_or_path, onnx.ModelProto):
         graph_mod.check_loadable(model_or_path)
-        model = copy.deepcopy(model_or_path)
+        model = copy.deepcopy(model_or_path)  # a lazily opened model's proto holds no weights: a small copy
     else:
-        model = graph_mod.load_model(model_or_path)
+        model = graph_mod.load_model(model_or_path, lazy=True)
+    if not lazy:
+        lazy_tensors.load_weights(model)
     size = graph_mod.tensor_bytes(model)
     graph_mod.node_names(model)
     graph_mod.normalize(model)
@@ -97,7 +103,7 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike, exclude: tuple[s
 def open_inputs(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target, options: Options) -> Inputs:
     """Prepare the model and open its calibration data once: kept in memory for the steps that read it several
     times (recovery, sensitivity, a model whose sizes come from a sample), streamed otherwise."""
-    prepared = prepare(model_or_path, options.exclude)
+    prepared = prepare(model_or_path, options.exclude, lazy=streams_weights(target, options))
     runtime_sized = bool(graph_mod.runtime_dims(prepared.model))
     calibration = None
     if options.calib is not None:
@@ -106,6 +112,13 @@ def open_inputs(model_or_path: onnx.ModelProto | str | os.PathLike, target: Targ
         calibration = Calibration(options.calib, prepared.model, replayable)
     sample, shapes = counted_at(prepared, calibration, target)
     return Inputs(prepared, calibration, sample, shapes)
+
+
+def streams_weights(target: Target, options: Options) -> bool:
+    """Whether the run can leave a model's weights on disk: it reads each weight once (scores) and slices it, and
+    runs nothing (no calibration data, statistics file, latency measurement, recovery or sparsity step)."""
+    return (not needs_calibration(target, options) and options.stats is None and target.kind != "latency"
+            and sparsity_request(target, options) is None)
 
 
 def counted_at(prepared: Prepared, calibration: Calibration | None, target: Target | None) -> tuple[dict | None, dict]:

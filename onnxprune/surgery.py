@@ -5,7 +5,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import files, lazy_tensors
 from .allocate import Plan
+from .bias_folding import carried_contributions, fold_into_biases
 from .errors import OnnxPruneError, first_line
 from .graph import all_nodes, inferred_value_infos, nested_graphs
 from .groups import Analysis, resolve
@@ -14,10 +16,13 @@ from .rules.registry import NodeView, Ref
 
 def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """Prune `model` in place (the model the analysis was made on, or a copy of it) and return it. Initializers and
-    nodes inside If branches and Loop and Scan bodies are pruned as the main graph's are."""
+    nodes inside If branches and Loop and Scan bodies are pruned as the main graph's are. A lazily opened model's
+    weights stay on disk: see _spill_external."""
+    carried = carried_contributions(analysis, plan)  # read before the weights are sliced
+    moved = _spill_external(model, analysis, plan) if lazy_tensors.weights_folder(model) is not None else []
     for graph in [model.graph, *nested_graphs(model.graph)]:
         for position, init in enumerate(graph.initializer):
-            sliced = _sliced(analysis, plan, init)
+            sliced = None if lazy_tensors.is_external(init) else _sliced(analysis, plan, init)
             if sliced is not None:
                 graph.initializer[position].CopyFrom(numpy_helper.from_array(sliced, init.name))
     replaced: set[str] = set()
@@ -27,9 +32,37 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.M
         target = NodeView(nodes[view.name], analysis.index, view.opset, view.tile)
         fixup(target, _FixContext(target, analysis, plan, model, replaced))
     _remove_orphans(model, replaced)
+    fold_into_biases(model, analysis, plan, carried)
+    if moved:
+        _point_at(model, moved)
     _resize_subgraph_boundaries(model, analysis, plan)
     _refresh_value_info(model)
     return model
+
+
+_Moved = list[tuple[onnx.TensorProto, dict[str, str], tuple[int, ...] | None]]  # tensor, new entries, new dims
+
+
+def _spill_external(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> _Moved:
+    """Every external tensor of a lazily opened model, sliced (read memory-mapped, one at a time) or as it is, goes
+    into one new data file in the run's scratch folder, never the input's. The protos are pointed at it only after
+    the fixups (_point_at), which read the analysed values where they were."""
+    moved, folder = [], lazy_tensors.weights_folder(model)
+    with lazy_tensors.DataFile.in_folder(files.run_scratch_folder(), "pruned") as out:
+        for graph in [model.graph, *nested_graphs(model.graph)]:
+            for init in filter(lazy_tensors.is_external, graph.initializer):
+                sliced = _sliced(analysis, plan, init)
+                entries = out.add_copy(init, folder) if sliced is None else out.add_array(init, sliced)
+                moved.append((init, entries, None if sliced is None else sliced.shape))
+                del sliced  # its memory map and copy go before the next tensor is read
+    return moved
+
+
+def _point_at(model: onnx.ModelProto, moved: _Moved) -> None:
+    """The moved tensors now read from the new data file, in the scratch folder."""
+    for tensor, entries, dims in moved:
+        lazy_tensors.point_at(tensor, entries, dims)
+    lazy_tensors.set_weights_folder(model, files.run_scratch_folder())
 
 
 def _remove_orphans(model: onnx.ModelProto, names: set[str]) -> None:

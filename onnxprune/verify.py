@@ -3,6 +3,9 @@ harness (zero the channels a plan removes, so the original and pruned models mus
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +17,7 @@ from .graph import (Dims, batched_inputs, infer_shapes, nested_graphs, node_attr
                     subgraphs_of)
 from .groups import Analysis
 from .layers import macs as node_macs, stored_zero
+from .lazy_tensors import weights_folder
 from .roles import Role
 
 # Roles whose removed channels are zeroed so that the channel's activation is exactly zero (see elementwise._ROLES).
@@ -21,11 +25,28 @@ PRODUCER_ROLES = (Role.W_OUT, Role.BIAS, Role.SCALE, Role.SHIFT, Role.CONST)
 
 
 def check_valid(model: onnx.ModelProto) -> None:
-    """The pruned model passes the full checker (strict shape inference included)."""
+    """The pruned model passes the full checker (strict shape inference included). A model whose weights are on
+    disk (lazy_tensors) is checked as a file beside them: the checker reads external data, and models past 2 GB,
+    only from a path."""
+    folder = weights_folder(model)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if folder is None:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            _check_beside_weights(model, folder)
     except Exception as exc:
         raise OnnxPruneError(f"internal error: pruned model fails the ONNX checker: {first_line(exc)}") from None
+
+
+def _check_beside_weights(model: onnx.ModelProto, folder: Path) -> None:
+    """The full checker on the proto (weights not in it) written to a temporary file in the weights' folder."""
+    fd, name = tempfile.mkstemp(prefix=".onnxprune-check-", suffix=".onnx", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model.SerializeToString())
+        onnx.checker.check_model(name, full_check=True)
+    finally:
+        os.unlink(name)
 
 
 def io_signature(model: onnx.ModelProto) -> list[tuple[str, str, int, tuple]]:
@@ -152,6 +173,9 @@ def session(model: onnx.ModelProto, threads: int = 1):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    folder = weights_folder(model)
+    if folder is not None:  # a lazily opened model: onnxruntime maps its external data from there
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
         return ort.InferenceSession(numpy_io(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -11,7 +11,7 @@ import onnxprune
 from onnxprune import Options
 from onnxprune.pipeline import prepare
 from onnxprune.errors import OnnxPruneError
-from onnxprune.verify import count_macs
+from onnxprune.verify import check_valid, count_macs
 
 
 def weights_as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -127,7 +127,7 @@ def test_external_data_round_trip(tmp_path):
                     location="ext.data", size_threshold=0)
     pruned, report = onnxprune.prune(tmp_path / "ext.onnx", 0.5, Options(round_to=1))
     assert report.params_after < report.params_before
-    onnx.checker.check_model(pruned, full_check=True)
+    check_valid(pruned)  # its weights stay in a data file (lazy_tensors): the checker reads them from a path
 
 
 def test_opset_11_graph():

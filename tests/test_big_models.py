@@ -1,0 +1,167 @@
+"""Models past RAM (issue 13): an external-data model is pruned with its weights on disk, read one tensor at a time
+(memory-mapped) and written tensor by tensor into the output's data file. The same code path as the 2.4 GB
+benchmark (tools/bench_memory.py), on a model of a few MB."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, files
+from onnx import external_data_helper, numpy_helper
+
+import onnxprune
+from onnxprune import Options, lazy_tensors
+from onnxprune.graph import load_model, save_model
+from onnxprune.pipeline import prepare
+from onnxprune.verify import check_valid, random_feeds, run
+
+
+def conv_mlp() -> tuple[onnx.ModelProto, str]:
+    """Convs, then MatMuls of up to 1024 x 512 (about 3 MB of float32 weights); and the name of one 512 x 512
+    weight whose channels the tests freeze, so it is copied whole rather than sliced."""
+    b = GraphBuilder(seed=3)
+    x = b.conv_bn_relu(b.conv_bn_relu(b.input(["N", 8, 12, 12]), 8, 64), 64, 128)
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
+    h = b.op("Relu", [b.matmul(h, 128, 1024)])
+    h = b.op("Relu", [b.matmul(h, 1024, 512)])
+    frozen = b.weight(512, 512, scale=0.05)
+    h = b.op("Relu", [b.op("MatMul", [h, frozen])])
+    return b.model(b.matmul(h, 512, 10)), frozen
+
+
+def saved_with_external_data(model: onnx.ModelProto, folder: Path) -> Path:
+    path = folder / "big.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="big.weights",
+                    size_threshold=1024)
+    return path
+
+
+@pytest.fixture
+def external(tmp_path) -> tuple[Path, str]:
+    (tmp_path / "in").mkdir()
+    model, frozen = conv_mlp()
+    return saved_with_external_data(model, tmp_path / "in"), frozen
+
+
+def no_full_reads(monkeypatch) -> None:
+    """Reading an external tensor through onnx (which loads its bytes into the proto) fails the test."""
+    def refuse(read):
+        def checked(tensor, *args, **kwargs):
+            assert not lazy_tensors.is_external(tensor), f"'{tensor.name}' read whole into memory"
+            return read(tensor, *args, **kwargs)
+        return checked
+    monkeypatch.setattr(numpy_helper, "to_array", refuse(numpy_helper.to_array))
+    monkeypatch.setattr(external_data_helper, "load_external_data_for_tensor",
+                        refuse(external_data_helper.load_external_data_for_tensor))
+
+
+def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_lazy_prune_writes_the_model_an_in_memory_prune_writes(external, tmp_path, monkeypatch):
+    path, frozen = external
+    options = Options(round_to=8, exclude=(frozen,))
+    eager, _ = onnxprune.prune(onnx.load(path), 0.5, options)  # weights read into memory
+    with monkeypatch.context() as patch:
+        no_full_reads(patch)
+        lazy, report = onnxprune.prune(path, 0.5, options)
+        assert lazy_tensors.weights_folder(lazy) is not None
+        big = [t for t in lazy.graph.initializer if np.prod(t.dims) >= 1024]
+        assert big and all(lazy_tensors.is_external(t) and not t.raw_data for t in big)
+        check_valid(lazy)
+        save_model(lazy, tmp_path / "lazy.onnx")
+    assert report.params_after < report.params_before
+    save_model(eager, tmp_path / "eager.onnx")
+    written, expected = load_model(tmp_path / "lazy.onnx"), load_model(tmp_path / "eager.onnx")
+    assert [n.SerializeToString() for n in written.graph.node] == [n.SerializeToString() for n in expected.graph.node]
+    got, want = arrays(written), arrays(expected)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert np.array_equal(got[frozen], numpy_helper.to_array(onnx.load(path).graph.initializer[
+        [t.name for t in onnx.load(path).graph.initializer].index(frozen)]))  # copied whole, not sliced
+    feeds = random_feeds(written, seed=2, batch=3)
+    assert all(np.array_equal(a, b) for a, b in zip(run(written, feeds), run(expected, feeds)))
+
+
+def test_lazy_output_keeps_its_weights_beside_it_and_out_of_the_proto(external, tmp_path):
+    path, _ = external
+    pruned, _ = onnxprune.prune(path, 0.5, Options(round_to=8))
+    save_model(pruned, tmp_path / "out.onnx")
+    assert files(tmp_path) >= {"out.onnx", "out.onnx.data"}
+    assert not [name for name in files(tmp_path) if name.startswith(".")]  # no temporary file left
+    proto = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert all(p.key != lazy_tensors.FOLDER_KEY for p in proto.metadata_props)
+    entries = [dict((e.key, e.value) for e in t.external_data) for t in proto.graph.initializer
+               if lazy_tensors.is_external(t)]
+    assert entries and {e["location"] for e in entries} == {"out.onnx.data"}
+    assert all(int(e["offset"]) % lazy_tensors.ALIGNMENT == 0 for e in entries)
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_steps_that_run_the_model_read_its_weights_into_memory(external):
+    """Calibration, recovery and sparsity steps read the weights from the proto: there the model is loaded."""
+    path, _ = external
+    lazy, eager = prepare(path, lazy=True).model, prepare(path).model
+    assert lazy_tensors.weights_folder(lazy) is not None
+    assert lazy_tensors.weights_folder(eager) is None
+    assert not any(lazy_tensors.is_external(t) for t in eager.graph.initializer)
+
+
+def test_a_data_file_too_short_is_refused_when_opened(external):
+    path, _ = external
+    data = path.parent / "big.weights"
+    data.write_bytes(data.read_bytes()[:-4096])
+    with pytest.raises(onnxprune.OnnxPruneError, match="needs .* bytes"):
+        load_model(path, lazy=True)
+
+
+def _cli(args: list[str], tmp: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    return subprocess.Popen([sys.executable, "-c", "from onnxprune.cli import main; main()", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_command_line_leaves_no_temporary_file_and_the_input_as_it_was(external, tmp_path):
+    path, _ = external
+    before = hashlib.sha256((path.parent / "big.weights").read_bytes()).hexdigest()
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _cli([str(path), "--ratio", "0.5", "-o", str(out / "p.onnx"), "--check", "--quiet"], tmp_path / "tmp")
+    assert done.wait(timeout=300) == 0, done.stderr.read().decode()
+    assert not [n for n in files(tmp_path / "tmp") if "onnxprune" in n]  # surgery's weights went with the process
+    assert files(out) == {"p.onnx", "p.onnx.data"}
+    assert files(path.parent) == {"big.onnx", "big.weights"}
+    assert hashlib.sha256((path.parent / "big.weights").read_bytes()).hexdigest() == before
+
+
+def test_output_may_not_be_the_inputs_data_file(external):
+    path, _ = external
+    (path.parent / "big.weights").rename(path.parent / "q.onnx.data")
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in lazy_tensors.all_tensors(proto):
+        for entry in tensor.external_data:
+            entry.value = "q.onnx.data" if entry.key == "location" else entry.value
+    onnx.save_model(proto, path)
+    done = _cli([str(path), "--ratio", "0.5", "-o", str(path.parent / "q.onnx")], path.parent)
+    assert done.wait(timeout=300) == 2
+    assert "would overwrite the input model's external data" in done.stderr.read().decode()
+
+
+def test_scratch_folder_goes_on_sigterm(tmp_path):
+    code = ("import os, signal, sys; from onnxprune import files; print(files.run_scratch_folder(), flush=True); "
+            "sys.stdin.readline(); os.kill(os.getpid(), signal.SIGTERM)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    folder = Path(proc.stdout.readline().decode().strip())
+    assert folder.is_dir()
+    proc.communicate(b"\n", timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert not folder.exists()
