@@ -26,12 +26,15 @@ def marks(path: Path):
 def zoo_model(path: Path) -> onnx.ModelProto:
     """The skeleton at `path` materialised with seeded random weights. A model that ships with run-time input sizes
     (a wheel's OCR or VAD model) gets the example sizes its skeleton records fixed on its inputs, so that its MACs
-    are counted and the test inputs have the sizes the model is made for (length 1 breaks an OCR recogniser)."""
+    are counted and the test inputs have the sizes the model is made for (length 1 breaks an OCR recogniser). A
+    dimension of -1 (Paddle's "any", which its outputs declare too) is left as it is."""
     model = materialize(onnx.load(path))
     meta = {p.key: p.value for p in model.metadata_props}
     shapes = json.loads(meta.get(EXAMPLE_SHAPES_KEY, "{}"))
     for vi in model.graph.input:
         for dim, size in zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name, [])):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                continue
             dim.Clear()
             dim.dim_value = size
     return model
@@ -50,10 +53,10 @@ def test_zoo_model_prunes_valid_exact_and_smaller(path):
 
 
 def test_example_shapes_are_fixed_on_the_inputs_they_name(tmp_path):
-    """A wheel model's run-time dimensions take the recorded example sizes; inputs the record leaves out keep
-    theirs."""
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, "?", "?"])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3, "?", "?"])
+    """A wheel model's run-time dimensions take the recorded example sizes, but for Paddle's -1; inputs the record
+    leaves out keep theirs."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, "?", "?"])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 3, "?", "?"])
     s = onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, ["n"])
     t = onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, ["n"])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"]),
@@ -63,4 +66,4 @@ def test_example_shapes_are_fixed_on_the_inputs_they_name(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     fixed = zoo_model(tmp_path / "m.onnx")
     dims = [[d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in fixed.graph.input]
-    assert dims == [[1, 3, 48, 96], ["n"]]
+    assert dims == [[-1, 3, 48, 96], ["n"]]

@@ -132,21 +132,32 @@ def export_timm(name: str, exporter: str, tmp: Path):
 # --------------------------------------------------------------------------- #
 # Keras / TensorFlow through tf2onnx (tf venv)
 # --------------------------------------------------------------------------- #
-KERAS = {
-    "mobilenet_v2": ("MobileNetV2", 224), "mobilenet_v3_small": ("MobileNetV3Small", 224),
-    "efficientnet_b0": ("EfficientNetB0", 224), "resnet50": ("ResNet50", 224),
-    "densenet121": ("DenseNet121", 224), "nasnet_mobile": ("NASNetMobile", 224),
-    "convnext_tiny": ("ConvNeXtTiny", 224), "transformer_block": ("transformer_block", 32),
+KERAS = {  # name -> (keras.applications function or "transformer_block", input side, extra keyword arguments)
+    "mobilenet_v2": ("MobileNetV2", 224, {}), "mobilenet_v3_small": ("MobileNetV3Small", 224, {}),
+    # EfficientNetB0 fails in tf2onnx 1.17 (its Normalization layer's constants become missing graph inputs)
+    "efficientnet_v2_b0": ("EfficientNetV2B0", 224, {"include_preprocessing": False}),
+    "resnet50": ("ResNet50", 224, {}), "densenet121": ("DenseNet121", 224, {}),
+    # ConvNeXtTiny fails too: tf2onnx leaves a StatefulPartitionedCall (its LayerScale) in the graph
+    "nasnet_mobile": ("NASNetMobile", 224, {}),
+    "transformer_block": ("transformer_block", 32, {}),
 }
 
 
 def _keras_transformer_block(keras, seq: int):
     """A small Keras text-classification transformer (the Keras guide's TransformerBlock): token + position
     embedding, MultiHeadAttention, LayerNormalization, a Dense feed-forward block, pooling and a Dense head."""
+    class AddPosition(keras.layers.Layer):
+        """A learned position table added to the token embeddings (a weight: tf2onnx 1.17 loses constants that
+        Keras 3 computes at trace time, such as an Embedding of arange(seq), as missing graph inputs)."""
+
+        def build(self, shape):
+            self.table = self.add_weight(shape=tuple(shape[1:]), initializer="random_normal")
+
+        def call(self, x):
+            return x + self.table
+
     tokens = keras.Input((seq,), dtype="int32", batch_size=1, name="tokens")
-    emb = keras.layers.Embedding(1000, 64)(tokens)
-    pos = keras.layers.Embedding(seq, 64)(keras.ops.arange(seq))
-    x = emb + pos
+    x = AddPosition()(keras.layers.Embedding(1000, 64)(tokens))
     att = keras.layers.MultiHeadAttention(num_heads=4, key_dim=16)(x, x)
     x = keras.layers.LayerNormalization(epsilon=1e-6)(x + att)
     ffn = keras.layers.Dense(64)(keras.layers.Dense(128, activation="relu")(x))
@@ -179,21 +190,23 @@ def export_keras(name: str, exporter: str, tmp: Path):
 
     tf.random.set_seed(0)
     keras.utils.set_random_seed(0)
-    app, side = KERAS[name]
+    app, side, kwargs = KERAS[name]
     if app == "transformer_block":
         model = _keras_transformer_block(keras, side)
         x = np.random.default_rng(1234).integers(0, 1000, (1, side)).astype("int32")
     else:
-        model = getattr(keras.applications, app)(weights=None, input_shape=(side, side, 3))
+        model = getattr(keras.applications, app)(weights=None, input_shape=(side, side, 3), **kwargs)
         x = np.random.default_rng(1234).standard_normal((1, side, side, 3)).astype("float32")
     _keras_perturb(model)
     ref = np.asarray(model(x, training=False))
     spec = (tf.TensorSpec(x.shape, tf.as_dtype(x.dtype), name="input"),)
     fn = tf.function(lambda t: model(t, training=False), input_signature=spec)
     m, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
-    source = (f"keras {keras.__version__} {'keras.applications.' + app + '(weights=None)' if app != name else app}; "
+    call = "".join(f", {k}={v}" for k, v in kwargs.items())
+    made = f"keras.applications.{app}(weights=None{call})" if app != "transformer_block" else app
+    source = (f"keras {keras.__version__} {made}; "
               f"tensorflow {tf.__version__}, tf2onnx {tf2onnx.__version__} convert.from_function; input "
-              f"{'x'.join(str(d) for d in x.shape)} (NHWC)")
+              f"{'x'.join(str(d) for d in x.shape)}{' (NHWC)' if x.ndim == 4 else ' token ids'}")
     return m, {m.graph.input[0].name: x}, [ref], source, ""
 
 
