@@ -18,7 +18,7 @@ from .graph import GraphIndex, ai_onnx_opset, defined_names, nested_graphs, oute
 from .roles import Role
 from .rules import Barrier, NodeView, rule_for
 from .rules.registry import Compose, Couple, Ref
-from .zeroflow import ZeroFlow
+from .zeroflow import Fold, ZeroFlow
 
 Space = tuple[str, int]  # (tensor name or "<node>#<pseudo>", axis)
 
@@ -81,6 +81,7 @@ class Analysis:
     barriers: list[str]
     sizes: dict[Space, int | None] = field(default_factory=dict)
     mac_reach: object | None = None  # allocate.MacReach (MACs in prunable groups), set by api.analyze
+    folds: list[Fold] = field(default_factory=list)  # constants removed channels carry into layers (zeroflow)
 
     @property
     def prunable(self) -> list[Group]:
@@ -170,8 +171,8 @@ class _Builder:
         self.frozen: dict[Space, list[str]] = {}
         self.frozen_tensors: dict[str, str] = {}
         self.inexact: dict[Space, str] = {}
-        self.zeros = ZeroFlow(index.initializers)
-        self.zero_visits: list[tuple[str, list]] = []  # (who, relations) in the order the zero flow read them
+        self.zeros = ZeroFlow(index)
+        self.zero_visits: list[tuple] = []  # (who, relations, node) in the order the zero flow read them
         self.structural: list[tuple[object, str]] = []  # (Compose/Expand over spaces, who)
         self.fixups: list[tuple[NodeView, object]] = []
         self.barriers: list[str] = []
@@ -215,17 +216,17 @@ class _Builder:
         carries to the next iteration may come back not zero where it went in zero: the body's zero flow is then
         run once more (ZeroFlow keeps what it found first, so a rerun only adds)."""
         if not subgraphs_of(node):
-            return self._add_relations(resolved, who)
+            return self._add_relations(resolved, who, node)
         leaving = [r for r in resolved if any(ref.side == "body_out" for ref in r[1])]
-        mentioned = self._add_relations([r for r in resolved if r not in leaving], who)
+        mentioned = self._add_relations([r for r in resolved if r not in leaving], who, node)
         start = len(self.zero_visits)
         self._visit_bodies(node)
         body_visits = self.zero_visits[start:]
         inside = [s for _, refs, spaces, _ in leaving for r, s in zip(refs, spaces) if r.side == "body_in"]
         before = [s in self.zeros.nonzero for s in inside]
-        mentioned |= self._add_relations(leaving, who)
+        mentioned |= self._add_relations(leaving, who, node)
         if before != [s in self.zeros.nonzero for s in inside]:
-            for visit in body_visits + [(who, _flows(leaving))]:
+            for visit in body_visits + [(who, _flows(leaving), node)]:
                 self.zeros.visit(*visit)
         return mentioned
 
@@ -255,9 +256,9 @@ class _Builder:
                 self.split_choices.append((view.name, resolved[-1][2][1], self._space(view, rel.alternative)))
         return resolved
 
-    def _add_relations(self, resolved: list, who: str) -> set[Space]:
+    def _add_relations(self, resolved: list, who: str, node: onnx.NodeProto) -> set[Space]:
         mentioned: set[Space] = set()
-        self.zero_visits.append((who, _flows(resolved)))
+        self.zero_visits.append((who, _flows(resolved), node))
         self.zeros.visit(*self.zero_visits[-1])
         for kind, _, spaces, rel in resolved:
             mentioned.update(spaces)
@@ -388,7 +389,8 @@ class _Builder:
                     layouts.setdefault(s, []).append((group.id, offset, inner))
                 offset += atoms.size[leaf] * inner
         ordered = sorted(groups.values(), key=lambda g: g.id)
-        return Analysis(self.index, ordered, layouts, self.fixups, self.barriers, self.size)
+        return Analysis(self.index, ordered, layouts, self.fixups, self.barriers, self.size,
+                        folds=list(self.zeros.folds.values()))
 
 
 def resolve(view: NodeView, ref: Ref) -> tuple[Space, int | None]:

@@ -1,0 +1,206 @@
+"""Exact bias folding where f(0) != 0 (issue 10): a removed channel that an op turns into a known constant (Sigmoid(0)
+= 0.5, w0 * hardswish(x) + w1, Clip with min > 0, ...) carries that constant into the layer that reads it; its
+contribution goes into the layer's bias, so the pruned model equals the original with the removed channels zeroed
+(prune_exact, every group included). Where the layer does not sum the constant the same way at every output (a conv
+that pads its input with zeros sees it only inside the image) or the constant is not known, the group is marked
+inexact with the reason, never silently different."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from builders import GraphBuilder
+from exactness import planned, prune_exact
+
+from onnxprune.surgery import apply_plan
+from onnxprune.verify import check_valid, random_feeds, run
+
+C, H, W = 8, 6, 6
+PADDING = "pads its input with zeros"
+
+Build = Callable[[GraphBuilder, str], str]
+
+
+def scalar(b: GraphBuilder, value: float) -> str:
+    return b.const(np.array(value, np.float32))
+
+
+def hardswish_affine(b: GraphBuilder, x: str) -> str:
+    """PP-OCR's learnable activation: w0 * hardswish(x) + w1, scalars w0 and w1."""
+    return b.op("Add", [b.op("Mul", [b.op("HardSwish", [x]), scalar(b, 1.3)]), scalar(b, 0.4)])
+
+
+# op -> how a removed channel becomes a non-zero constant through it (x: the producing layer's output)
+NOT_ZERO_AT_ZERO: dict[str, Build] = {
+    **{op: (lambda op: lambda b, x: b.op(op, [x]))(op) for op in ("Sigmoid", "HardSigmoid", "Exp", "Softplus", "Cos")},
+    "Clip": lambda b, x: b.op("Clip", [x, scalar(b, 0.5), scalar(b, 6.0)]),
+    "Add": lambda b, x: b.op("Add", [x, scalar(b, 0.25)]),
+    "hardswish_affine": hardswish_affine,
+    # per channel: a divisor is not zeroed with the channel, so channel c carries 0.5 / d[c]
+    "Sigmoid_Div": lambda b, x: b.op("Div", [b.op("Sigmoid", [x]), b.const(
+        b.rng.uniform(0.5, 2.0, (C, 1, 1)).astype(np.float32))]),
+    # a BatchNormalization that no conv folds: its scale and shift are zeroed with the channel, the rest is exact
+    "Sigmoid_BN": lambda b, x: b.bn(b.op("Sigmoid", [x]), C),
+}
+
+
+def conv_reader(b: GraphBuilder, y: str, k: int, pad: int, bias: bool = True) -> str:
+    inputs = [y, b.weight(4, C, k, k)] + ([b.const(np.full(4, 0.1, np.float32))] if bias else [])
+    return b.op("Conv", inputs, kernel_shape=[k, k], pads=[pad] * 4)
+
+
+def conv_chain(op: str, k: int, pad: int, bias: bool = True) -> onnx.ModelProto:
+    """conv (3 -> C) -> OP -> conv k x k (C -> 4) with `pad` on every side."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    return b.model(conv_reader(b, NOT_ZERO_AT_ZERO[op](b, x), k, pad, bias))
+
+
+def gemm_chain(op: str, trans_b: int) -> onnx.ModelProto:
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.gemm(b.input([2, 5]), 5, C, trans_b=trans_b)
+    return b.model(b.gemm(NOT_ZERO_AT_ZERO[op](b, x), C, 4, trans_b=trans_b))
+
+
+def matmul_chain(op: str, bias: bool) -> onnx.ModelProto:
+    """Tokens (1, 3, 5) -> MatMul + Add -> OP -> MatMul (with or without a bias Add)."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.matmul(b.input([1, 3, 5]), 5, C)
+    return b.model(b.matmul(NOT_ZERO_AT_ZERO[op](b, x), C, 4, bias=bias))
+
+
+def through(analysis, plan, tensor: str) -> list:
+    """The pruned groups with a member on `tensor`."""
+    return [analysis.groups[g] for g in plan.keep if any(m.space[0] == tensor for m in analysis.groups[g].members)]
+
+
+def assert_folded_exactly(model: onnx.ModelProto) -> onnx.ModelProto:
+    """No group is marked inexact, a constant was folded, and pruning every group is exact."""
+    prepared, plan = planned(model, 0.5)
+    assert not [g.inexact for g in prepared.analysis.groups if g.inexact]
+    assert prepared.analysis.folds, "no constant carried into a layer was found"
+    pruned, _, _ = prune_exact(model, 0.5, atol=1e-4)
+    return pruned
+
+
+@pytest.mark.parametrize("op", sorted(NOT_ZERO_AT_ZERO))
+@pytest.mark.parametrize("k", [1, 3])
+def test_unpadded_conv_takes_the_constant_in_its_bias(op: str, k: int):
+    if op == "Sigmoid_BN":  # the norm's zeroed scale makes the channel zero again: nothing to fold
+        prepared, plan = planned(conv_chain(op, k, 0), 0.5)
+        assert not prepared.analysis.folds and not any(g.inexact for g in prepared.analysis.groups)
+        prune_exact(conv_chain(op, k, 0), 0.5, atol=1e-4)
+        return
+    assert_folded_exactly(conv_chain(op, k, 0))
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Clip", "hardswish_affine", "Sigmoid_Div"])
+def test_conv_without_a_bias_gets_one(op: str):
+    pruned = assert_folded_exactly(conv_chain(op, 1, 0, bias=False))
+    last = [n for n in pruned.graph.node if n.op_type == "Conv"][-1]
+    assert len(last.input) == 3 and last.input[2]
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Exp", "hardswish_affine"])
+def test_padded_conv_is_marked_inexact_with_the_padding_reason(op: str):
+    model = conv_chain(op, 3, 1)
+    prepared, plan = planned(model, 0.5)
+    stem = next(n for n in prepared.model.graph.node if n.op_type == "Conv").output[0]
+    groups = through(prepared.analysis, plan, stem)
+    assert groups and all(any(PADDING in r for r in g.inexact) for g in groups), [g.inexact for g in groups]
+    assert not prepared.analysis.folds
+    pruned = apply_plan(onnx.ModelProto.FromString(prepared.model.SerializeToString()), prepared.analysis, plan)
+    check_valid(pruned)
+    run(pruned, random_feeds(pruned))
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Clip", "Add", "hardswish_affine", "Softplus"])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_takes_the_constant_in_its_bias(op: str, trans_b: int):
+    assert_folded_exactly(gemm_chain(op, trans_b))
+
+
+def test_gemm_bias_scaled_by_beta():
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.op("Sigmoid", [b.gemm(b.input([2, 5]), 5, C)])
+    y = b.op("Gemm", [x, b.weight(4, C), b.const(np.full(4, 0.2, np.float32))], transB=1, alpha=0.7, beta=0.5)
+    assert_folded_exactly(b.model(y))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("op", ["Sigmoid", "hardswish_affine", "Cos"])
+def test_matmul_takes_the_constant_in_its_bias_add(op: str, bias: bool):
+    """A MatMul without an Add after it gets one; its output keeps its name."""
+    model = matmul_chain(op, bias)
+    pruned = assert_folded_exactly(model)
+    adds = [n for n in pruned.graph.node if n.op_type == "Add"]
+    before = [n for n in model.graph.node if n.op_type == "Add"]
+    assert len(adds) == len(before) + (0 if bias else 1)
+
+
+def test_matmul_beside_a_residual_gets_its_own_bias_add():
+    """The Add after the MatMul adds an activation (a residual), not a bias: a new Add takes the constant."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.input([1, 3, 4])
+    h = b.op("Sigmoid", [b.matmul(x, 4, C)])
+    y = b.op("Add", [b.op("MatMul", [h, b.weight(C, 4, scale=0.3)]), x])
+    assert_folded_exactly(b.model(y))
+
+
+def test_constant_varying_over_space_is_marked_inexact():
+    """Add of a (1, 1, H, W) constant: each position of a removed channel holds another value, which no bias holds."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    y = b.op("Add", [x, b.const(b.rng.uniform(size=(1, 1, H, W)).astype(np.float32))])
+    model = b.model(conv_reader(b, y, 1, 0))
+    prepared, plan = planned(model, 0.5)
+    groups = through(prepared.analysis, plan, x)
+    assert groups and all(any("constant contribution is lost" in r for r in g.inexact) for g in groups)
+
+
+def test_constant_through_an_op_that_is_not_element_wise_is_marked_inexact():
+    """MaxPool of Sigmoid's constant: its value is not evaluated (pooling reads space), so the group is inexact."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    y = b.op("MaxPool", [b.op("Sigmoid", [x])], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    prepared, plan = planned(b.model(conv_reader(b, y, 1, 0)), 0.5)
+    groups = through(prepared.analysis, plan, x)
+    assert groups and all(any("Sigmoid(0) = 0.5" in r for r in g.inexact) for g in groups)
+
+
+def test_conv_transpose_reader_is_marked_inexact():
+    """A ConvTranspose spreads each input over a varying number of outputs: no bias takes the constant."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    y = b.op("ConvTranspose", [b.op("Sigmoid", [x]), b.weight(C, 4, 3, 3)], kernel_shape=[3, 3], strides=[2, 2])
+    prepared, plan = planned(b.model(y), 0.5)
+    groups = through(prepared.analysis, plan, x)
+    assert groups and all(any("does not sum it the same way" in r for r in g.inexact) for g in groups)
+
+
+def test_infinite_constant_is_not_folded():
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    prepared, plan = planned(b.model(conv_reader(b, b.op("Reciprocal", [x]), 1, 0)), 0.5)
+    assert not prepared.analysis.folds
+    assert all(g.inexact for g in through(prepared.analysis, plan, x))
+
+
+def test_constant_computed_from_constants_is_marked_inexact():
+    """Add(x, Cast(c)) that folding leaves (a float16 constant cast to a float32 one twice its bytes and too big to
+    fold): nothing zeroes Cast(c) with the removed channels, so they carry its values into the conv. Before, the
+    group was neither marked nor exact."""
+    side = 32  # C * side * side elements: above what folding always folds
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, side, side]), 3, C)
+    c = b.const(b.rng.uniform(0.5, 1.5, (1, C, side, side)).astype(np.float16))
+    y = b.op("Add", [x, b.op("Cast", [c], to=TensorProto.FLOAT)])
+    prepared, plan = planned(b.model(conv_reader(b, y, 1, 0)), 0.5)
+    assert any(n.op_type == "Cast" for n in prepared.model.graph.node), "folding applied: the case is not tested"
+    groups = through(prepared.analysis, plan, x)
+    assert groups and all(any("computed from constants alone" in r for r in g.inexact) for g in groups), \
+        [g.inexact for g in groups]
