@@ -214,7 +214,7 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
     save_model(pruned, output)
     if plan_out:
         write_plan_dict(plan_out, result.plan_dict)
-    result.file_bytes_before, result.file_bytes_after = model.stat().st_size, output.stat().st_size
+    result.file_bytes_before, result.file_bytes_after = _stored_bytes(model), _stored_bytes(output)
     if report:
         _write_json(report, result.to_dict())
     _print_summary(result, gate, quiet)
@@ -298,6 +298,11 @@ def _checked_output(model: Path, output: Path | None, reads: list[Named], writes
         writes.append(("the output's external data", external_data_path(path)))
     check_paths(inputs + reads, writes)
     return path
+
+
+def _stored_bytes(model: Path) -> int:
+    """Bytes of a model file and of the external-data files it names."""
+    return sum(os.path.getsize(path) for _, path in _model_files("", model) if os.path.isfile(path))
 
 
 def _model_files(what: str, model: Path) -> list[Named]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, files
+from builders import GraphBuilder, files, invoke
 from onnx import external_data_helper, numpy_helper
 
 import onnxprune
@@ -165,3 +165,12 @@ def test_scratch_folder_goes_on_sigterm(tmp_path):
     proc.communicate(b"\n", timeout=60)
     assert proc.returncode == -signal.SIGTERM
     assert not folder.exists()
+
+
+def test_file_sizes_in_the_summary_count_the_data_files(external, tmp_path):
+    path, _ = external
+    result = invoke(path, "--ratio", "0.5", "-o", tmp_path / "p.onnx")
+    assert result.exit_code == 0, result.output
+    sizes = [path.stat().st_size + (path.parent / "big.weights").stat().st_size,
+             (tmp_path / "p.onnx").stat().st_size + (tmp_path / "p.onnx.data").stat().st_size]
+    assert f"file size   {sizes[0]:>14,} -> {sizes[1]:>14,}  bytes" in result.output
