@@ -183,16 +183,14 @@ def prune(model: Path, ratio: float | None, target_macs: float | None, target_la
           latency_table: Path | None, allocation: str, schedule: str, steps: int, sparse_storage: str,
           output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
           report: Path | None, plan_out: Path | None, plan_in: Path | None, strict_target: bool, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
-          max_drop: float | None, latency: bool, threads: int, recover: str, recipe: str, recipe_budget: float,
-          calib: Path | None,
+          max_drop: float | None, latency: bool, threads: int, recover: str, recipe: str, recipe_budget: float, calib: Path | None,
           preprocess: str | None, calib_size: int | None, batch_size: int, stats_path: Path | None, seed: int, quiet: bool) -> None:
     """Prune MODEL and write the smaller model."""
     target = _target(ratio, target_macs, target_latency, plan_in, target_params, _own_share(granularity))
     options = Options(criterion=criterion, round_to=round_to, exclude=exclude, seed=seed, allocation=allocation,
                       recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
-                      quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess),
-                      granularity=granularity, then=then, then_criterion=then_criterion, stats=stats_path,
-                      recipe=recipe, recipe_budget=recipe_budget)
+                      quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess), recipe=recipe,
+                      granularity=granularity, then=then, then_criterion=then_criterion, stats=stats_path, recipe_budget=recipe_budget)
     validate(target, options)
     output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
                                              ("--plan-in", plan_in), ("--latency-table", latency_table), ("--stats", stats_path)],
