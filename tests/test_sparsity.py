@@ -128,6 +128,17 @@ def test_lsq_refits_only_kept_positions_and_keeps_the_mask(kind):
     assert error(run(fitted, feeds)[0], reference) < error(run(plain, feeds)[0], reference)
 
 
+def test_lsq_gives_a_layer_without_bias_one_and_later_layers_still_run():
+    """The first conv has no bias: the re-fit creates one, and the layers after it read that model."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv(b.input(["N", 8, 6, 6]), 8, 16, bias=False)])
+    model = b.model(b.conv(b.op("Relu", [b.conv(x, 16, 16, bias=False)]), 16, 8, k=1))
+    fitted, report = sparsify(model, "2:4", recover="lsq", calib=calibration(model))
+    require_valid(fitted, model)
+    assert all(e["refitted"] for e in report.sparsity["layers"])
+    assert len(fitted.graph.node[0].input) == 3
+
+
 def error(value: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((value - reference) ** 2) / np.sum(reference ** 2))
 
