@@ -65,6 +65,9 @@ def open_lazily(model: onnx.ModelProto, folder: Path) -> None:
     for tensor in all_tensors(model):
         if is_external(tensor):
             _check_range(tensor, folder)
+    for tensor in external_data_helper._get_attribute_tensors(model):  # Constant nodes' values: read as nodes,
+        if is_external(tensor):  # not as weights, so they are loaded (onnx keeps them in the proto by default)
+            _load(tensor, folder)
     set_weights_folder(model, folder.resolve())
 
 
@@ -103,8 +106,10 @@ def read(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
     info = external_data_helper.ExternalDataInfo(tensor)
     dtype, shape = _PLAIN.get(tensor.data_type), tuple(int(d) for d in tensor.dims)
     if dtype is None or not shape or 0 in shape:
-        return numpy_helper.to_array(_in_proto(tensor, _read_bytes(folder / info.location, info.offset,
-                                                                   _stored_bytes(tensor))))
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        _load(copy, folder)
+        return numpy_helper.to_array(copy)
     return np.memmap(folder / info.location, dtype=dtype, mode="r", offset=info.offset, shape=shape)
 
 
@@ -132,10 +137,14 @@ def load_weights(model: onnx.ModelProto) -> None:
         return
     for tensor in all_tensors(model):
         if is_external(tensor):
-            info = external_data_helper.ExternalDataInfo(tensor)
-            tensor.CopyFrom(_in_proto(tensor, _read_bytes(folder / info.location, info.offset,
-                                                          _stored_bytes(tensor))))
+            _load(tensor, folder)
     set_weights_folder(model, None)
+
+
+def _load(tensor: onnx.TensorProto, folder: Path) -> None:
+    """Read an external tensor's data into its proto."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    tensor.CopyFrom(_in_proto(tensor, _read_bytes(folder / info.location, info.offset, _stored_bytes(tensor))))
 
 
 class DataFile:

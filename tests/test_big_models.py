@@ -174,3 +174,42 @@ def test_file_sizes_in_the_summary_count_the_data_files(external, tmp_path):
     sizes = [path.stat().st_size + (path.parent / "big.weights").stat().st_size,
              (tmp_path / "p.onnx").stat().st_size + (tmp_path / "p.onnx.data").stat().st_size]
     assert f"file size   {sizes[0]:>14,} -> {sizes[1]:>14,}  bytes" in result.output
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_prune_lazily_as_in_memory(tmp_path, dtype):
+    """float16 is memory-mapped as it is stored; bfloat16 (no numpy type) is converted by onnx one tensor at a
+    time. Both give the model an in-memory prune gives."""
+    import ml_dtypes
+    numpy_type = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    b = GraphBuilder(seed=4)
+    h = b.input(["N", 64], elem_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(numpy_type)))
+    for k, n in ((64, 128), (128, 96), (96, 16)):
+        h = b.op("Relu", [b.op("MatMul", [h, b.const(b.rng.standard_normal((k, n)).astype(numpy_type))])])
+    path = saved_with_external_data(b.model(h), tmp_path)
+    lazy, _ = onnxprune.prune(path, 0.5, Options(round_to=8))
+    eager, _ = onnxprune.prune(onnx.load(path), 0.5, Options(round_to=8))
+    save_model(lazy, tmp_path / "lazy.onnx")
+    got, want = arrays(load_model(tmp_path / "lazy.onnx")), arrays(eager)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+    assert sum(v.size for v in got.values()) < 64 * 128 + 128 * 96 + 96 * 16
+
+
+def test_constant_node_with_external_data_is_read_when_opened(tmp_path):
+    b = GraphBuilder(seed=5)
+    x = b.input(["N", 32])
+    w = b.rng.standard_normal((32, 64)).astype(np.float32)
+    b.nodes.append(onnx.helper.make_node("Constant", [], ["w_const"], value=numpy_helper.from_array(w, "w")))
+    model = b.model(b.matmul(b.op("Relu", [b.op("MatMul", [x, "w_const"])]), 64, 8))
+    onnx.save_model(model, tmp_path / "m.onnx")
+    proto = onnx.load(tmp_path / "m.onnx")
+    external_data_helper.convert_model_to_external_data(proto, location="m.data", size_threshold=0,
+                                                        convert_attribute=True)
+    onnx.save_model(proto, tmp_path / "m.onnx")
+    loaded = load_model(tmp_path / "m.onnx", lazy=True)
+    value = loaded.graph.node[0].attribute[0].t
+    assert not lazy_tensors.is_external(value) and np.array_equal(numpy_helper.to_array(value), w)
+    pruned, report = onnxprune.prune(tmp_path / "m.onnx", 0.5, Options(round_to=8))
+    assert report.params_after < report.params_before
+    check_valid(pruned)
