@@ -19,10 +19,11 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.M
     nodes inside If branches and Loop and Scan bodies are pruned as the main graph's are. A lazily opened model's
     weights stay on disk: see _spill_external."""
     carried = carried_contributions(analysis, plan)  # read before the weights are sliced
-    moved = _spill_external(model, analysis, plan) if lazy_tensors.weights_folder(model) is not None else []
+    lazy = lazy_tensors.weights_folder(model) is not None
+    moved = _spill_external(model, analysis, plan) if lazy else []
     for graph in [model.graph, *nested_graphs(model.graph)]:
         for position, init in enumerate(graph.initializer):
-            sliced = None if lazy_tensors.is_external(init) else _sliced(analysis, plan, init)
+            sliced = None if lazy and lazy_tensors.is_external(init) else _sliced(analysis, plan, init)
             if sliced is not None:
                 graph.initializer[position].CopyFrom(numpy_helper.from_array(sliced, init.name))
     replaced: set[str] = set()
