@@ -4,7 +4,9 @@
     python tools/bench_calibration_workers.py --model mobilenet_v2 --samples 64 --criterion activation --workers 2
 
 `digits` is models/digits_cnn.onnx with its calibration set tiled to --samples; a zoo name is that skeleton
-materialised with seeded random weights and fed seeded normal images. Times are wall clock of
+materialised with seeded random weights and fed seeded normal images. One process runs once with onnxruntime's
+default threads (what `onnxprune calibrate` does) and once with one intra-op thread (what each worker gets on a
+2-core machine). Times are wall clock of
 `onnxprune.distributed.calibrate` end to end (model load and normalisation, sessions, every batch, for the workers
 also starting and closing the LocalCluster of worker processes, whose start is timed alone as well), with the
 machine's 1-minute load average before and after (on a shared machine the figures follow it). Needs the
@@ -23,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnxprune.calibrate import CalibrationSource
-from onnxprune.distributed import CalibrationRequest, calibrate
+from onnxprune.distributed import CalibrationRequest, calibrate, calibrate_range
 from onnxprune.testing.skeleton import materialize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +80,12 @@ def main() -> None:
         model, data = model_and_data(args.model, args.samples, Path(folder))
         request = CalibrationRequest(model, CalibrationSource(data, batch_size=args.batch_size), args.criterion)
         single_s, single = timed(lambda: calibrate(request))
+        one_thread_s, _ = timed(lambda: calibrate_range(request, None, None, threads=1))
         start_s = cluster_start(args.workers)
         sharded_s, sharded = timed(lambda: calibrate(request, workers=args.workers))
     print(json.dumps({"model": args.model, "samples": single.samples, "criterion": args.criterion,
-                      "single_s": round(single_s, 2), "workers": args.workers, "workers_s": round(sharded_s, 2),
+                      "single_s": round(single_s, 2), "single_one_thread_s": round(one_thread_s, 2),
+                      "workers": args.workers, "workers_s": round(sharded_s, 2),
                       "cluster_start_s": round(start_s, 2), "speed_up": round(single_s / sharded_s, 2),
                       "largest_relative_difference": largest_difference(single, sharded),
                       "load_average": [round(load, 1), round(os.getloadavg()[0], 1)], "cores": os.cpu_count()}))
