@@ -26,9 +26,11 @@ from .graph import GraphIndex, ai_onnx_opset, subgraphs_of
 from .layers import ConvLayer, Layer, MatrixLayer, describe
 from .roles import Role
 from .rules.compare import comparison
+from .rules.conv import pool
 from .rules.elementwise import broadcast, clip, dropout, hard_sigmoid, unary, unary_not_zero_at_zero
 from .rules.norm import batch_norm
-from .rules.registry import Couple, Ref, rule_for
+from .rules.registry import Compose, Couple, Ref, rule_for
+from .rules.shape import transpose
 
 Space = tuple[str, int]
 
@@ -38,7 +40,12 @@ _MULTIPLYING = (Role.W_OUT, Role.SCALE)
 _ZEROED = (Role.W_OUT, Role.BIAS, Role.SCALE, Role.SHIFT, Role.CONST)
 # Rules of ops that act on each element alone (with numpy broadcasting): evaluating them on one element per channel
 # tells what they do to a whole constant channel.
-_ELEMENTWISE = (unary, unary_not_zero_at_zero, hard_sigmoid, clip, dropout, broadcast, comparison, batch_norm)
+_ELEMENTWISE = (unary, unary_not_zero_at_zero, hard_sigmoid, clip, dropout, broadcast, comparison, batch_norm,
+                transpose)
+# Rules of ops that read space (pooling): evaluated on a channel spread over a spatial extent, where a padded
+# average shows at the borders. The real extent where it is static and small, else this many positions.
+_SPATIAL = (pool,)
+_EXTENT = 24
 
 
 @dataclass(frozen=True)
@@ -129,34 +136,55 @@ class ZeroFlow:
                ) -> np.ndarray | None:
         """Per index of the relation's output space, what the node makes of a removed channel; None where the
         node is not element-wise or an operand is not known."""
-        if node is None or not isinstance(rel, Couple) or rule_for(node) not in _ELEMENTWISE:
+        if isinstance(rel, Compose):
+            return self._concatenated(refs, spaces)
+        if node is None or not isinstance(rel, Couple) or rule_for(node) not in _ELEMENTWISE + _SPATIAL:
             return None
         out_ref, out_space = next((r, s) for r, s in zip(refs, spaces) if r.side == "out")
         feeds, zero_type = {}, self._zero_dtype(node)
         for position, name in enumerate(node.input):
             coupled = [(r, s) for r, s in zip(refs, spaces) if r.side == "in" and r.index == position]
-            feed = self._feed(name, coupled, self._dtype(name) or zero_type)
+            feed = self._feed(name, coupled, self._dtype(name) or zero_type, rule_for(node) in _SPATIAL)
             if name and feed is None:
                 return None
             feeds[name] = feed
         outputs = _evaluate(node, {k: v for k, v in feeds.items() if k}, ai_onnx_opset(self.index.model) or 0)
         return None if outputs is None else _per_index(outputs[out_ref.index], out_space[1], self._size(out_space))
 
-    def _feed(self, name: str, coupled: list[tuple[Ref, Space]], zero_type: np.dtype) -> np.ndarray | None:
+    def _feed(self, name: str, coupled: list[tuple[Ref, Space]], zero_type: np.dtype,
+              spatial: bool = False) -> np.ndarray | None:
         """An input as the evaluation sees it: a coupled activation as one element per channel (its constants, or
-        zeros of `zero_type`), a constant as it is (zeros where the harness zeroes it with the channel)."""
+        zeros of `zero_type`), spread over a spatial extent for a pooling op; a constant as it is (zeros where the
+        harness zeroes it with the channel)."""
         array = self.index.array(name) if name else None
         if array is not None:
             zeroed = any(r.role in _ZEROED for r, _ in coupled) and name in self.constants
             return np.zeros_like(array) if zeroed else array
         if not coupled or name in self.computed:
             return None  # an activation broadcast over the channels, or a constant nothing computed
-        (_, space), rank = coupled[0], len(self.index.shapes.get(name) or ())
+        (_, space), shape = coupled[0], self.index.shapes.get(name) or ()
+        values = self._values_in(space, zero_type)
+        if values is None:
+            return None
+        values = values.reshape([-1 if a == space[1] else 1 for a in range(len(shape))])
+        extent = [_spatial_extent(d) if spatial and a >= 2 and a != space[1] else 1 for a, d in enumerate(shape)]
+        return np.broadcast_to(values, np.broadcast_shapes(values.shape, extent)).copy()
+
+    def _values_in(self, space: Space, zero_type: np.dtype) -> np.ndarray | None:
+        """What each removed channel holds in an activation space: zeros where the flow found nothing else."""
         state = self.nonzero.get(space)
         values = np.zeros(self._size(space) or 0, zero_type) if state is None else state.value
-        if values is None or not values.size:
+        return None if values is None or not values.size else values
+
+    def _concatenated(self, refs: list[Ref], spaces: list[Space]) -> np.ndarray | None:
+        """A Concat's output axis: its parts' values one after another (parts that are constants: unknown)."""
+        if refs[0].side != "out" or any(r.side != "in" or s[0] in self.computed or s[0] in self.constants
+                                        for r, s in zip(refs[1:], spaces[1:])):
             return None
-        return values.reshape([-1 if a == space[1] else 1 for a in range(rank)])
+        known = [self.nonzero[s].value for s in spaces[1:] if s in self.nonzero]
+        zero_type = next((v.dtype for v in known if v is not None), np.dtype(np.float32))
+        parts = [self._values_in(s, zero_type) for s in spaces[1:]]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
 
     def _size(self, space: Space) -> int | None:
         size = (self.index.shapes.get(space[0]) or ())[space[1]]
@@ -210,6 +238,10 @@ def _layer_refusal(layer: Layer, index: GraphIndex, who: str, lost: str) -> str 
         return (f"{lost}: {who} pads its input with zeros, so at the borders it sums less of the constant than a "
                 f"bias would add")
     return None
+
+
+def _spatial_extent(size: object) -> int:
+    return size if isinstance(size, int) and size <= _EXTENT else _EXTENT
 
 
 def _evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray] | None:

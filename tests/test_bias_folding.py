@@ -162,14 +162,59 @@ def test_constant_varying_over_space_is_marked_inexact():
     assert groups and all(any("constant contribution is lost" in r for r in g.inexact) for g in groups)
 
 
-def test_constant_through_an_op_that_is_not_element_wise_is_marked_inexact():
-    """MaxPool of Sigmoid's constant: its value is not evaluated (pooling reads space), so the group is inexact."""
+def test_constant_through_a_padded_average_is_marked_inexact():
+    """An AveragePool counting its zero padding: a constant channel comes out smaller at the borders."""
     b = GraphBuilder(seed=0, opset=18)
     x = b.conv(b.input([1, 3, H, W]), 3, C)
-    y = b.op("MaxPool", [b.op("Sigmoid", [x])], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.op("AveragePool", [b.op("Sigmoid", [x])], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
     prepared, plan = planned(b.model(conv_reader(b, y, 1, 0)), 0.5)
     groups = through(prepared.analysis, plan, x)
     assert groups and all(any("Sigmoid(0) = 0.5" in r for r in g.inexact) for g in groups)
+
+
+def test_constant_through_a_reshape_is_marked_inexact():
+    """Ops that move values between axes are not evaluated: the constant is not known there."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    y = b.op("Reshape", [b.op("Exp", [x]), b.const(np.array([1, C, W, H], np.int64))])
+    prepared, plan = planned(b.model(conv_reader(b, y, 1, 0)), 0.5)
+    groups = through(prepared.analysis, plan, x)
+    assert groups and all(any("Exp(0) = 1" in r for r in g.inexact) for g in groups)
+
+
+POOLS: dict[str, dict] = {
+    "MaxPool": {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
+    "AveragePool": {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 0},
+    "GlobalAveragePool": {},
+    "GlobalMaxPool": {},
+}
+
+
+@pytest.mark.parametrize("op", sorted(POOLS))
+def test_constant_through_pooling_is_folded(op: str):
+    """Pooling a constant channel gives the constant (a squeeze-excite's squeeze reads Sigmoid's or hardswish's
+    output): the reader's bias takes it."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    y = b.op(op, [hardswish_affine(b, x)], **POOLS[op])
+    assert_folded_exactly(b.model(conv_reader(b, y, 1, 0)))
+
+
+def test_constant_through_concat_is_folded():
+    """Concat of a Sigmoid branch and a Relu branch: the removed channels carry 0.5 or 0, each where it is."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.input([1, 3, H, W])
+    y = b.op("Concat", [b.op("Sigmoid", [b.conv(x, 3, C)]), b.op("Relu", [b.conv(x, 3, C)])], axis=1)
+    inputs = [y, b.weight(4, 2 * C, 1, 1), b.const(np.full(4, 0.1, np.float32))]
+    assert_folded_exactly(b.model(b.op("Conv", inputs, kernel_shape=[1, 1])))
+
+
+def test_constant_through_transpose_into_a_matmul_is_folded():
+    """Channels moved last (NCHW -> NHWC) into a linear layer: the MatMul's new bias Add takes the constant."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.conv(b.input([1, 3, H, W]), 3, C)
+    y = b.op("Transpose", [b.op("Softplus", [x])], perm=[0, 2, 3, 1])
+    assert_folded_exactly(b.model(b.matmul(y, C, 4, bias=False)))
 
 
 def test_conv_transpose_reader_is_marked_inexact():
