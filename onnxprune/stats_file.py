@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import lazy_tensors
 from .calibrate import ChannelStats, Statistics
 from .errors import OnnxPruneError, first_line
 from .files import write_bytes
@@ -66,7 +66,8 @@ class StatsFile:
 
 def model_fingerprint(model: onnx.ModelProto) -> str:
     """sha256 of the normalised graph: every node (attributes and subgraphs included), the inputs and outputs, and
-    every initializer's name, type, shape and bytes. Doc strings and metadata do not count."""
+    every initializer's name, type, shape and values, read one at a time (lazy_tensors.read: the same whether the
+    model's external data was loaded or left on disk). Doc strings and metadata do not count."""
     digest = hashlib.sha256()
     graph = model.graph
     for node in graph.node:
@@ -76,17 +77,11 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
         digest.update(stripped.SerializeToString(deterministic=True))
     for value in list(graph.input) + list(graph.output):
         digest.update(value.name.encode() + value.type.SerializeToString(deterministic=True))
+    folder = lazy_tensors.weights_folder(model)
     for tensor in sorted(graph.initializer, key=lambda t: t.name):
         digest.update(f"{tensor.name}\0{tensor.data_type}\0{list(tensor.dims)}".encode())
-        digest.update(_tensor_bytes(tensor))
+        digest.update(np.ascontiguousarray(lazy_tensors.read(tensor, folder)).tobytes())
     return digest.hexdigest()
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
-    """The tensor's data; for one whose data stays in an external file, where it lies there."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
-        return repr(sorted((e.key, e.value) for e in tensor.external_data)).encode()
-    return tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
 
 
 # ------------------------------------------------------------------------------------------------ write, read

@@ -138,6 +138,17 @@ def test_fingerprint_follows_graph_and_weights_not_doc_strings():
     assert model_fingerprint(prepare(model).model) != first
 
 
+def test_fingerprint_is_the_same_with_weights_on_disk_or_in_memory(tmp_path):
+    """An external-data model left on disk (lazy_tensors) and read into memory: one fingerprint, so statistics from
+    `calibrate` serve a prune whichever way each opened it."""
+    onnx.save(conv_bn_relu_chain(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    on_disk, in_memory = prepare(tmp_path / "m.onnx", lazy=True).model, prepare(tmp_path / "m.onnx").model
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in on_disk.graph.initializer)
+    assert model_fingerprint(on_disk) == model_fingerprint(in_memory) == model_fingerprint(
+        prepare(conv_bn_relu_chain()).model)
+
+
 def test_stats_of_another_model_are_refused(tmp_path):
     model, data = saved(tmp_path, "conv")
     calibrate(model, data, tmp_path / "s.npz", "--criterion", "apoz")
