@@ -32,6 +32,14 @@ def carried_contributions(analysis: Analysis, plan: Plan) -> dict[str, tuple[Lay
     return found
 
 
+def folded_values(analysis: Analysis, space: tuple[str, int], size: int) -> np.ndarray:
+    """What surgery puts in a layer's bias for each index of its input `space` when that channel is removed: the
+    constant it carries there (0 where none is folded). Bias recovery adds only the removed channels' means beyond
+    it."""
+    fold = next((f for f in analysis.folds if f.space == space), None)
+    return np.zeros(size) if fold is None else fold.value.astype(np.float64)
+
+
 def fold_into_biases(model: onnx.ModelProto, analysis: Analysis, plan: Plan,
                      contributions: dict[str, tuple[Layer, np.ndarray]]) -> None:
     """Add each layer's contribution (its kept outputs) to its bias in the pruned `model`; a matrix layer without

@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from .allocate import Plan
+from .bias_folding import folded_values
 from .calibrate import Progress, mask_input, padding_of
 from .criteria import consumers
 from .errors import OnnxPruneError
@@ -79,8 +80,9 @@ def _mean_contributions(analysis: Analysis, plan: Plan, stats) -> dict[str, tupl
             if layer is None or data.space[0] != node.input[0]:
                 continue
             features = data.offset + (removed[:, None] * data.inner + np.arange(data.inner)).ravel()
-            delta = layer.mean_contribution(constant_values(layer.weight, analysis.index), features,
-                                            stats.channels[data.space].mean[features])
+            mean = stats.channels[data.space].mean
+            beyond = mean[features] - folded_values(analysis, data.space, len(mean))[features]  # surgery's part
+            delta = layer.mean_contribution(constant_values(layer.weight, analysis.index), features, beyond)
             found[node.name] = (layer, found.get(node.name, (layer, 0))[1] + delta)
     return found
 

@@ -6,6 +6,7 @@ that pads its input with zeros sees it only inside the image) or the constant is
 inexact with the reason, never silently different."""
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,10 @@ from onnx import TensorProto
 from builders import GraphBuilder
 from exactness import planned, prune_exact
 
+from onnxprune.allocate import Plan
+from onnxprune.calibrate import calibration_batches, collect_stats
+from onnxprune.pipeline import prepare
+from onnxprune.recover import recover_bias
 from onnxprune.surgery import apply_plan
 from onnxprune.verify import check_valid, random_feeds, run
 
@@ -249,3 +254,26 @@ def test_constant_computed_from_constants_is_marked_inexact():
     groups = through(prepared.analysis, plan, x)
     assert groups and all(any("computed from constants alone" in r for r in g.inexact) for g in groups), \
         [g.inexact for g in groups]
+
+
+def test_bias_recovery_adds_only_what_the_fold_did_not():
+    """Sigmoid channels that are constant (zero weights, biases 0.7 and 1.3) are removed: surgery folds Sigmoid(0)
+    into the reader's bias, bias recovery adds the rest of their means, and the pruned model equals the original.
+    Adding the whole means again would count Sigmoid(0) twice."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.input(["N", 3, H, W])
+    w = np.random.default_rng(0).standard_normal((C, 3, 1, 1)).astype(np.float32)
+    bias = np.full(C, 0.1, np.float32)
+    w[[2, 6]], bias[[2, 6]] = 0, [0.7, 1.3]
+    h = b.op("Sigmoid", [b.op("Conv", [x, b.const(w), b.const(bias)], kernel_shape=[1, 1])])
+    model = b.model(conv_reader(b, h, 1, 0))
+    data = {"x": np.random.default_rng(1).standard_normal((20, 3, H, W)).astype(np.float32)}
+    prepared = prepare(model)
+    group = next(g for g in prepared.analysis.prunable if g.size == C)
+    plan = Plan({group.id: np.array([0, 1, 3, 4, 5, 7])})
+    stats = collect_stats(prepared.model, {m.space for m in group.members if m.space[0] == h},
+                          calibration_batches(iter([data]), prepared.model))
+    original = copy.deepcopy(prepared.model)
+    pruned = apply_plan(prepared.model, prepared.analysis, plan)
+    assert recover_bias(pruned, prepared.analysis, plan, stats, original, lambda: iter([data])) == 1
+    np.testing.assert_allclose(run(pruned, data)[0], run(model, data)[0], atol=1e-5)
