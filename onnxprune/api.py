@@ -24,8 +24,9 @@ log = logging.getLogger("onnxprune")
 def analyze(model_or_path: ModelSource, exclude: tuple[str, ...] = ()) -> Analysis:
     """The channel groups of a model: which channels must be removed together, which are frozen and why; and
     `mac_reach` (allocate.MacReach): the share of the MACs in layers a prunable group touches, and the MACs left
-    with every prunable group at its floor (at the default --round-to)."""
-    prepared = prepare(model_or_path, exclude)
+    with every prunable group at its floor (at the default --round-to). An external-data model's weights stay on
+    disk (lazy_tensors): the analysis reads them one at a time where it reads them at all."""
+    prepared = prepare(model_or_path, exclude, lazy=True)
     inputs = Inputs(prepared, None, None, prepared.analysis.index.shapes)
     prepared.analysis.mac_reach = mac_model_of(inputs).reach(DEFAULT_ROUND_TO)
     return prepared.analysis

@@ -338,7 +338,7 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
     """Print MODEL's channel groups (what would be pruned together, and what is frozen and why); change nothing."""
     nm = nm_pattern(pattern) if pattern is not None else None
     _check_files([("the input model", model)], [], [("--json", json_path)])
-    loaded = load_model(model)
+    loaded = load_model(model, lazy=nm is None)  # weights on disk unless the N:M report reads them all
     sparsity = sparsity_report(loaded, nm) if nm is not None else None  # before analyze normalises the model
     analysis = api.analyze(loaded, exclude)
     groups = [g for g in analysis.groups if show_all or (g.is_channel_group and g.size >= 2)]

@@ -213,3 +213,15 @@ def test_constant_node_with_external_data_is_read_when_opened(tmp_path):
     pruned, report = onnxprune.prune(tmp_path / "m.onnx", 0.5, Options(round_to=8))
     assert report.params_after < report.params_before
     check_valid(pruned)
+
+
+def test_analyze_leaves_the_weights_on_disk(external, monkeypatch):
+    path, _ = external
+    expected = onnxprune.analyze(onnx.load(path))
+    no_full_reads(monkeypatch)
+    analysis = onnxprune.analyze(path)
+    assert lazy_tensors.weights_folder(analysis.index.model) is not None
+    assert [g.to_dict() for g in analysis.groups] == [g.to_dict() for g in expected.groups]
+    assert analysis.mac_reach.to_dict() == expected.mac_reach.to_dict()
+    result = invoke("analyze", path)
+    assert result.exit_code == 0 and "prunable" in result.output, result.output
