@@ -53,9 +53,10 @@ class Candidate:
         return f"{self.criterion}/{self.allocation}/{self.recover}"
 
 
-# Strongest first (BENCHMARKS.md, issues 4 and 5): regression + lsq won on CNNs, sensitivity allocation + lsq on
-# MiniLM; then other criteria and allocations, bias recovery, and today's defaults last.
-STRONG = (Candidate("regression", "uniform", "lsq"), Candidate("regression", "sensitivity", "lsq"),
+# Strongest first (BENCHMARKS.md, issues 4, 5 and 14): regression + lsq won on CNNs, sensitivity allocation + lsq on
+# MiniLM, and regression + sensitivity + lsq won the recipe search on the digits CNN at every MAC target; then other
+# criteria and allocations, bias recovery, and today's defaults last.
+STRONG = (Candidate("regression", "sensitivity", "lsq"), Candidate("regression", "uniform", "lsq"),
           Candidate("activation", "sensitivity", "lsq"), Candidate("l1", "uniform", "lsq"),
           Candidate("regression", "global", "lsq"), Candidate("activation", "uniform", "bias"),
           Candidate("l1", "uniform", "none"))
