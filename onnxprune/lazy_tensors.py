@@ -65,10 +65,17 @@ def open_lazily(model: onnx.ModelProto, folder: Path) -> None:
     for tensor in all_tensors(model):
         if is_external(tensor):
             _check_range(tensor, folder)
-    for tensor in external_data_helper._get_attribute_tensors(model):  # Constant nodes' values: read as nodes,
-        if is_external(tensor):  # not as weights, so they are loaded (onnx keeps them in the proto by default)
+    small = (t for t in all_tensors(model) if is_external(t) and np.prod(t.dims, dtype=np.int64) <= IN_PROTO_UP_TO)
+    for tensor in [*external_data_helper._get_attribute_tensors(model), *small]:
+        if is_external(tensor):
             _load(tensor, folder)
     set_weights_folder(model, folder.resolve())
+
+
+# Elements up to which an external tensor is read into the proto when the model is opened: shape inference and the
+# analysis read such values (Reshape targets, axes, scales) from there, as they do for a loaded model. Constant
+# nodes' values are read too, whatever their size (normalisation reads them as nodes).
+IN_PROTO_UP_TO = 4096
 
 
 def _check_range(tensor: onnx.TensorProto, folder: Path) -> None:

@@ -225,3 +225,23 @@ def test_analyze_leaves_the_weights_on_disk(external, monkeypatch):
     assert analysis.mac_reach.to_dict() == expected.mac_reach.to_dict()
     result = invoke("analyze", path)
     assert result.exit_code == 0 and "prunable" in result.output, result.output
+
+
+def test_small_constants_in_external_data_are_read_when_opened(tmp_path):
+    """A model saved with every tensor external (size_threshold=0) still has its Reshape target read by shape
+    inference, so a flatten into a MatMul prunes lazily as in memory."""
+    b = GraphBuilder(seed=6)
+    x = b.op("Relu", [b.conv(b.input([2, 4, 6, 6]), 4, 128)])
+    h = b.op("Reshape", [x, b.const(np.array([2, -1], np.int64))])
+    model = b.model(b.matmul(h, 128 * 36, 8))
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "m.onnx",
+                    save_as_external_data=True, location="m.data", size_threshold=0)  # it moves the given weights
+    loaded = load_model(tmp_path / "m.onnx", lazy=True)
+    assert [t.name for t in loaded.graph.initializer if lazy_tensors.is_external(t)] == [model.graph.initializer[0].name,
+                                                                                        model.graph.initializer[3].name]
+    lazy, report = onnxprune.prune(tmp_path / "m.onnx", 0.5, Options(round_to=8))
+    eager, expected = onnxprune.prune(model, 0.5, Options(round_to=8))
+    assert report.params_after == expected.params_after < report.params_before
+    save_model(lazy, tmp_path / "lazy.onnx")
+    got, want = arrays(load_model(tmp_path / "lazy.onnx")), arrays(eager)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
