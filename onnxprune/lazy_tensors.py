@@ -4,7 +4,8 @@ A model with external data is opened without its weights (`graph.load_model(path
 memory-mapped when a step reads it (`read`) and unmapped when that step drops it, so reading every weight once (a
 criterion's norms) holds one tensor at a time. Surgery writes every external tensor of the pruned model, sliced or
 copied, into one new data file (`DataFile`) in the run's scratch folder, and `graph.save_model` copies the tensors of
-such a model tensor by tensor into the output's data file: no step holds the model's weights in memory.
+such a model tensor by tensor into the output's data file: no step holds the model's weights in memory. Runs that
+execute the model or change weights in place read them into the proto first (`load_weights`, pipeline.prepare).
 
 The working model keeps ONNX's own form (locations relative to a folder: the checker and onnxruntime refuse absolute
 ones); that folder travels in the model's metadata under FOLDER_KEY, so copies of the model (copy.deepcopy) keep it,
@@ -26,6 +27,10 @@ from .errors import OnnxPruneError
 FOLDER_KEY = "onnxprune.weights_folder"
 ALIGNMENT = 4096  # tensors start on page boundaries in the files written here, so onnxruntime can map them
 _CHUNK = 1 << 24  # bytes copied at a time between data files
+# Elements up to which an external tensor is read into the proto when the model is opened: shape inference and the
+# analysis read such values (Reshape targets, axes, scales) from there, as they do for a loaded model. Constant
+# nodes' values are read too, whatever their size (normalisation reads them as nodes).
+IN_PROTO_UP_TO = 4096
 # Element types whose external bytes are a little-endian numpy array of the same type (the rest are converted by
 # onnx's numpy_helper: bfloat16, float8, 4-bit types, strings).
 _PLAIN = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).newbyteorder("<") for t in (
@@ -70,12 +75,6 @@ def open_lazily(model: onnx.ModelProto, folder: Path) -> None:
         if is_external(tensor):
             _load(tensor, folder)
     set_weights_folder(model, folder.resolve())
-
-
-# Elements up to which an external tensor is read into the proto when the model is opened: shape inference and the
-# analysis read such values (Reshape targets, axes, scales) from there, as they do for a loaded model. Constant
-# nodes' values are read too, whatever their size (normalisation reads them as nodes).
-IN_PROTO_UP_TO = 4096
 
 
 def _check_range(tensor: onnx.TensorProto, folder: Path) -> None:
