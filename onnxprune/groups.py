@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ from .atoms import Atoms
 from .graph import GraphIndex, ai_onnx_opset, defined_names, nested_graphs, outer_scope_names, subgraphs_of
 from .roles import Role
 from .rules import Barrier, NodeView, rule_for
-from .rules.registry import Compose, Couple, Ref
+from .rules.registry import Compose, Couple, Expand, Ref, is_static
 from .zeroflow import Fold, ZeroFlow
 
 Space = tuple[str, int]  # (tensor name or "<node>#<pseudo>", axis)
@@ -105,27 +106,30 @@ def analyze(model: onnx.ModelProto, index: GraphIndex | None = None, exclude: tu
     """Find the channel groups of a (normalised) model.
 
     An axis split in two by a reshape is read as an expansion of the outer part (heads out of a hidden dimension) or
-    as the inner part repeated (q/k/v packed in one projection, channel shuffle). The first reading is tried first;
-    reshapes whose outer part ends up frozen while the inner part is frozen only by that reading are switched, and
-    the switch is kept when it makes more weights prunable."""
+    as the inner part repeated (q/k/v packed in one projection, channel shuffle), and a grouped conv prunes whole
+    groups or channel c of every group (a ResNeSt radix conv). The first reading is tried first; nodes whose outer
+    part ends up frozen while the inner part is frozen only by readings that switch with them are switched together
+    (a split into three axes may go one level deeper, see rules/shape.py), and the switch is kept when it makes more
+    weights prunable."""
     index = index or GraphIndex.build(model)
-    tiled: set[str] = set()
+    tiled: dict[str, int] = {}  # node -> how many levels of its split axes are read tiled
     best = _analyze_once(model, index, tiled)
     for _ in range(3):
-        flips = _tiling_candidates(*best) - tiled
+        flips = _tiling_candidates(*best)
         if not flips:
             break
-        trial = _analyze_once(model, index, tiled | flips)
+        deeper = {**tiled, **flips}
+        trial = _analyze_once(model, index, deeper)
         if _prunable_weights(trial[0]) <= _prunable_weights(best[0]):
             break
-        best, tiled = trial, tiled | flips
+        best, tiled = trial, deeper
     analysis, builder = best
     if exclude:
         _apply_exclusions(analysis, builder.touched_by, exclude)
     return analysis
 
 
-def _analyze_once(model: onnx.ModelProto, index: GraphIndex, tiled: set[str]) -> tuple[Analysis, "_Builder"]:
+def _analyze_once(model: onnx.ModelProto, index: GraphIndex, tiled: dict[str, int]) -> tuple[Analysis, "_Builder"]:
     builder = _Builder(index, ai_onnx_opset(model) or 0, tiled)
     for node in model.graph.node:
         builder.visit(node)
@@ -133,19 +137,43 @@ def _analyze_once(model: onnx.ModelProto, index: GraphIndex, tiled: set[str]) ->
     return builder.finish(), builder
 
 
-def _tiling_candidates(analysis: Analysis, builder: "_Builder") -> set[str]:
-    """Reshapes whose outer part of a split axis is frozen while the inner part is frozen only by that reshape."""
-    def groups_of(space: Space) -> list[Group]:
-        return [analysis.groups[gid] for gid, _, _ in analysis.layouts.get(space, [])]
+def _tiling_candidates(analysis: Analysis, builder: "_Builder") -> dict[str, int]:
+    """Nodes to read tiled one level deeper (or, where only the innermost axis of a split is waiting, fully: level
+    2): the outer part of a split axis is frozen by something else than these readings, while an inner part is frozen
+    only by the nodes that switch together. Split attention reshapes (r*C) into (r, C) in two or three places, and
+    each place alone freezes the C of the others. A grouped conv's channels per group are a space of the other
+    reading only: nothing to wait for."""
+    switching = {node for node, outer, _ in builder.split_choices if _frozen(analysis, outer)}
+    while True:
+        released = _released_by(analysis, builder, switching)
+        kept = {node for node, outer, inners in builder.split_choices if node in switching
+                and not released(outer) and (not inners or any(released(s) for s in inners))}
+        if kept == switching:
+            break
+        switching = kept
+    levels: dict[str, int] = {}
+    for node, _, inners in builder.split_choices:
+        if node in switching:
+            deeper = builder.tiled.get(node, 0) + 1 if not inners or released(inners[0]) else 2
+            levels[node] = max(levels.get(node, 0), deeper)
+    return levels
 
-    def frozen(space: Space) -> bool:
-        return bool(groups_of(space)) and all(g.frozen for g in groups_of(space))
 
-    def frozen_only_by(space: Space, node: str) -> bool:
-        reasons = [r for g in groups_of(space) for r in g.frozen]
-        return bool(reasons) and all(f"'{node}' does not carry" in r for r in reasons)
+def _frozen(analysis: Analysis, space: Space) -> bool:
+    segments = analysis.layouts.get(space, [])
+    return bool(segments) and all(analysis.groups[gid].frozen for gid, _, _ in segments)
 
-    return {node for node, outer, inner in builder.split_choices if frozen(outer) and frozen_only_by(inner, node)}
+
+def _released_by(analysis: Analysis, builder: "_Builder", nodes: set[str]) -> Callable[[Space], bool]:
+    """Whether every reason that freezes a space is one of these nodes not carrying an inner part it would carry
+    read tiled."""
+    freed = [f"'{node}' does not carry axis {space[1]} of '{space[0]}'" for node, _, inners in builder.split_choices
+             if node in nodes for space in inners]
+
+    def released(space: Space) -> bool:
+        reasons = [r for gid, _, _ in analysis.layouts.get(space, []) for r in analysis.groups[gid].frozen]
+        return all(any(f in r for f in freed) for r in reasons)
+    return released
 
 
 def _prunable_weights(analysis: Analysis) -> int:
@@ -160,11 +188,11 @@ def _prunable_weights(analysis: Analysis) -> int:
 
 
 class _Builder:
-    def __init__(self, index: GraphIndex, opset: int, tiled: set[str]):
+    def __init__(self, index: GraphIndex, opset: int, tiled: dict[str, int]):
         self.index = index
         self.opset = opset
         self.tiled = tiled
-        self.split_choices: list[tuple[str, Space, Space]] = []  # (node, outer part, inner part) of split axes
+        self.split_choices: list[tuple[str, Space, tuple[Space, ...]]] = []  # (node, outer part, inner parts)
         self.parent: dict[Space, Space] = {}
         self.size: dict[Space, int | None] = {}
         self.role: dict[Space, Role] = {}
@@ -192,7 +220,7 @@ class _Builder:
             return self._barrier(tensors, f"{who}: " + (f"no rule for op {domain}{node.op_type}" if fn is None else
                                                         "its subgraphs reuse names defined elsewhere in the model"))
         tensors += _boundary(node)
-        view = NodeView(node, self.index, self.opset, tile=node.name in self.tiled)
+        view = NodeView(node, self.index, self.opset, tile=self.tiled.get(node.name, 0))
         try:
             rule = fn(view)
             resolved = self._resolve(view, rule.relations)
@@ -253,8 +281,23 @@ class _Builder:
             kind = "couple" if isinstance(rel, Couple) else "compose" if isinstance(rel, Compose) else "expand"
             resolved.append((kind, refs, [self._space(view, r) for r in refs], rel))
             if kind == "expand" and rel.alternative is not None:
-                self.split_choices.append((view.name, resolved[-1][2][1], self._space(view, rel.alternative)))
+                self.split_choices.append((view.name, resolved[-1][2][1], self._alternative_spaces(view, rel)))
         return resolved
+
+    def _alternative_spaces(self, view: NodeView, rel: Expand) -> tuple[Space, ...]:
+        """The inner parts the other readings would keep: the axis after the outer one, and the innermost axis of
+        the block (the same for a split in two); none where that is a node-local space of that reading alone."""
+        if rel.alternative.side == "pseudo":
+            return ()
+        first = self._space(view, rel.alternative)
+        shape, product, last = self.index.shapes[first[0]], 1, first[1]
+        for axis in range(first[1], len(shape)):
+            if product == rel.inner or not is_static(shape[axis]):
+                break
+            product, last = product * shape[axis], axis
+        if product != rel.inner or last == first[1]:
+            return (first,)
+        return first, self._space(view, replace(rel.alternative, axis=last))
 
     def _add_relations(self, resolved: list, who: str, node: onnx.NodeProto) -> set[Space]:
         mentioned: set[Space] = set()

@@ -2,7 +2,6 @@
 prunes exactly on a graph built in code, and each case the analysis cannot follow stays frozen with its reason."""
 import numpy as np
 import onnx
-import pytest
 from builders import GraphBuilder
 from exactness import prune_exact
 from onnx import TensorProto, helper
@@ -234,13 +233,12 @@ def test_selective_kernel_attention_prunes_the_same_channels_in_every_path():
     assert len(plan.keep) >= 3  # the stem, the paths' channels, the attention's hidden width
 
 
-@pytest.mark.xfail(strict=True, reason="a grouped conv prunes whole groups (rules/conv.py), here the radix parts, "
-                                       "and the tiled reading is tried for one reshape at a time (groups.py)")
 def test_resnest_split_attention_through_a_grouped_conv_prunes_exactly():
     b = GraphBuilder()
     x = stem(b)
     y = b.op("Relu", [b.conv(x, C, 2 * C, group=2)])  # radix 2: each group of the conv is one part
     parts = b.op("Reshape", [y, b.const(i64(0, 2, C, 8, 8))])
     model = b.model(b.conv(radix_attention(b, parts, radix=2), C, 4))
-    _, analysis, _ = prune_exact(model)
-    assert channel_group(model, parts.replace("_out0", "_out0")).prunable
+    pruned, analysis, _ = prune_exact(model)
+    assert channel_group(model, y).prunable  # channel c of both radix parts at once; the conv keeps its 2 groups
+    assert [a.i for n in pruned.graph.node for a in n.attribute if a.name == "group"][1] == 2

@@ -7,7 +7,8 @@ from ..einsum import Equation, equation_of
 from ..layers import weight_axes
 from ..roles import Role
 from .elementwise import broadcast_couples
-from .registry import Barrier, FixContext, In, NodeView, Out, Pseudo, Ref, Rule, couple, expand, is_static, rule
+from .registry import (Barrier, FixContext, In, NodeView, Out, Pseudo, Ref, Rule, compose, couple, expand, is_static,
+                       rule)
 
 
 def _bias(n: NodeView, index: int) -> list:
@@ -24,12 +25,26 @@ def conv(n: NodeView) -> Rule:
     outputs = couple(Out(0, 1), In(1, out_axis, Role.W_OUT), *_bias(n, 2))
     if groups == 1:
         return Rule(couple(In(0, 0), Out(0, 0)), couple(In(0, 1), In(1, in_axis, Role.W_IN)), outputs)
-    # Grouped (and depthwise) conv: prune whole groups; input and output channels of group g go together.
     per_group_out = weight[0] // groups
+    if n.tile:
+        return Rule(couple(In(0, 0), Out(0, 0)), outputs,
+                    *_same_channels_in_every_group(groups, weight[1], per_group_out, in_axis))
+    # Grouped (and depthwise) conv: prune whole groups; input and output channels of group g go together. The other
+    # reading (groups.analyze switches to it where the groups themselves are frozen) keeps the groups.
+    other = Pseudo("group channels", per_group_out) if per_group_out > 1 else None
     return Rule(couple(In(0, 0), Out(0, 0)), outputs,
                 expand(In(0, 1), Pseudo("groups", groups), weight[1]),
-                expand(Out(0, 1), Pseudo("groups", groups), per_group_out),
+                expand(Out(0, 1), Pseudo("groups", groups), per_group_out, alternative=other),
                 fixup=_set_group)
+
+
+def _same_channels_in_every_group(groups: int, per_group_in: int, per_group_out: int, in_axis: int) -> list:
+    """Channel c of every group at once: the group count stays and each group narrows. A ResNeSt radix conv's groups
+    are the radix parts of one set of channels, which the split attention reshapes apart and sums back together.
+    The weight's input axis is one group's input channels, shared by all groups."""
+    group_in, group_out = Pseudo("group inputs", per_group_in), Pseudo("group channels", per_group_out)
+    return [compose(In(0, 1), *[group_in] * groups), couple(group_in, In(1, in_axis, Role.W_IN)),
+            compose(Out(0, 1), *[group_out] * groups)]
 
 
 @rule("ConvTranspose")

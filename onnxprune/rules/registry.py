@@ -152,11 +152,11 @@ def rule_for(node: onnx.NodeProto) -> RuleFn | None:
 class NodeView:
     """A node with its shapes and constant inputs, as rules and fixups see it."""
 
-    def __init__(self, node: onnx.NodeProto, index: GraphIndex, opset: int, tile: bool = False):
+    def __init__(self, node: onnx.NodeProto, index: GraphIndex, opset: int, tile: int = 0):
         self.node = node
         self.index = index
         self.opset = opset
-        self.tile = tile  # read axes split in two as the inner part repeated (see groups.analyze)
+        self.tile = tile  # read split axes as the inner part repeated, nested `tile` levels deep (see groups.analyze)
         self._attrs = {a.name: a for a in node.attribute}
 
     @property

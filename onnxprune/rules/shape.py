@@ -11,12 +11,14 @@ from .registry import (Barrier, Compose, Couple, Expand, FixContext, In, NodeVie
                        expand, identity_couples, is_static, rule)
 
 
-def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
+def reshape_relations(src: Dims, dst: Dims, tile_splits: int = 0) -> list:
     """Line up the axes of a reshape by products. A 1:1 block couples; several source axes merged into one
     destination axis make it an expansion of the outermost source axis (Flatten into a linear layer); one source axis
     split into several makes it an expansion of the outermost destination axis (heads out of a hidden dimension).
     With `tile_splits`, a split axis is instead its inner part repeated once per index of the outer axis (q/k/v
-    packed in one projection, channel shuffle); the inner part is in turn an expansion of its own outermost axis.
+    packed in one projection, channel shuffle); the inner part is in turn an expansion of its own outermost axis, or,
+    with `tile_splits` 2, the innermost axis repeated once per index of all the others (split attention's
+    (card * r * C) viewed (card, r, C)).
     Merged last axes are then the innermost one repeated (channels last, flattened after a permute).
     Axes not related this way, and many-to-many blocks, stay frozen."""
     relations = []
@@ -31,7 +33,7 @@ def reshape_relations(src: Dims, dst: Dims, tile_splits: bool = False) -> list:
             relations.append(expand(Out(0, dst_axes[0]), In(0, src_axes[0]), _product(src, src_axes[1:]),
                                     alternative=In(0, src_axes[-1]) if last else None))
         elif len(src_axes) == 1 and tile_splits:
-            relations += _tiled_split(src_axes[0], dst, dst_axes)
+            relations += _tiled_split(src_axes[0], dst, dst_axes, tile_splits)
         elif len(src_axes) == 1:
             relations.append(expand(In(0, src_axes[0]), Out(0, dst_axes[0]), _product(dst, dst_axes[1:]),
                                     alternative=Out(0, dst_axes[1])))
@@ -50,12 +52,13 @@ def _tiled_merge(dst_axis: int, src: Dims, src_axes: list[int]) -> Compose:
     return compose(Out(0, dst_axis), *[In(0, src_axes[-1])] * _product(src, src_axes[:-1]))
 
 
-def _tiled_split(src_axis: int, dst: Dims, dst_axes: list[int]) -> list:
+def _tiled_split(src_axis: int, dst: Dims, dst_axes: list[int], levels: int) -> list:
     repeats, rest = dst[dst_axes[0]], dst_axes[1:]
-    if len(rest) == 1:
-        return [compose(In(0, src_axis), *[Out(0, rest[0])] * repeats)]
+    if len(rest) == 1 or levels > 1:
+        return [compose(In(0, src_axis), *[Out(0, rest[-1])] * _product(dst, dst_axes[:-1]))]
     part = Pseudo(f"part{src_axis}", _product(dst, rest))
-    return [compose(In(0, src_axis), *[part] * repeats), expand(part, Out(0, rest[0]), _product(dst, rest[1:]))]
+    return [compose(In(0, src_axis), *[part] * repeats),
+            expand(part, Out(0, rest[0]), _product(dst, rest[1:]), alternative=Out(0, rest[1]))]
 
 
 def _product(shape: Dims, axes: list[int]) -> int:
