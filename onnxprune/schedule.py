@@ -34,7 +34,7 @@ def prune_iteratively(model_or_path: onnx.ModelProto | str | os.PathLike, target
                       options: Options) -> tuple[onnx.ModelProto, PruneReport]:
     """`options.steps` one-shot prunes of growing ratio, each re-scoring and recovering the current model; the
     report and plan are the whole run's, in the original model's terms."""
-    start = prepare(model_or_path)
+    start = prepare(model_or_path, lazy=True)
     original, reference = start.model, reference_sizes(start.analysis)
     current, reports, kept = original, [], {}
     for step in step_targets(options.steps, target):
@@ -54,7 +54,7 @@ def _compose(kept: dict[str, dict[str, np.ndarray]], step: dict[str, dict[str, l
 
 def _combined_report(original: onnx.ModelProto, reports: list[PruneReport], kept: dict,
                      target: Target) -> PruneReport:
-    analysis = prepare(original).analysis
+    analysis = prepare(original, lazy=True).analysis
     plan = plan_from_initializers(analysis, kept)
     rows = channel_groups(analysis, {gid: len(k) for gid, k in plan.keep.items()})
     first, last = reports[0], reports[-1]

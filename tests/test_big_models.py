@@ -245,3 +245,24 @@ def test_small_constants_in_external_data_are_read_when_opened(tmp_path):
     save_model(lazy, tmp_path / "lazy.onnx")
     got, want = arrays(load_model(tmp_path / "lazy.onnx")), arrays(eager)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_runs_on_data_read_the_weights_and_give_the_in_memory_result(external, tmp_path):
+    """An iterative schedule with least-squares recovery runs the model: its steps read the weights into memory
+    (the schedule's own analysis leaves them on disk) and end on the in-memory run's weights."""
+    path, _ = external
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 8, 12, 12)).astype(np.float32))
+    options = Options(round_to=8, schedule="iterative", steps=2, recover="lsq",
+                      calib=onnxprune.CalibrationSource(tmp_path / "calib.npz"), quiet=True)
+    lazy, _ = onnxprune.prune(path, 0.5, options)
+    eager, _ = onnxprune.prune(onnx.load(path), 0.5, options)
+    got, want = arrays(lazy), arrays(eager)
+    assert got.keys() == want.keys() and all(np.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_check_command_runs_external_data_models_from_their_files(external, tmp_path):
+    path, _ = external
+    assert invoke(path, "--ratio", "0.5", "-o", tmp_path / "p.onnx", "--quiet").exit_code == 0
+    result = invoke("check", path, tmp_path / "p.onnx")
+    assert result.exit_code == 0, result.output
+    assert "cosine" in result.output
