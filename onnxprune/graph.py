@@ -1,8 +1,9 @@
 """Loading, saving and indexing ONNX graphs.
 
-`load_model` reads a file (external data included, or left on disk: lazy_tensors), `normalize` rewrites exporter quirks into the plain form the
-analysis expects (weights held in `Constant` nodes become initializers, `Identity` nodes on constants are bypassed),
-and `GraphIndex` gives the analysis shapes, constants, producers and consumers in one place.
+`load_model` reads a file (external data included, or left on disk: lazy_tensors), `normalize` rewrites exporter
+quirks into the plain form the analysis expects (weights held in `Constant` nodes become initializers, `Identity`
+nodes on constants are bypassed), and `GraphIndex` gives the analysis shapes, constants, producers and consumers in
+one place.
 """
 from __future__ import annotations
 
