@@ -56,19 +56,20 @@ def fold_into_biases(model: onnx.ModelProto, analysis: Analysis, plan: Plan,
 
 def _add_after(model: onnx.ModelProto, layer: Layer, bias: np.ndarray) -> None:
     """Insert `output = Add(layer's output, bias)` right after a matrix layer (outputs on the last axis), the output
-    keeping its name."""
+    keeping its name. The layer's node is replaced by a renamed copy: the analysis may hold the node itself."""
     if not isinstance(layer, MatrixLayer):
         raise OnnxPruneError(f"internal error: no bias to take a removed channel's constant at '{layer.node.name}'")
     graph, names = model.graph, _names(model)
-    node = next(n for n in graph.node if n.name == layer.node.name)
-    output, inner = node.output[0], _fresh(names, f"{node.output[0]}_before_folded_bias")
-    bias_name = _fresh(names, f"{node.name}_folded_bias")
-    graph.initializer.append(numpy_helper.from_array(bias, bias_name))
-    node.output[0] = inner
     nodes = list(graph.node)
-    position = next(k for k, n in enumerate(nodes) if n.output and n.output[0] == inner)
-    add = helper.make_node("Add", [inner, bias_name], [output], name=_fresh(names, f"{node.name}_folded_bias_add"))
-    nodes.insert(position + 1, add)
+    position = next(k for k, n in enumerate(nodes) if n.name == layer.node.name)
+    renamed = onnx.NodeProto()
+    renamed.CopyFrom(nodes[position])
+    output, renamed.output[0] = renamed.output[0], _fresh(names, f"{renamed.output[0]}_before_folded_bias")
+    bias_name = _fresh(names, f"{renamed.name}_folded_bias")
+    graph.initializer.append(numpy_helper.from_array(bias, bias_name))
+    add = helper.make_node("Add", [renamed.output[0], bias_name], [output],
+                           name=_fresh(names, f"{renamed.name}_folded_bias_add"))
+    nodes[position:position + 1] = [renamed, add]
     del graph.node[:]
     graph.node.extend(nodes)
 

@@ -17,6 +17,8 @@ from onnx import TensorProto
 from builders import GraphBuilder
 from exactness import planned, prune_exact
 
+import onnxprune
+from onnxprune import CalibrationSource, Options
 from onnxprune.allocate import Plan
 from onnxprune.calibrate import calibration_batches, collect_stats
 from onnxprune.pipeline import prepare
@@ -277,3 +279,15 @@ def test_bias_recovery_adds_only_what_the_fold_did_not():
     pruned = apply_plan(prepared.model, prepared.analysis, plan)
     assert recover_bias(pruned, prepared.analysis, plan, stats, original, lambda: iter([data])) == 1
     np.testing.assert_allclose(run(pruned, data)[0], run(model, data)[0], atol=1e-5)
+
+
+def test_least_squares_recovery_runs_after_a_bias_add_was_inserted():
+    """The new Add after a MatMul renames the MatMul's output in the pruned model only: recovery, which reads the
+    analysed model's names, still finds every layer's input and output (it failed on the renamed output)."""
+    model = matmul_chain("Sigmoid", bias=False)
+    rng = np.random.default_rng(2)
+    data = [{"x": rng.standard_normal((1, 3, 5)).astype(np.float32)} for _ in range(8)]
+    options = Options(criterion="l1", recover="lsq", calib=CalibrationSource(data=data))
+    pruned, _ = onnxprune.prune(model, 0.5, options)
+    check_valid(pruned)
+    assert sum(n.op_type == "Add" for n in pruned.graph.node) == 2
