@@ -77,7 +77,7 @@ def test_a_tiny_budget_tries_one_candidate_and_says_so(tmp_path):
 def test_fixed_choices_hold_in_every_candidate():
     candidates = candidate_list(Options(recover="bias", allocation="sensitivity"), can_refit=True)
     assert {(c.allocation, c.recover) for c in candidates} == {("sensitivity", "bias")}
-    assert [c.criterion for c in candidates] == ["regression", "activation", "l1"]  # duplicates dropped
+    assert [c.criterion for c in candidates] == ["l1", "regression", "activation"]  # duplicates dropped
 
 
 def test_without_refittable_layers_no_regression_or_lsq():
