@@ -78,7 +78,7 @@ def pruned_row(model: onnx.ModelProto, path: Path, ratio: float,
 
 def without_names(reason: str) -> str:
     """A reason with the node and tensor names left out ('...'), so that reasons of one kind count together."""
-    return re.sub(r" \('[^']*'\)| '[^']*'", "", reason)
+    return re.sub(r"(?:^| )\(?'[^']*'\)?", "", reason).strip()
 
 
 def _error(exc: BaseException) -> str:
