@@ -17,11 +17,11 @@ def i64(*values: int) -> np.ndarray:
     return np.array(values, np.int64)
 
 
-def resnest_block(radix: int, cardinality: int) -> tuple[onnx.ModelProto, str]:
+def resnest_block(radix: int, cardinality: int, stem_act: str = "Relu") -> tuple[onnx.ModelProto, str]:
     """timm's SplitAttn as torch exports it, between a stem conv and a 1x1 conv; returns the model and the radix
     conv's output (N, radix * C, H, W)."""
     b = GraphBuilder()
-    x = b.op("Relu", [b.conv(b.input(["N", 3, 8, 8]), 3, C)])
+    x = b.op(stem_act, [b.conv(b.input(["N", 3, 8, 8]), 3, C)])
     y = b.op("Relu", [b.bn(b.conv(x, C, radix * C, group=radix * cardinality, bias=False), radix * C)])
     parts = b.op("Reshape", [y, b.const(i64(0, radix, C, 8, 8))])
     gap = b.op("ReduceMean", [b.op("ReduceSum", [parts, b.const(i64(1))], keepdims=0)], axes=[2, 3], keepdims=1)
@@ -71,6 +71,17 @@ def test_cardinality_groups_tie_channel_c_of_every_group():
     (group,) = group_of(model, radix_out)
     assert group.size == C // 2
     assert layout(model, radix_out) == [(group.id, offset, 1) for offset in (0, C // 2, C, 3 * C // 2)]
+
+
+def test_a_constant_removed_channel_into_the_radix_conv_marks_its_group():
+    """Channel c of every group removed from the conv's input feeds the kept outputs of every group: where it is not
+    zero (Sigmoid(0) = 0.5) the group is marked inexact with the reason, never silently different; the others
+    still prune exactly."""
+    model, _ = resnest_block(radix=2, cardinality=1, stem_act="Sigmoid")
+    stem = next(n.output[0] for n in model.graph.node if n.op_type == "Sigmoid")
+    (group,) = group_of(model, stem)
+    assert any("Sigmoid(0) = 0.5" in r and "sums it in" in r for r in group.inexact)
+    prune_exact(model, exact_groups_only=True)
 
 
 def test_a_grouped_conv_whose_groups_are_free_still_prunes_whole_groups():

@@ -41,9 +41,11 @@ def conv(n: NodeView) -> Rule:
 def _same_channels_in_every_group(groups: int, per_group_in: int, per_group_out: int, in_axis: int) -> list:
     """Channel c of every group at once: the group count stays and each group narrows. A ResNeSt radix conv's groups
     are the radix parts of one set of channels, which the split attention reshapes apart and sums back together.
-    The weight's input axis is one group's input channels, shared by all groups."""
+    The weight's input axis is one group's input channels, shared by all groups. A removed input channel feeds
+    kept outputs here, so the input axis is also declared consumed: one that is not zero where it arrives (after a
+    Sigmoid) marks its group inexact (zeroflow)."""
     group_in, group_out = Pseudo("group inputs", per_group_in), Pseudo("group channels", per_group_out)
-    return [compose(In(0, 1), *[group_in] * groups), couple(group_in, In(1, in_axis, Role.W_IN)),
+    return [compose(In(0, 1), *[group_in] * groups), couple(group_in, In(1, in_axis, Role.W_IN)), couple(In(0, 1)),
             compose(Out(0, 1), *[group_out] * groups)]
 
 
