@@ -17,7 +17,7 @@ anything: as an element-wise operand it carries its own value into the removed c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
@@ -50,12 +50,11 @@ _EXTENT = 24
 
 @dataclass(frozen=True)
 class NonZero:
-    """Why a removed channel is not zero in a space; `finite` False for inf or NaN (that a zero does not cancel);
-    `value` what each index of the space holds when its channel is removed, None where that is not known."""
+    """Why a removed channel is not zero in a space; `finite` False for inf or NaN (that a zero does not cancel).
+    What it is there: ZeroFlow.value."""
 
     reason: str
     finite: bool = True
-    value: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,8 @@ class ZeroFlow:
         self.folds: dict[Space, Fold] = {}  # a consumer's input space -> the constants its bias takes
         self.computed: set[str] = set(index.known_values)  # tensors computed from constants alone
         self._types: dict[str, int] | None = None
+        self._pending: dict[Space, tuple] = {}  # a not-zero space -> (node, refs, spaces, relation) that made it
+        self._values: dict[Space, np.ndarray | None] = {}
 
     def visit(self, who: str, relations: list[tuple[list[Ref], list[Space], object]],
               node: onnx.NodeProto | None = None) -> None:
@@ -87,11 +88,11 @@ class ZeroFlow:
             if outputs:
                 roles = {r.role for r, s in zip(refs, spaces) if s[0] in self.constants}
                 state = self._output_state(who, roles, inputs, rel)
-                if state is not None and state.finite:
-                    state = replace(state, value=self._value(node, refs, spaces, rel))
                 for s in outputs:
-                    if state is not None:
-                        self.nonzero.setdefault(s, state)
+                    if state is not None and s not in self.nonzero:
+                        self.nonzero[s] = state
+                        if state.finite and len(outputs) == 1:
+                            self._pending[s] = (node, refs, spaces, rel)
             elif isinstance(rel, Couple):
                 self._consumed(who, spaces, [s for _, s in inputs], node)
         if node is not None and self._from_constants(node):
@@ -122,16 +123,36 @@ class ZeroFlow:
 
     def _consumed(self, who: str, spaces: list[Space], inputs: list[Space], node: onnx.NodeProto | None) -> None:
         """A couple with no output (a layer's input axis and its weight's): the channel is summed away here."""
-        state = next((self.nonzero[s] for s in inputs if s in self.nonzero), None)
-        if state is None:
+        carrier = next((s for s in inputs if s in self.nonzero), None)
+        if carrier is None:
             return
-        refusal = self._fold_refusal(who, node, spaces[0], state)
+        state, value = self.nonzero[carrier], self.value(carrier)
+        refusal = self._fold_refusal(who, node, spaces[0], value)
         if refusal is None:
-            self.folds.setdefault(spaces[0], Fold(node.name, spaces[0], state.value))
+            self.folds.setdefault(spaces[0], Fold(node.name, spaces[0], value))
         else:
             self.lost.setdefault(spaces[0], f"{state.reason}, and {who} sums it in: {refusal}")
 
     # ------------------------------------------------------------------ the constant a removed channel carries
+    def value(self, space: Space) -> np.ndarray | None:
+        """What each index of a not-zero space holds when its channel is removed (None: not known). Computed when
+        first asked, the spaces it is computed from first (a stack, not recursion: residual streams are deep); most
+        not-zero spaces (batch and spatial axes) are never asked about."""
+        stack = [space]
+        while stack:
+            top = stack[-1]
+            if top not in self._pending:
+                stack.pop()
+                continue
+            _, refs, spaces, _ = self._pending[top]
+            waiting = [s for r, s in zip(refs, spaces) if r.side == "in" and s in self._pending and s not in stack]
+            if waiting:
+                stack.extend(waiting)
+                continue
+            self._values[top] = self._value(*self._pending.pop(top))
+            stack.pop()
+        return self._values.get(space)
+
     def _value(self, node: onnx.NodeProto | None, refs: list[Ref], spaces: list[Space], rel: object
                ) -> np.ndarray | None:
         """Per index of the relation's output space, what the node makes of a removed channel; None where the
@@ -172,8 +193,7 @@ class ZeroFlow:
 
     def _values_in(self, space: Space, zero_type: np.dtype) -> np.ndarray | None:
         """What each removed channel holds in an activation space: zeros where the flow found nothing else."""
-        state = self.nonzero.get(space)
-        values = np.zeros(self._size(space) or 0, zero_type) if state is None else state.value
+        values = self.value(space) if space in self.nonzero else np.zeros(self._size(space) or 0, zero_type)
         return None if values is None or not values.size else values
 
     def _concatenated(self, refs: list[Ref], spaces: list[Space]) -> np.ndarray | None:
@@ -181,7 +201,7 @@ class ZeroFlow:
         if refs[0].side != "out" or any(r.side != "in" or s[0] in self.computed or s[0] in self.constants
                                         for r, s in zip(refs[1:], spaces[1:])):
             return None
-        known = [self.nonzero[s].value for s in spaces[1:] if s in self.nonzero]
+        known = [self.value(s) for s in spaces[1:] if s in self.nonzero]
         zero_type = next((v.dtype for v in known if v is not None), np.dtype(np.float32))
         parts = [self._values_in(s, zero_type) for s in spaces[1:]]
         return None if any(p is None for p in parts) else np.concatenate(parts)
@@ -206,14 +226,15 @@ class ZeroFlow:
         return helper.tensor_dtype_to_np_dtype(elem) if elem else None
 
     # ------------------------------------------------------------------ folding into the consumer's bias
-    def _fold_refusal(self, who: str, node: onnx.NodeProto | None, space: Space, state: NonZero) -> str | None:
-        """Why the constant `state` carries into `space` cannot be folded into the consuming layer's bias; None
-        where it can."""
+    def _fold_refusal(self, who: str, node: onnx.NodeProto | None, space: Space, value: np.ndarray | None
+                      ) -> str | None:
+        """Why the constant `value` a removed channel carries into `space` cannot be folded into the consuming
+        layer's bias; None where it can."""
         lost = "a removed channel's constant contribution is lost"
         layer = describe(node, self.index) if node is not None else None
-        if state.value is None or layer is None or space[0] != node.input[0]:
+        if value is None or layer is None or space[0] != node.input[0]:
             return lost
-        if not np.all(np.isfinite(state.value)):
+        if not np.all(np.isfinite(value)):
             return f"{lost} (not finite)"
         if layer.quantized or node.output[0] in self.index.body_values:
             return f"{lost} (a quantized layer, or one inside a subgraph, has no float bias to take it)"
