@@ -127,15 +127,16 @@ NOT_BETWEEN = {
 OPSET = {"Gelu": 20}  # new in opset 20; 18: Mish, and `axes` as an input of every reduction
 
 
-def between_convs(op: str) -> tuple[onnx.ModelProto, str]:
-    """conv (3 -> C) -> OP -> cast to float -> conv 1x1 (C -> 4); the model and the name of the op's node."""
+def between_convs(op: str, k: int = 1) -> tuple[onnx.ModelProto, str]:
+    """conv (3 -> C) -> OP -> cast to float -> conv k x k (C -> 4, padded to keep the size); the model and the name
+    of the op's node."""
     b = GraphBuilder(seed=0, opset=OPSET.get(op, 18))
     x = b.conv(b.input([1, 3, H, W]), 3, C)
     y = BETWEEN[op](b, x)
     node = next(n for n in b.nodes if y in n.output)
     node = next((n for n in b.nodes if n.op_type == op), node)
     z = cast(b, y, F)
-    return b.model(b.conv(z, C, 4, k=1)), node.name
+    return b.model(b.conv(z, C, 4, k=k)), node.name
 
 
 def test_every_registered_op_is_covered():
@@ -143,9 +144,12 @@ def test_every_registered_op_is_covered():
     assert not set(BETWEEN) & set(NOT_BETWEEN)
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("op", sorted(BETWEEN))
-def test_op_between_convs_is_exact_or_marked_inexact(op: str):
-    model, node = between_convs(op)
+def test_op_between_convs_is_exact_or_marked_inexact(op: str, k: int):
+    """k = 1: a constant a removed channel carries is folded into the reader's bias; k = 3: the reader pads, so it
+    cannot be, and the group must be marked (tests/test_bias_folding.py)."""
+    model, node = between_convs(op, k)
     prepared, plan = planned(model, 0.5)
     through = [prepared.analysis.groups[g] for g in plan.keep
                if any(m.space[0] in _outputs(prepared.model, node) for m in prepared.analysis.groups[g].members)]
