@@ -45,8 +45,15 @@ def prune_exact(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
     expected, got = run(zeroed, feeds), run(pruned, feeds)
     for e, g in zip(expected, got):
         assert e.shape == g.shape
-        np.testing.assert_allclose(g, e, atol=atol, rtol=1e-4)
+        np.testing.assert_allclose(g, e, atol=atol * output_scale(e), rtol=1e-4)
     return pruned, prepared.analysis, plan
+
+
+def output_scale(values: np.ndarray) -> float:
+    """The size float32 rounding is relative to: an output element that is the difference of large terms (a model
+    whose outputs reach 1e6 with random weights) carries their rounding error, however small the element is."""
+    finite = np.abs(values[np.isfinite(values)]) if np.size(values) else np.zeros(1)
+    return max(1.0, float(finite.max(initial=0.0)))
 
 
 def removed_channels(analysis: Analysis, plan: Plan) -> int:
