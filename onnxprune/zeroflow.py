@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import lazy_tensors
 from .graph import GraphIndex, ai_onnx_opset, subgraphs_of
 from .layers import ConvLayer, Layer, MatrixLayer, describe
 from .roles import Role
@@ -238,7 +239,18 @@ class ZeroFlow:
             return f"{lost} (not finite)"
         if layer.quantized or node.output[0] in self.index.body_values:
             return f"{lost} (a quantized layer, or one inside a subgraph, has no float bias to take it)"
+        if _bias_stored_outside(layer, self.index):
+            return f"{lost} (the bias of {who} stays in the data file of a lazily opened model)"
         return _layer_refusal(layer, self.index, who, lost)
+
+
+def _bias_stored_outside(layer: Layer, index: GraphIndex) -> bool:
+    """The bias is an external tensor of a lazily opened model: surgery copies such tensors, it does not change them."""
+    site = layer.bias
+    holder = next((n for n in [layer.node, *index.consumers.get(layer.node.output[0], [])]
+                   if site is not None and n.name == site.node), None)
+    name = holder.input[site.input] if holder is not None and site.input < len(holder.input) else ""
+    return name in index.initializers and lazy_tensors.is_external(index.initializers[name])
 
 
 def _layer_refusal(layer: Layer, index: GraphIndex, who: str, lost: str) -> str | None:

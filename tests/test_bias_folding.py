@@ -18,7 +18,7 @@ from builders import GraphBuilder
 from exactness import planned, prune_exact
 
 import onnxprune
-from onnxprune import CalibrationSource, Options
+from onnxprune import CalibrationSource, Options, lazy_tensors
 from onnxprune.allocate import Plan
 from onnxprune.calibrate import calibration_batches, collect_stats
 from onnxprune.pipeline import prepare
@@ -291,3 +291,16 @@ def test_least_squares_recovery_runs_after_a_bias_add_was_inserted():
     pruned, _ = onnxprune.prune(model, 0.5, options)
     check_valid(pruned)
     assert sum(n.op_type == "Add" for n in pruned.graph.node) == 2
+
+
+def test_bias_left_in_a_lazily_opened_data_file_is_not_folded(tmp_path):
+    """A lazily opened model's bias (above lazy_tensors.IN_PROTO_UP_TO elements) stays in its data file, and
+    surgery copies it as it is: the group is marked. Opened in memory, where the bias can change, it is folded."""
+    b = GraphBuilder(seed=0, opset=18)
+    x = b.op("Sigmoid", [b.gemm(b.input([2, 5]), 5, 64)])
+    model = b.model(b.gemm(x, 64, lazy_tensors.IN_PROTO_UP_TO + 4))
+    path = tmp_path / "big.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="big.weights", size_threshold=1024)
+    lazy = prepare(path, lazy=True).analysis
+    assert not lazy.folds and any("data file of a lazily opened model" in r for g in lazy.groups for r in g.inexact)
+    assert prepare(path).analysis.folds
