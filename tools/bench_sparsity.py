@@ -6,6 +6,7 @@ and peak memory of sparsegpt and lsq against the layer count (issue 12).
     python tools/bench_sparsity.py minilm ...     # needs /tmp/minilm from tools/export_minilm.py
     python tools/bench_sparsity.py ocr ...        # needs /tmp/ppocr from tools/bench_sparsity.py ocr-data
     python tools/bench_sparsity.py scaling [--layers 2,4,8,16] [--width 256]
+    (any of them with --refit-times: each masked least-squares re-fit's layer shape and seconds on stderr)
 
 A setting is an unstructured share (0.5: half of every layer's weights zeroed) or an N:M pattern. Models and
 metrics, calibration and evaluation always disjoint:
@@ -127,6 +128,20 @@ def scaling(args) -> None:
             print(f"| {layers} | 2:4 {criterion} + {recover} | {seconds:.1f} | {peak:.0f} |", flush=True)
 
 
+def time_refits() -> None:
+    """Print every masked least-squares call (layer shape, largest kept count, seconds) to stderr."""
+    from onnxprune.sparsity import sparsify
+    inner = sparsify.masked_refit
+
+    def timed(system, current, keep, ridge):
+        start = time.perf_counter()
+        fitted = inner(system, current, keep, ridge)
+        print(f"refit {current.shape[0]} features x {current.shape[1]} outputs, at most {keep.sum(1).max()} kept:"
+              f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+        return fitted
+    sparsify.masked_refit = timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=["digits", "minilm", "ocr", "ocr-data", "scaling"])
@@ -136,7 +151,10 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=None)
     parser.add_argument("--layers", default="2,4,8,16")
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--refit-times", action="store_true", help="time each masked least-squares call (stderr)")
     args = parser.parse_args()
+    if args.refit_times:
+        time_refits()
     logging.getLogger("onnxprune").setLevel(logging.ERROR)
     if args.model == "ocr-data":
         from ocr_lines import write_data

@@ -2,12 +2,13 @@
 
 The normal equations are recovery's (`recover.NormalEquations`: F'F and F'T of the layer's inputs, with a column of
 ones for the bias, against the original layer's outputs). Row o solves (G[S, S] + d I) w = c[S, o] over its kept
-features S (and the bias). Where every row keeps few features, each row's system is gathered and solved directly
-(rows with the same number of kept features together, a chunk at a time): exact and cheap. Wide layers (a
-transformer's FFN: 1536 or 3072 inputs) would gather one k x k matrix per row and factor it, O(rows k^3) at poor
-BLAS efficiency (207 s for one MiniLM down-projection); there all rows are solved at once by preconditioned
-conjugate gradients on the masked operator P -> mask * (G P) + d P, one (features x features) @ (features x rows)
-product per iteration, Jacobi-preconditioned and warm-started from the current weights.
+features S (and the bias). Where that is cheap (the sum over rows of k^3, k a row's kept count, at most
+DIRECT_MAX_WORK), each row's system is gathered and solved directly (rows with the same number of kept features
+together, a chunk at a time): exact. Wider layers (a transformer's FFN: 1536 inputs and 384 rows, or 1536 rows)
+would gather and factor one k x k matrix per row at poor BLAS efficiency (207 s for one MiniLM down-projection);
+there all rows are solved at once by conjugate gradients on the masked operator P -> mask * (G P) + d P, one
+(features x features) @ (features x rows) product per iteration, Jacobi-preconditioned and warm-started from the
+current weights.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from ..recover import NormalEquations
 
 CHUNK_VALUES = 1 << 25  # float64 values of the gathered systems solved at once (256 MB)
-DIRECT_MAX_FEATURES = 256  # kept features (bias included) per row up to which every row is solved directly
+DIRECT_MAX_WORK = 4e9  # sum of k^3 over rows up to which rows are solved directly (a few seconds of factorisation)
 CG_TOLERANCE = 1e-7  # relative residual ||b - A w|| / ||b|| of every row at which conjugate gradients stop
 CG_MAX_ITERATIONS = 500  # a cap for ill-conditioned layers: an unconverged row is still checked against its error
 
@@ -27,7 +28,7 @@ def masked_refit(system: NormalEquations, current: np.ndarray, keep: np.ndarray,
     the calibration data keeps its `current` values."""
     kept = _with_bias(keep, len(current) > keep.shape[1])
     damping = ridge * max(float(np.trace(system.gram)) / len(system.gram), 1e-12)
-    if kept.sum(1).max(initial=0) <= DIRECT_MAX_FEATURES:
+    if (kept.sum(1).astype(float) ** 3).sum() <= DIRECT_MAX_WORK:
         fitted = _direct(system, kept, damping, current)
     else:
         fitted = _conjugate_gradient(system, kept.T, damping, current)
