@@ -1,0 +1,109 @@
+"""The task metric kept by `--recipe fast` (today's defaults: l1, uniform, no recovery) and `--recipe accurate` at
+0.75, 0.67 and 0.5 of the MACs, with wall time, on the digits CNN and all-MiniLM-L6-v2 (issue 14).
+
+    python tools/bench_recipe.py [--models digits,minilm] [--fractions 0.75,0.67,0.5] [--calib-size 64]
+                                 [--budget 180] [--eval-size 512]
+
+Calibration and evaluation are disjoint. digits: the first --calib-size samples of models/digits_cnn.calib.npz;
+top-1 accuracy on models/digits_cnn.test.npz (540 images). MiniLM (export it first, see tools/bench_minilm.py):
+the first --calib-size sentences of /tmp/minilm/calib.npz; on the first --eval-size sentences of
+/tmp/minilm/eval.npz, the mean cosine of each sentence's pruned embedding to its original one and the retrieval
+agreement (the nearest neighbour among the others is the same as the original model's); MACs at batch 1 x 64
+tokens. The accurate recipe holds out the last quarter of its calibration samples; nothing of the evaluation data.
+Seconds: the whole prune (statistics, the search, the final prune with all samples, recovery).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_minilm  # noqa: E402  (tools/ is not a package)
+
+import onnxprune  # noqa: E402
+from onnxprune import CalibrationSource, Options, Target  # noqa: E402
+from onnxprune.verify import session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Digits:
+    name, metric = "digits CNN", "top-1"
+
+    def __init__(self, eval_size: int):
+        self.model = onnx.load(ROOT / "models" / "digits_cnn.onnx")
+        self.calib = str(ROOT / "models" / "digits_cnn.calib.npz")
+        data = np.load(ROOT / "models" / "digits_cnn.test.npz")
+        self.images, self.labels = data["input"][:eval_size], data["label"][:eval_size]
+
+    def measure(self, model: onnx.ModelProto) -> str:
+        logits = session(model).run(None, {"input": self.images})[0]
+        return f"{float(np.mean(logits.argmax(1) == self.labels)):.4f}"
+
+    def macs(self, model: onnx.ModelProto) -> int:
+        return onnxprune.verify.count_macs(model)
+
+
+class MiniLM:
+    name, metric = "all-MiniLM-L6-v2", "cos / top-1 agree"
+
+    def __init__(self, eval_size: int):
+        self.model = onnx.load(bench_minilm.MODEL)
+        self.calib = str(bench_minilm.CALIB)
+        self.data = {k: v[:eval_size] for k, v in np.load(bench_minilm.EVAL).items()}
+        self.reference = bench_minilm.embed(self.model, self.data, False)
+        self.neighbours = bench_minilm.nearest(self.reference)
+
+    def measure(self, model: onnx.ModelProto) -> str:
+        emb = bench_minilm.embed(model, self.data, False)
+        agree = float((bench_minilm.nearest(emb) == self.neighbours).mean())
+        return f"{float((emb * self.reference).sum(1).mean()):.4f} / {agree:.4f}"
+
+    def macs(self, model: onnx.ModelProto) -> int:
+        return bench_minilm.macs(model, self.data["input_ids"].shape[1])
+
+
+def run(bench, recipe: str, fraction: float, calib_size: int, budget: float) -> str:
+    """One table row: the metric, the MACs kept, the seconds and, for accurate, what it chose."""
+    options = Options(recipe=recipe, recipe_budget=budget, calib=CalibrationSource(bench.calib, size=calib_size),
+                      quiet=recipe == "fast")
+    start = time.perf_counter()
+    pruned, report = onnxprune.prune(bench.model, Target.macs(fraction), options)
+    seconds = time.perf_counter() - start
+    kept = bench.macs(pruned) / bench.macs(bench.model)
+    chose = "-"
+    if report.recipe:
+        c, tried = report.recipe["chosen"], report.recipe["candidates"]
+        chose = f"{c['criterion']}/{c['allocation']}/{c['recover']} ({len(tried)} tried)"
+    return f"| {bench.name} | {fraction} | {recipe} | {bench.measure(pruned)} | {kept:.1%} | {seconds:.1f} | {chose} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits,minilm")
+    parser.add_argument("--fractions", default="0.75,0.67,0.5")
+    parser.add_argument("--calib-size", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=180.0, help="--recipe-budget, seconds")
+    parser.add_argument("--eval-size", type=int, default=512)
+    args = parser.parse_args()
+    logging.getLogger("onnxprune").setLevel(logging.ERROR)
+    kinds = {"digits": Digits, "minilm": MiniLM}
+    print(f"calibration: first {args.calib_size} samples; recipe budget {args.budget:g} s\n")
+    print("| model | MACs target | recipe | metric | MACs kept | seconds | chosen |\n|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        bench = kinds[name](args.eval_size)
+        print(f"| {bench.name} | 1.0 | original | {bench.measure(bench.model)} | 100% | - | ({bench.metric}) |",
+              flush=True)
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            for recipe in ("fast", "accurate"):
+                print(run(bench, recipe, fraction, args.calib_size, args.budget), flush=True)
+
+
+if __name__ == "__main__":
+    main()
