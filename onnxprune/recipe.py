@@ -208,7 +208,7 @@ def eligible(tried: list[dict], target: Target) -> list[dict]:
 
 
 def best_of(tried: list[dict], target: Target) -> dict:
-    """The eligible candidate with the lowest held-out error; the earlier (stronger by prior results) on a tie."""
+    """The eligible candidate with the lowest held-out error; the earlier in the order on a tie."""
     return min(eligible(tried, target), key=lambda t: t["error"])
 
 
