@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -178,46 +179,91 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
                    "data-driven --then-criterion still run the model on --calib.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-def prune(model: Path, ratio: float | None, target_macs: float | None, target_latency: float | None,
-          target_params: float | None, granularity: str, then: str | None, then_criterion: str,
-          latency_table: Path | None, allocation: str, schedule: str, steps: int, sparse_storage: str,
-          output: Path | None, criterion: str, round_to: int, exclude: tuple[str, ...],
-          report: Path | None, plan_out: Path | None, plan_in: Path | None, strict_target: bool, run_check: bool, data: Path | None, labels: str | None, min_agreement: float | None,
-          max_drop: float | None, latency: bool, threads: int, recover: str, recipe: str, recipe_budget: float, calib: Path | None,
-          preprocess: str | None, calib_size: int | None, batch_size: int, stats_path: Path | None, seed: int, quiet: bool) -> None:
+def prune(model: Path, **given: object) -> None:
     """Prune MODEL and write the smaller model."""
-    target = _target(ratio, target_macs, target_latency, plan_in, target_params, _own_share(granularity))
-    options = Options(criterion=criterion, round_to=round_to, exclude=exclude, seed=seed, allocation=allocation,
-                      recover=recover, schedule=schedule, steps=steps, threads=threads, latency_table=latency_table,
-                      quiet=quiet, calib=_calibration(calib, calib_size, batch_size, preprocess), recipe=recipe,
-                      granularity=granularity, then=then, then_criterion=then_criterion, stats=stats_path, recipe_budget=recipe_budget)
+    a = PruneArgs(**given)
+    target = _target(a.ratio, a.target_macs, a.target_latency, a.plan_in, a.target_params, _own_share(a.granularity))
+    options = _prune_options(a)
     validate(target, options)
-    output = _checked_output(model, output, [("--calib", calib), ("--data", data), ("--labels", _labels_file(labels)),
-                                             ("--plan-in", plan_in), ("--latency-table", latency_table), ("--stats", stats_path)],
-                             [("--report", report), ("--plan-out", plan_out), ("--latency-table", latency_table)])
-    original = load_model(model, lazy=sparse_storage == "dense")  # weights on disk (packing reads them all)
-    if data:
-        load_data(data, original, labels)  # bad data fails before the work
-    pruned, result = _stored(*api.prune(original, target, options), sparse_storage)
+    output = _checked_output(model, a.output,
+                             [("--calib", a.calib), ("--data", a.data), ("--labels", _labels_file(a.labels)),
+                              ("--plan-in", a.plan_in), ("--latency-table", a.latency_table), ("--stats", a.stats_path)],
+                             [("--report", a.report), ("--plan-out", a.plan_out), ("--latency-table", a.latency_table)])
+    original = load_model(model, lazy=a.sparse_storage == "dense")  # weights on disk (packing reads them all)
+    if a.data:
+        load_data(a.data, original, a.labels)  # bad data fails before the work
+    pruned, result = _stored(*api.prune(original, target, options), a.sparse_storage)
     gate = None
-    if run_check or data or min_agreement is not None or max_drop is not None or latency:
-        gate = _run_check(original, pruned, data, labels, min_agreement, max_drop, latency, threads)
+    if a.run_check or a.data or a.min_agreement is not None or a.max_drop is not None or a.latency:
+        gate = _run_check(original, pruned, a.data, a.labels, a.min_agreement, a.max_drop, a.latency, a.threads)
         result.check = gate.to_dict()
-    refused = _refusal(result, gate, strict_target)
+    refused = _refusal(result, gate, a.strict_target)
     if refused is not None:
-        _print_summary(result, gate, quiet)
-        if report:
-            _write_json(report, result.to_dict())
+        _print_summary(result, gate, a.quiet)
+        if a.report:
+            _write_json(a.report, result.to_dict())
         raise refused
     save_model(pruned, output)
-    if plan_out:
-        write_plan_dict(plan_out, result.plan_dict)
+    if a.plan_out:
+        write_plan_dict(a.plan_out, result.plan_dict)
     result.file_bytes_before, result.file_bytes_after = _stored_bytes(model), _stored_bytes(output)
-    if report:
-        _write_json(report, result.to_dict())
-    _print_summary(result, gate, quiet)
-    if not quiet:
+    if a.report:
+        _write_json(a.report, result.to_dict())
+    _print_summary(result, gate, a.quiet)
+    if not a.quiet:
         click.echo(f"wrote {output}")
+
+
+@dataclass(frozen=True)
+class PruneArgs:
+    """The prune command's options, as click passes them (one field per option, named as its parameter)."""
+
+    ratio: float | None
+    target_macs: float | None
+    target_latency: float | None
+    target_params: float | None
+    granularity: str
+    then: str | None
+    then_criterion: str
+    latency_table: Path | None
+    allocation: str
+    schedule: str
+    steps: int
+    sparse_storage: str
+    output: Path | None
+    criterion: str
+    round_to: int
+    exclude: tuple[str, ...]
+    report: Path | None
+    plan_out: Path | None
+    plan_in: Path | None
+    strict_target: bool
+    run_check: bool
+    data: Path | None
+    labels: str | None
+    min_agreement: float | None
+    max_drop: float | None
+    latency: bool
+    threads: int
+    recover: str
+    recipe: str
+    recipe_budget: float
+    calib: Path | None
+    preprocess: str | None
+    calib_size: int | None
+    batch_size: int
+    stats_path: Path | None
+    seed: int
+    quiet: bool
+
+
+def _prune_options(a: PruneArgs) -> Options:
+    return Options(criterion=a.criterion, round_to=a.round_to, exclude=a.exclude, seed=a.seed,
+                   allocation=a.allocation, recover=a.recover, schedule=a.schedule, steps=a.steps, threads=a.threads,
+                   latency_table=a.latency_table, quiet=a.quiet,
+                   calib=_calibration(a.calib, a.calib_size, a.batch_size, a.preprocess), recipe=a.recipe,
+                   recipe_budget=a.recipe_budget, granularity=a.granularity, then=a.then,
+                   then_criterion=a.then_criterion, stats=a.stats_path)
 
 
 def _refusal(result: PruneReport, gate: CheckReport | None, strict_target: bool) -> OnnxPruneError | None:
