@@ -74,7 +74,8 @@ class ZeroFlow:
         self.constants = index.initializers
         self.nonzero: dict[Space, NonZero] = {}
         self.lost: dict[Space, str] = {}  # a consumer's input space -> why its group is inexact
-        self.folds: dict[Space, Fold] = {}  # a consumer's input space -> the constants its bias takes
+        # (consumer layer, its input space) -> the constants its bias takes; layers reading one space each fold
+        self.folds: dict[tuple[str, Space], Fold] = {}
         self.computed: set[str] = set(index.known_values)  # tensors computed from constants alone
         self._types: dict[str, int] | None = None
         self._pending: dict[Space, tuple] = {}  # a not-zero space -> (node, refs, spaces, relation) that made it
@@ -130,7 +131,7 @@ class ZeroFlow:
         state, value = self.nonzero[carrier], self.value(carrier)
         refusal = self._fold_refusal(who, node, spaces[0], value)
         if refusal is None:
-            self.folds.setdefault(spaces[0], Fold(node.name, spaces[0], value))
+            self.folds.setdefault((node.name, spaces[0]), Fold(node.name, spaces[0], value))
         else:
             self.lost.setdefault(spaces[0], f"{state.reason}, and {who} sums it in: {refusal}")
 

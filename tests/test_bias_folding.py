@@ -149,6 +149,18 @@ def test_matmul_takes_the_constant_in_its_bias_add(op: str, bias: bool):
     assert len(adds) == len(before) + (0 if bias else 1)
 
 
+def test_every_layer_reading_one_constant_carrying_tensor_takes_it_in_its_bias():
+    """Attention's q, k and v projections (and a conv pair) read one Sigmoid output: each layer folds the constant
+    into its own bias, not only the first that was visited (found by test_properties: 2.06 off, unmarked)."""
+    b = GraphBuilder(seed=0, opset=18)
+    h = b.op("Sigmoid", [b.matmul(b.input([1, 3, 5]), 5, C)])
+    q, k, v = (b.matmul(h, C, 4, bias=bias) for bias in (False, True, False))
+    assert_folded_exactly(b.model(b.op("Add", [b.op("Add", [q, k]), v])))
+    b = GraphBuilder(seed=0, opset=18)
+    y = b.op("Sigmoid", [b.conv(b.input([1, 3, H, W]), 3, C)])
+    assert_folded_exactly(b.model(b.op("Add", [conv_reader(b, y, 1, 0), conv_reader(b, y, 1, 0, bias=False)])))
+
+
 def test_matmul_beside_a_residual_gets_its_own_bias_add():
     """The Add after the MatMul adds an activation (a residual), not a bias: a new Add takes the constant."""
     b = GraphBuilder(seed=0, opset=18)
