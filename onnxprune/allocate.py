@@ -12,7 +12,7 @@ from .cost import CostModel
 from .groups import Analysis, Group
 from .layers import describe
 
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+ALLOCATIONS = ("uniform", "global", "standardised", "sensitivity")
 
 
 @dataclass
@@ -98,14 +98,26 @@ def reference_sizes(analysis: Analysis) -> dict[tuple[str, int], int]:
 
 def global_counts(analysis: Analysis, scores: dict[int, np.ndarray], threshold: float,
                   round_to: int) -> dict[int, int]:
-    """Keep, in every group, the channels whose score divided by the group's mean score exceeds `threshold`: one
+    """Keep, in every group, the channels whose (normalised, see ranked_scores) score exceeds `threshold`: one
     ranking across groups, so redundant layers give more."""
-    counts = {}
-    for group in analysis.prunable:
-        values = scores[group.id]
-        mean = float(np.mean(values)) or 1.0
-        counts[group.id] = round_count(group, int(np.sum(values / mean > threshold)), round_to)
-    return counts
+    return {g.id: round_count(g, int(np.sum(scores[g.id] > threshold)), round_to) for g in analysis.prunable}
+
+
+def ranked_scores(scores: dict[int, np.ndarray], allocation: str) -> dict[int, np.ndarray]:
+    """The scores one threshold ranks across groups: `global` divides each group's by their mean; `standardised`
+    takes per-group z-scores (FLAP's adaptive structure, An et al. 2024)."""
+    if allocation == "standardised":
+        return standardised_scores(scores)
+    return {gid: v / (float(np.mean(v)) or 1.0) for gid, v in scores.items()}
+
+
+def standardised_scores(scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each group's scores as z-scores ((s - mean) / std; 0 where a group's scores are all equal), shifted by one
+    constant so the lowest is 1 (a threshold of 0 removes nothing): a group whose channels matter unevenly loses
+    more, whatever the scale of its scores (a head's sum over 32 features against a neuron's one)."""
+    z = {gid: (v - np.mean(v)) / (float(np.std(v)) or 1.0) for gid, v in scores.items()}
+    lowest = min((float(v.min()) for v in z.values() if len(v)), default=0.0)
+    return {gid: v - lowest + 1.0 for gid, v in z.items()}
 
 
 def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
@@ -216,6 +228,7 @@ def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocat
     cost jump because many groups switch width at once (equal groups move in lockstep under a uniform ratio: the
     latency table), the budget left is filled group by group afterwards (`fill_gaps`)."""
     model = budget[0] if budget is not None else None
+    scores = scores if allocation == "uniform" else ranked_scores(scores, allocation)
 
     def counts_at(x: float) -> dict[int, int]:  # x grows with pruning
         counts = uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \
@@ -257,5 +270,4 @@ def _fill(model: CostModel, limit: float, fits: dict[int, int], wider: dict[int,
 
 
 def _max_threshold(scores: dict[int, np.ndarray]) -> float:
-    ratios = [float(np.max(v / (np.mean(v) or 1.0))) for v in scores.values() if len(v)]
-    return max(ratios, default=1.0) + 1.0
+    return max((float(np.max(v)) for v in scores.values() if len(v)), default=1.0) + 1.0

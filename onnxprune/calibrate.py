@@ -501,6 +501,13 @@ class ChannelStats:
     def mean_abs(self) -> np.ndarray:
         return self.abs_total / max(self.count, 1)
 
+    @property
+    def variance(self) -> np.ndarray:
+        """The sample variance of each channel over the values seen (n - 1 in the denominator), from the streamed
+        sums, so it merges like them."""
+        mean = self.mean
+        return np.maximum(self.squares - self.count * mean ** 2, 0.0) / max(self.count - 1, 1)
+
 
 @dataclass
 class Statistics:

@@ -136,7 +136,8 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
               help="With --target-latency: keep the per-layer latency measurements in this JSON file and reuse "
                    "them in later runs on this machine.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
-              help="uniform: the same ratio in every group; global: one ranking of normalised scores across groups.")
+              help="uniform: the same ratio in every group; global: one ranking of normalised scores across groups; "
+                   "standardised: one ranking of per-group z-scores (FLAP); sensitivity: by measured output damage.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True,
               help="iterative: reach the target in --steps steps of growing ratio, recovering and re-scoring between.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Steps of --schedule iterative.")

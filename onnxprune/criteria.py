@@ -2,7 +2,8 @@
 
 Criteria are chosen by name from CRITERIA; data-driven ones plug into the same signature through the context, which
 carries the calibration statistics each criterion declares it reads (STATISTICS): "channels", per-channel activation
-sums where a group enters its consumers, and "contributions", the regression criterion's Gram matrices.
+sums (and sums of squares) where a group enters its consumers, and "contributions", the regression criterion's Gram
+matrices.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Group, Member
-from .layers import constant_values, dequantizer, weight_readers
+from .layers import Layer, constant_values, dequantizer, refittable, weight_readers
 from .roles import Role
 from .regression import removal_order
 
@@ -190,3 +191,33 @@ def regression(group: Group, ctx: ScoringContext) -> np.ndarray:
     if gram is None or not gram.gram.any():
         return _fallback(group, ctx)
     return removal_order(gram.gram)
+
+
+@criterion("fluctuation", reads=("channels",))
+def fluctuation(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """FLAP's fluctuation metric (An et al. 2024): per input feature j of each layer that reads the group, the sample
+    variance of X_j over the calibration positions (real ones only) times ||W[:, j]||^2, summed over the features of a
+    channel (a head's 32). A channel that barely varies is what bias compensation (`--recover bias`) can replace by
+    its mean, so it goes first."""
+    if ctx.stats is None:
+        return _fallback(group, ctx)
+    total, found = np.zeros(group.size), False
+    for node, data in consumers(group, ctx.index):
+        layer = refittable(node, ctx.index, quantized=True)
+        if layer is None or data.space[0] != node.input[0]:
+            continue
+        features = slice(data.offset, data.offset + group.size * data.inner)
+        energy = column_energy(layer, ctx)[features] * ctx.stats.channels[data.space].variance[features]
+        total += energy.reshape(group.size, data.inner).sum(1)
+        found = True
+    return total if found else _fallback(group, ctx)
+
+
+def column_energy(layer: Layer, ctx: ScoringContext) -> np.ndarray:
+    """||W[:, j]||^2 for every input channel j of the layer (its kernel's taps summed), alpha folded in; computed once
+    per weight."""
+    key = ("column_energy", layer.weight)
+    if key not in ctx.extras:
+        kernels = layer.kernels(constant_values(layer.weight, ctx.index)).astype(np.float64) * layer.alpha
+        ctx.extras[key] = np.square(kernels).sum(axis=tuple(a for a in range(kernels.ndim) if a != 1))
+    return ctx.extras[key]

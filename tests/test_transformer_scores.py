@@ -1,0 +1,101 @@
+"""Transformer head and neuron scores (issue 14): FLAP's fluctuation criterion against a direct numpy computation,
+and the standardised allocation (per-group z-scores ranked across groups)."""
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, padded_tokens
+
+from onnxprune import CalibrationSource, Options, Target
+from onnxprune.allocate import counts_for_target, standardised_scores
+from onnxprune.calibrate import ChannelStats
+from onnxprune.pipeline import choose, open_inputs
+from onnxprune.verify import run
+
+
+def heads_model() -> onnx.ModelProto:
+    """(N, S, 8) tokens and an attention_mask: 4 'heads' of 4 channels (a Reshape to (N, S, 4, 4), a ReLU, back),
+    read by an output projection W (16, 8) with a bias."""
+    b = GraphBuilder(seed=3)
+    x = b.input(["N", "S", 8])
+    mask = b.input(["N", "S"], name="attention_mask", elem_type=onnx.TensorProto.INT64)
+    h = b.op("Reshape", [b.matmul(x, 8, 16), b.const(np.array([0, 0, 4, 4], np.int64))])
+    h = b.op("Reshape", [b.op("Relu", [h]), b.const(np.array([0, 0, 16], np.int64))])
+    keep = b.op("Unsqueeze", [b.op("Cast", [mask], to=onnx.TensorProto.FLOAT), b.const(np.array([2], np.int64))])
+    return b.model(b.op("Mul", [b.matmul(h, 16, 8), keep]))
+
+
+def scores_of(model: onnx.ModelProto, data: dict, criterion: str = "fluctuation") -> dict[int, np.ndarray]:
+    target, options = Target.ratio(0.5), Options(criterion=criterion, calib=CalibrationSource([data]), round_to=1)
+    return choose(open_inputs(model, target, options), target, options).scores.values
+
+
+def hidden_and_projection(model: onnx.ModelProto, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """What the output projection reads at the real positions (rows, 16), and its weight (16, 8)."""
+    projection = [n for n in model.graph.node if n.op_type == "MatMul"][-1]
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    probed.graph.output.append(onnx.helper.make_tensor_value_info(projection.input[0], onnx.TensorProto.FLOAT, None))
+    hidden = run(probed, data)[1]
+    weight = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == projection.input[1])
+    return hidden[data["attention_mask"] == 1], weight
+
+
+def test_fluctuation_is_the_variance_at_real_positions_times_the_weight_column_energy_summed_per_head():
+    model, data = heads_model(), padded_tokens()
+    (scores,) = scores_of(model, data).values()
+    hidden, weight = hidden_and_projection(model, data)
+    per_feature = hidden.astype(np.float64).var(0, ddof=1) * np.square(weight.astype(np.float64)).sum(1)
+    np.testing.assert_allclose(scores, per_feature.reshape(4, 4).sum(1), rtol=1e-5)
+
+
+def test_fluctuation_on_a_conv_sums_the_kernel_taps():
+    b = GraphBuilder(seed=1)
+    h = b.op("Relu", [b.conv(b.input(["N", 3, 6, 6]), 3, 8)])
+    model = b.model(b.conv(h, 8, 4))
+    data = {"x": np.random.default_rng(0).standard_normal((6, 3, 6, 6)).astype(np.float32)}
+    (scores,) = scores_of(model, data).values()
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    probed.graph.output.append(onnx.helper.make_tensor_value_info(h, onnx.TensorProto.FLOAT, None))
+    activation = np.moveaxis(run(probed, data)[1], 1, 0).reshape(8, -1).astype(np.float64)
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[-2]).astype(np.float64)  # (4, 8, 3, 3)
+    expected = activation.var(1, ddof=1) * np.square(weight).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_channel_variance_streams_and_merges_like_the_other_sums():
+    values = np.random.default_rng(2).standard_normal((3, 5, 40)) * np.arange(1, 6)[None, :, None] + 7.0
+    whole, parts = ChannelStats(), ChannelStats()
+    whole.update(values, 1)
+    for part in np.split(values, 3):
+        parts.update(part, 1)
+    expected = np.moveaxis(values, 1, 0).reshape(5, -1).var(1, ddof=1)
+    np.testing.assert_allclose(whole.variance, expected, rtol=1e-9)
+    np.testing.assert_allclose(parts.variance, expected, rtol=1e-9)
+
+
+class Group:
+    """What the allocation reads of a group: its id, size and members (none: every count is allowed)."""
+
+    def __init__(self, gid: int, size: int):
+        self.id, self.size, self.members = gid, size, []
+
+
+class Analysis:
+    def __init__(self, *groups: Group):
+        self.prunable = list(groups)
+
+
+def test_standardised_scores_are_per_group_z_scores_ranked_across_groups():
+    scores = {1: np.array([1.0, 1.1, 1.2, 10.0]), 2: np.array([1.0, 2.0, 3.0, 4.0]), 3: np.full(2, 7.0)}
+    ranked = standardised_scores(scores)
+    for gid in (1, 2):
+        z = (scores[gid] - scores[gid].mean()) / scores[gid].std()
+        np.testing.assert_allclose(ranked[gid] - ranked[gid][0], z - z[0])
+    assert min(v.min() for v in ranked.values()) == pytest.approx(1.0)
+    np.testing.assert_allclose(ranked[3], ranked[3][0])  # equal scores: z = 0 for all
+    analysis = Analysis(Group(1, 4), Group(2, 4), Group(3, 2))
+    # Three of ten channels go. By score / mean, group 1's three small scores are far below its mean (pulled up by
+    # the 10): all three go. By z-score, group 2's lowest (-1.34) goes before group 1's second and third (-0.58).
+    assert counts_for_target(analysis, scores, "global", 1, 0.3) == {1: 1, 2: 4, 3: 2}
+    assert counts_for_target(analysis, scores, "standardised", 1, 0.3) == {1: 2, 2: 3, 3: 2}
