@@ -4,8 +4,9 @@ One sample in HOLDOUT of the calibration data is held out to judge. The statisti
 collected once on the rest; each candidate (criterion, allocation, recovery) is then scored, allocated to the
 target, applied and recovered on that part, and judged by the relative squared error of the model's outputs against
 the original's on the held-out samples (the damage the sensitivity curves measure). Candidates run in the order of
-STRONG until the next one would take the search past its time budget; the one with the lowest error is then redone
-with all samples, as a plain prune with those options.
+STRONG, cheapest first; one whose estimated cost (Costs: measured on the candidates before it) would take the search
+past its time budget is skipped, and the report says so. The one with the lowest error is then redone with all
+samples, as a plain prune with those options.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import copy
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import onnx
 
@@ -24,43 +25,49 @@ from .errors import OnnxPruneError, UsageError, first_line
 from .groups import Analysis
 from .layers import refittable
 from .options import Options, Target, statistics_needed
-from .pipeline import Inputs, allocate, collect_statistics, mac_model_of, open_inputs, recover, run_once, score
+from .pipeline import (SENSITIVITY_SAMPLES, Inputs, allocate, collect_statistics, mac_model_of, open_inputs, recover,
+                       run_once, score)
 from .report import PruneReport
-from .sensitivity import model_outputs, output_damage
+from .sensitivity import curve_points, model_outputs, output_damage
 from .surgery import apply_plan
 from .verify import count_macs, sample_shapes
 
 HOLDOUT = 4  # one calibration sample in HOLDOUT judges the candidates, the others fit them
-SEARCHED = ("criterion", "allocation", "recover")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One combination the accurate recipe tries."""
+    """One combination the accurate recipe tries: a value for each searched option, named as in Options. Another
+    dimension (the hidden-width slicing of issue 14, `--slice`) is a field here with its default, and the
+    candidates in STRONG that set it; the search, the report and the final prune take it from the fields."""
 
     criterion: str
     allocation: str
     recover: str
 
     def options(self, base: Options) -> Options:
-        return replace(base, criterion=self.criterion, allocation=self.allocation, recover=self.recover,
-                       recipe="fast")
+        return replace(base, **self.to_dict(), recipe="fast")
 
     def to_dict(self) -> dict:
-        return {"criterion": self.criterion, "allocation": self.allocation, "recover": self.recover}
+        return asdict(self)
 
     def __str__(self) -> str:
-        return f"{self.criterion}/{self.allocation}/{self.recover}"
+        return "/".join(str(v) for v in self.to_dict().values())
 
 
-# Today's defaults first (seconds, no statistics: the search is never worse on the held-out samples than --recipe
-# fast), then the strongest (BENCHMARKS.md, issues 4, 5 and 14): regression + lsq won on CNNs and on MiniLM's search,
-# sensitivity allocation + lsq on the digits CNN and in issue 5 on MiniLM; then other criteria and allocations, and
-# bias recovery. Sensitivity allocation prunes each group alone at several ratios: minutes on a transformer.
-STRONG = (Candidate("l1", "uniform", "none"), Candidate("regression", "uniform", "lsq"),
-          Candidate("regression", "sensitivity", "lsq"), Candidate("activation", "sensitivity", "lsq"),
+SEARCHED = tuple(f.name for f in fields(Candidate))
+
+# Cheapest first (BENCHMARKS.md, issues 4, 5 and 14), so a budget cuts the slow ones. Today's defaults (seconds, no
+# statistics: the search is never worse on the held-out samples than --recipe fast); then bias compensation, one
+# statistics pass and two runs of the model: FLAP's fluctuation and the reconstruction criterion, which won on
+# MiniLM; then least-squares re-fits (regression + lsq won on CNNs), and last sensitivity allocation, which prunes
+# each group alone at several ratios (seconds on the digits CNN, minutes on a transformer: estimated first, skipped
+# where it would not fit).
+STRONG = (Candidate("l1", "uniform", "none"), Candidate("fluctuation", "uniform", "bias"),
+          Candidate("regression", "uniform", "bias"), Candidate("fluctuation", "standardised", "bias"),
+          Candidate("activation", "uniform", "bias"), Candidate("regression", "uniform", "lsq"),
           Candidate("l1", "uniform", "lsq"), Candidate("regression", "global", "lsq"),
-          Candidate("activation", "uniform", "bias"))
+          Candidate("regression", "sensitivity", "lsq"), Candidate("activation", "sensitivity", "lsq"))
 
 
 def fixed_choices(options: Options) -> dict[str, str]:
@@ -71,8 +78,8 @@ def fixed_choices(options: Options) -> dict[str, str]:
 
 
 def candidate_list(options: Options, can_refit: bool) -> list[Candidate]:
-    """STRONG with the fixed dimensions put in, duplicates dropped. Where no layer can be re-fitted, regression (its
-    Gram matrices live on such layers) becomes activation and lsq becomes bias, unless fixed."""
+    """STRONG with the fixed dimensions put in, duplicates dropped. Where no layer can be re-fitted, regression and
+    fluctuation become activation and lsq becomes bias, unless fixed."""
     fixed, found = fixed_choices(options), []
     for candidate in STRONG:
         if not can_refit:
@@ -84,7 +91,8 @@ def candidate_list(options: Options, can_refit: bool) -> list[Candidate]:
 
 
 def _without_refit(candidate: Candidate) -> Candidate:
-    criterion = "activation" if candidate.criterion == "regression" else candidate.criterion
+    """Regression's Gram matrices and fluctuation's weight columns live on re-fittable layers: activation instead."""
+    criterion = "activation" if candidate.criterion in ("regression", "fluctuation") else candidate.criterion
     return replace(candidate, criterion=criterion, recover="bias" if candidate.recover == "lsq" else candidate.recover)
 
 
@@ -114,24 +122,61 @@ def stored_samples(calibration: Calibration) -> int:
 
 
 @dataclass
+class Costs:
+    """Seconds the search has measured, to estimate a candidate's before it starts: the slowest candidate so far of
+    each recovery (allocation not by sensitivity), and one point of a sensitivity curve (a pruned model built and run
+    on the sensitivity samples), of which --allocation sensitivity needs `points`."""
+
+    points: int  # pruned models the sensitivity curves build (sensitivity.curve_points)
+    scale: float  # sensitivity samples per held-out sample: a run on these costs `scale` runs on the held-out ones
+    point: float = 0.0
+    by_recovery: dict[str, float] = field(default_factory=dict)
+
+    def estimate(self, candidate: Candidate) -> float:
+        """The candidate's seconds: as the slowest one with its recovery (the slowest of any where none ran yet),
+        plus the sensitivity curves' points where it allocates by sensitivity."""
+        base = self.by_recovery.get(candidate.recover, max(self.by_recovery.values(), default=0.0))
+        return base + (self.points * self.point if candidate.allocation == "sensitivity" else 0.0)
+
+    def record(self, candidate: Candidate, seconds: float, timing: tuple[float, float] | None = None) -> None:
+        """Learn from a candidate that ran for `seconds`, of which `timing` built the pruned model and ran it on the
+        held-out samples: without recovery that is one curve point (built once, run on `scale` times the samples);
+        a sensitivity candidate says what its points cost."""
+        if candidate.allocation == "sensitivity":
+            base = self.by_recovery.get(candidate.recover, 0.0)
+            self.point = max(self.point, (seconds - base) / max(self.points, 1))
+            return
+        self.by_recovery[candidate.recover] = max(seconds, self.by_recovery.get(candidate.recover, 0.0))
+        if candidate.recover == "none" and timing is not None:
+            self.point = timing[0] + timing[1] * self.scale
+
+
+@dataclass
 class Search:
     """What every candidate reads: the inputs on the fit samples, their statistics, the held-out feeds and the
-    original's outputs on them."""
+    original's outputs on them, and what the candidates cost so far."""
 
     inputs: Inputs
     held: list[dict]
     held_samples: int
     reference: list
+    costs: Costs
     stats: Statistics | None = None
 
 
 def open_search(model_or_path, target: Target, options: Options) -> Search:
-    """Prepare the model once, split the calibration data, and run the original on the held-out samples."""
+    """Prepare the model once, split the calibration data, and run the original on the held-out samples (which
+    gives a first estimate of a sensitivity curve's point)."""
     opened = open_inputs(model_or_path, target, replace(options, recover="lsq"))  # replayable data
     fit, held = holdout_split(options.calib, stored_samples(opened.calibration))
     inputs = Inputs(opened.prepared, Calibration(fit, opened.model, replayable=True), opened.sample, opened.shapes)
     feeds = list(Calibration(held, opened.model, replayable=True).batches())
-    return Search(inputs, feeds, held.size, model_outputs(opened.model, feeds))
+    begun = time.perf_counter()
+    reference = model_outputs(opened.model, feeds)
+    scale = min(SENSITIVITY_SAMPLES, fit.size) / held.size
+    costs = Costs(curve_points(inputs.analysis, options.round_to), scale)
+    costs.point = (time.perf_counter() - begun) * scale
+    return Search(inputs, feeds, held.size, reference, costs)
 
 
 def collect_once(search: Search, target: Target, options: Options, candidates: list[Candidate]) -> None:
@@ -151,29 +196,38 @@ def trial(search: Search, target: Target, options: Options) -> onnx.ModelProto:
 
 
 def try_candidates(search: Search, target: Target, options: Options, candidates: list[Candidate],
-                   started: float) -> list[dict]:
-    """Each candidate's held-out error, MACs kept and seconds, in order, until the next one would pass the budget
-    (estimated as the slowest tried so far); the first always runs."""
-    tried = []
+                   started: float) -> tuple[list[dict], list[dict]]:
+    """Each candidate's held-out error, MACs kept and seconds, in order, and the candidates skipped because their
+    estimated cost (Costs) would take the search past its budget; the first always runs."""
+    tried, skipped = [], []
     for position, candidate in enumerate(candidates):
-        slowest = max((t["seconds"] for t in tried), default=0.0)
-        if tried and time.perf_counter() - started + slowest > options.recipe_budget:
-            break
-        tried.append(judge(search, target, candidate.options(options)) | candidate.to_dict())
+        estimate = search.costs.estimate(candidate)
+        if tried and time.perf_counter() - started + estimate > options.recipe_budget:
+            skipped.append(candidate.to_dict() | {"estimated_seconds": round(estimate, 1)})
+            _progress(options, f"recipe accurate: {position + 1}/{len(candidates)} {candidate}: skipped, about "
+                               f"{estimate:.0f} s would pass the {options.recipe_budget:g} s budget")
+            continue
+        found = judge(search, target, candidate.options(options))
+        search.costs.record(candidate, found["seconds"], found.pop("timing", None))
+        tried.append(found | candidate.to_dict())
         _progress(options, f"recipe accurate: {position + 1}/{len(candidates)} {candidate}: " + _outcome(tried[-1]))
     if all(t["error"] is None for t in tried):
         raise OnnxPruneError(f"--recipe accurate: every candidate tried failed; {tried[0]['failed']}")
-    return tried
+    return tried, skipped
 
 
 def judge(search: Search, target: Target, options: Options) -> dict:
-    """One candidate's held-out error and MACs kept; a candidate the data or the model defeats (an OnnxPruneError:
-    a non-finite fit, too little memory) is recorded with its reason and left out of the choice."""
+    """One candidate's held-out error and MACs kept, its seconds, and (`timing`) those spent building the model and
+    running it on the held-out samples; a candidate the data or the model defeats (an OnnxPruneError: a non-finite
+    fit, too little memory) is recorded with its reason and left out of the choice."""
     begun = time.perf_counter()
     try:
         pruned = trial(search, target, options)
-        found = {"error": output_damage(search.reference, model_outputs(pruned, search.held)),
-                 "macs_kept": macs_kept(search, pruned)}
+        built = time.perf_counter()
+        outputs = model_outputs(pruned, search.held)
+        timing = (built - begun, time.perf_counter() - built)
+        found = {"error": output_damage(search.reference, outputs), "macs_kept": macs_kept(search, pruned),
+                 "timing": timing}
     except OnnxPruneError as exc:
         found = {"error": None, "macs_kept": None, "failed": first_line(exc)}
     return found | {"seconds": round(time.perf_counter() - begun, 3)}
@@ -212,7 +266,7 @@ def best_of(tried: list[dict], target: Target) -> dict:
     return min(eligible(tried, target), key=lambda t: t["error"])
 
 
-def why_chosen(tried: list[dict], target: Target, listed: int, budget: float, held: int) -> str:
+def why_chosen(tried: list[dict], target: Target, skipped: list[dict], budget: float, held: int) -> str:
     """The report's one sentence on the choice."""
     best = best_of(tried, target)
     others = sorted((t for t in eligible(tried, target) if t is not best), key=lambda t: t["error"])
@@ -224,8 +278,11 @@ def why_chosen(tried: list[dict], target: Target, listed: int, budget: float, he
         text += f"; {len(tried) - failed - len(eligible(tried, target))} left out for keeping more MACs than the target"
     if failed:
         text += f"; {failed} failed"
-    if len(tried) < listed:
-        text += f"; {listed - len(tried)} of {listed} candidates not tried within the {budget:g} s budget"
+    if skipped:
+        estimates = ", ".join(f"{Candidate(*[s[k] for k in SEARCHED])} ~{s['estimated_seconds']:.0f} s"
+                              for s in skipped)
+        text += (f"; {len(skipped)} of {len(tried) + len(skipped)} candidates not tried, estimated to pass the "
+                 f"{budget:g} s budget ({estimates})")
     return text
 
 
@@ -236,12 +293,12 @@ def run_recipe(model_or_path, target: Target, options: Options) -> tuple[onnx.Mo
     search = open_search(model_or_path, target, options)
     candidates = candidate_list(options, can_refit(search.inputs.analysis))
     collect_once(search, target, options, candidates)
-    tried = try_candidates(search, target, options, candidates, started)
+    tried, skipped = try_candidates(search, target, options, candidates, started)
     chosen = Candidate(*[best_of(tried, target)[k] for k in SEARCHED])
     _progress(options, f"recipe accurate: chose {chosen}; pruning with all calibration samples")
     pruned, report = run_once(model_or_path, target, chosen.options(options))
     report.recipe = {"name": "accurate", "budget_seconds": options.recipe_budget, "candidates": tried,
-                     "chosen": chosen.to_dict(), "held_out_samples": search.held_samples,
-                     "why": why_chosen(tried, target, len(candidates), options.recipe_budget, search.held_samples)}
+                     "skipped": skipped, "chosen": chosen.to_dict(), "held_out_samples": search.held_samples,
+                     "why": why_chosen(tried, target, skipped, options.recipe_budget, search.held_samples)}
     report.seconds = time.perf_counter() - started
     return pruned, report

@@ -10,7 +10,7 @@ import onnx
 
 from .allocate import MacModel, keep_count, plan_from_counts
 from .errors import OnnxPruneError
-from .groups import Analysis
+from .groups import Analysis, Group
 from .surgery import apply_plan
 from .verify import session
 
@@ -28,12 +28,8 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
     full = mac_model.cost({})
     curves: dict[int, list[dict]] = {}
     for position, group in enumerate(analysis.prunable):
-        points, seen = [], set()
-        for ratio in ratios:
-            kept = keep_count(group, ratio, round_to)
-            if kept >= group.size or kept in seen:
-                continue
-            seen.add(kept)
+        points = []
+        for ratio, kept in curve_counts(group, round_to, ratios):
             counts = {group.id: kept}
             pruned = apply_plan(copy.deepcopy(model), analysis, plan_from_counts(analysis, scores, counts))
             points.append({"ratio": ratio, "kept": kept, "channels": group.size,
@@ -42,6 +38,22 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
         curves[group.id] = points
         log.info("sensitivity: group %d (%d/%d)", group.id, position + 1, len(analysis.prunable))
     return curves
+
+
+def curve_counts(group: Group, round_to: int, ratios: tuple[float, ...] = CANDIDATE_RATIOS) -> list[tuple[float, int]]:
+    """The points of a group's curve: (ratio, channels kept) for each candidate ratio that keeps a count no earlier
+    one kept and prunes something."""
+    points: dict[int, float] = {}
+    for ratio in ratios:
+        kept = keep_count(group, ratio, round_to)
+        if kept < group.size and kept not in points:
+            points[kept] = ratio
+    return [(ratio, kept) for kept, ratio in points.items()]
+
+
+def curve_points(analysis: Analysis, round_to: int) -> int:
+    """How many pruned models the sensitivity curves build and run: the cost of --allocation sensitivity."""
+    return sum(len(curve_counts(group, round_to)) for group in analysis.prunable)
 
 
 def model_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:

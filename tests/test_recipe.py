@@ -1,6 +1,7 @@
 """--recipe accurate: the candidates tried on held-out calibration samples, the choice, the budget, the report,
 and the usage errors. The digits CNN with few samples keeps it short."""
 import json
+import time
 
 import numpy as np
 import onnx
@@ -10,10 +11,14 @@ from builders import DIGITS, DIGITS_CALIB, DIGITS_DATA, invoke, one_line_error
 from onnxprune.api import CalibrationSource, Options, Target, prune
 from onnxprune import recipe
 from onnxprune.errors import OnnxPruneError, UsageError
-from onnxprune.recipe import STRONG, best_of, candidate_list, holdout_split
+from onnxprune.recipe import STRONG, Candidate, Costs, best_of, candidate_list, holdout_split, why_chosen
 from onnxprune.verify import session
 
 SAMPLES = 24  # 18 fit the candidates, 6 judge them
+
+
+def recipe_candidate(entry: dict) -> Candidate:
+    return Candidate(*[entry[k] for k in recipe.SEARCHED])
 
 
 def accurate(budget: float = 600.0, **options) -> Options:
@@ -59,7 +64,7 @@ def test_report_fields_and_summary_line(searched):
     assert "held-out" in data["why"]
     line = next(line for line in report.summary_lines() if line.startswith("recipe"))
     chosen = data["chosen"]
-    assert f"accurate: {chosen['criterion']}/{chosen['allocation']}/{chosen['recover']} of 7 tried" in line
+    assert f"accurate: {chosen['criterion']}/{chosen['allocation']}/{chosen['recover']} of {len(STRONG)} tried" in line
 
 
 def test_a_tiny_budget_tries_one_candidate_and_says_so(tmp_path):
@@ -69,20 +74,24 @@ def test_a_tiny_budget_tries_one_candidate_and_says_so(tmp_path):
     assert result.exit_code == 0, result.output
     recipe = json.loads((tmp_path / "report.json").read_text())["recipe"]
     assert [c["criterion"] for c in recipe["candidates"]] == [STRONG[0].criterion]
-    assert "6 of 7 candidates not tried within the 0.001 s budget" in recipe["why"]
+    assert [recipe_candidate(c) for c in recipe["skipped"]] == list(STRONG[1:])
+    assert f"{len(STRONG) - 1} of {len(STRONG)} candidates not tried, estimated to pass the 0.001 s budget" \
+        in recipe["why"]
     assert f"recipe      accurate: {STRONG[0]} of 1 tried" in result.stdout
-    assert f"recipe accurate: 1/7 {STRONG[0]}" in result.stderr
+    assert f"recipe accurate: 1/{len(STRONG)} {STRONG[0]}" in result.stderr
+    assert f"recipe accurate: 2/{len(STRONG)} {STRONG[1]}: skipped, about" in result.stderr
 
 
 def test_fixed_choices_hold_in_every_candidate():
     candidates = candidate_list(Options(recover="bias", allocation="sensitivity"), can_refit=True)
     assert {(c.allocation, c.recover) for c in candidates} == {("sensitivity", "bias")}
-    assert [c.criterion for c in candidates] == ["l1", "regression", "activation"]  # duplicates dropped
+    assert [c.criterion for c in candidates] == ["l1", "fluctuation", "regression", "activation"]  # no duplicates
 
 
 def test_without_refittable_layers_no_regression_or_lsq():
     candidates = candidate_list(Options(), can_refit=False)
-    assert candidates and all(c.criterion != "regression" and c.recover != "lsq" for c in candidates)
+    assert candidates and all(c.criterion not in ("regression", "fluctuation") and c.recover != "lsq"
+                              for c in candidates)
     assert candidate_list(Options(recover="lsq"), can_refit=False)[0].recover == "lsq"  # fixed wins
 
 
@@ -136,3 +145,48 @@ def test_a_python_reader_is_refused():
     options = Options(recipe="accurate", calib=CalibrationSource(feeds))
     with pytest.raises(UsageError, match="pass a file or a folder"):
         prune(str(DIGITS), Target.ratio(0.3), options)
+
+
+def costs_measured() -> Costs:
+    """84 curve points (MiniLM's 12 groups at 7 ratios), sensitivity samples 3x the held-out ones; the defaults
+    built in 1 s and ran in 0.5 s (a point: 1 + 3 x 0.5 s), a bias candidate took 14 s and an lsq one 60 s."""
+    costs = Costs(points=84, scale=3.0)
+    costs.record(Candidate("l1", "uniform", "none"), 2.0, (1.0, 0.5))
+    costs.record(Candidate("fluctuation", "uniform", "bias"), 14.0)
+    costs.record(Candidate("regression", "uniform", "lsq"), 60.0)
+    return costs
+
+
+def test_a_candidate_is_estimated_from_those_before_it():
+    costs = costs_measured()
+    assert costs.point == 2.5
+    assert costs.estimate(Candidate("activation", "uniform", "bias")) == 14.0
+    assert costs.estimate(Candidate("l1", "global", "lsq")) == 60.0
+    assert costs.estimate(Candidate("regression", "sensitivity", "lsq")) == 60.0 + 84 * 2.5
+    assert costs.estimate(Candidate("l1", "uniform", "other")) == 60.0  # nothing like it yet: the slowest
+    costs.record(Candidate("regression", "sensitivity", "lsq"), 60.0 + 84 * 4.0)  # its points cost 4 s each
+    assert costs.estimate(Candidate("activation", "sensitivity", "lsq")) == 60.0 + 84 * 4.0
+
+
+def test_what_would_pass_the_budget_is_skipped_and_cheaper_candidates_still_run(monkeypatch):
+    """75 s of a 100 s budget spent before the search (injected): the first lsq candidate is estimated as the
+    slowest bias one (10 s) and runs (30 s); the next lsq ones (30 s) and the sensitivity ones (30 + 84 x 2 s) would
+    pass the budget and are skipped; nothing is timed."""
+    seconds = {"none": 1.0, "bias": 10.0, "lsq": 30.0}
+    judged = []
+
+    def injected(search, target, options):
+        judged.append(options.allocation)
+        return {"error": 0.5, "macs_kept": 0.5, "seconds": seconds[options.recover], "timing": (0.5, 0.5)}
+
+    monkeypatch.setattr(recipe, "judge", injected)
+    search = type("Search", (), {"costs": Costs(points=84, scale=3.0)})()
+    options = Options(recipe_budget=100.0, quiet=True)
+    tried, skipped = recipe.try_candidates(search, Target.macs(0.5), options, list(STRONG), time.perf_counter() - 75)
+    assert [recipe_candidate(t) for t in tried] == list(STRONG[:6])
+    assert [recipe_candidate(s) for s in skipped] == list(STRONG[6:])
+    assert [s["estimated_seconds"] for s in skipped] == [30.0, 30.0, 30.0 + 84 * 2.0, 30.0 + 84 * 2.0]
+    assert "sensitivity" not in judged and all("timing" not in t for t in tried)
+    why = why_chosen(tried, Target.macs(0.5), skipped, 100.0, 6)
+    assert "4 of 10 candidates not tried, estimated to pass the 100 s budget" in why
+    assert "regression/sensitivity/lsq ~198 s" in why
