@@ -11,7 +11,7 @@ from .errors import UsageError
 from .groups import Analysis
 from .options import DEFAULT_ROUND_TO, Options, Target, validate
 from .pipeline import (Inputs, collect_statistics, counted_at, group_curves, mac_model_of, prepare, run_once, score,
-                       statistics_needed)
+                       statistics_needed, type_report)
 from .recipe import run_recipe
 from .report import PruneReport, target_text
 from .schedule import prune_iteratively
@@ -64,10 +64,13 @@ def _target_of(target: Target | float | None, options: Options) -> Target:
     return Target.ratio(target)
 
 
-def sensitivity(model_or_path: ModelSource, options: Options) -> dict:
+def sensitivity(model_or_path: ModelSource, options: Options, by_type: bool = False) -> dict:
     """Per prunable group, the damage (relative squared error of the outputs on `options.calib`) of pruning that
     group alone at each candidate ratio, with the MACs it saves: {"groups": [{"id", "channels", "weights",
-    "points": [{"ratio", "kept", "channels", "macs_saved", "damage"}]}]}."""
+    "points": [{"ratio", "kept", "channels", "macs_saved", "damage"}]}]}. With `by_type`, instead of the curves,
+    each group's place in the network ("type", "stride", "layers_to_output": group_types.place_groups) and
+    "types": per type, its groups pruned together at a few ratios ({"type", "groups", "channels",
+    "points": [{"ratio", "macs_saved", "damage"}]})."""
     validate(Target.ratio(0.0), options)
     if options.calib is None:
         raise UsageError("sensitivity needs calibration data (--calib)")
@@ -78,7 +81,11 @@ def sensitivity(model_or_path: ModelSource, options: Options) -> dict:
     reads = statistics_needed(Target.ratio(0.0), options)
     stats = collect_statistics(inputs, reads, options.quiet) if reads else None
     mac_model = mac_model_of(inputs)
-    curves = group_curves(inputs, score(inputs, options, stats).values, options.round_to, mac_model)
+    scores = score(inputs, options, stats).values
+    if by_type:
+        return {"criterion": options.criterion, "round_to": options.round_to, "macs": mac_model.cost({}),
+                **type_report(inputs, scores, options.round_to, mac_model)}
+    curves = group_curves(inputs, scores, options.round_to, mac_model)
     return {"criterion": options.criterion, "round_to": options.round_to, "macs": mac_model.cost({}),
             "groups": [_curve_entry(prepared.analysis, gid, points) for gid, points in curves.items()]}
 

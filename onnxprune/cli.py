@@ -413,26 +413,46 @@ def analyze(model: Path, exclude: tuple[str, ...], json_path: Path | None, show_
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the curves as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the curves as a PNG (needs matplotlib: pip install 'onnxprune[plot]').")
+@click.option("--types", "by_type", is_flag=True,
+              help="Instead of per-group curves: each group's type (head, upsample, neck, backbone, read from the "
+                   "graph) and the damage of pruning all groups of a type together at 0.25, 0.5 and 0.75.")
 def sensitivity_command(model: Path, calib: Path | None, preprocess: str | None, calib_size: int | None,
                         batch_size: int, criterion: str, round_to: int, json_path: Path | None,
-                        plot: Path | None) -> None:
+                        plot: Path | None, by_type: bool) -> None:
     """Prune each channel group of MODEL alone at several ratios and print how much the outputs change."""
     options = Options(criterion=criterion, round_to=round_to, calib=_calibration(calib, calib_size, batch_size,
                                                                                   preprocess))
     if calib is None:
         raise UsageError("sensitivity needs calibration data (--calib)")
+    if by_type and plot is not None:
+        raise UsageError("--plot draws the per-group curves, which --types does not measure")
     _check_files([("the input model", model)], [("--calib", calib)], [("--json", json_path), ("--plot", plot)])
     if plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib (pip install 'onnxprune[plot]')")
-    curves = api.sensitivity(load_model(model), options)
-    for group in curves["groups"]:
+    curves = api.sensitivity(load_model(model), options, by_type=by_type)
+    if by_type:
+        _echo_types(curves)
+    for group in [] if by_type else curves["groups"]:
         points = ", ".join(f"{p['kept']}:{p['damage']:.3g}" for p in group["points"]) or "-"
         click.echo(f"group {group['id']:>4} {group['channels']:>5} ch  kept:damage  {points}")
     if json_path is not None:
         _write_json(json_path, curves)
     if plot is not None:
         _plot(curves, plot)
+
+
+def _echo_types(report: dict) -> None:
+    """Each group's type and stride, then per type: groups, channels, and MACs saved : damage at each ratio."""
+    for group in report["groups"]:
+        stride = f"{group['stride']:g}" if group["stride"] is not None else "?"
+        click.echo(f"group {group['id']:>4} {group['channels']:>5} ch  {group['type']:<8} stride {stride:>4}  "
+                   f"layers to output {group['layers_to_output']}")
+    click.echo("type       groups  channels  ratio:MACs saved:damage")
+    for row in report["types"]:
+        points = ", ".join(f"{p['ratio']:g}:{p['macs_saved'] / report['macs']:.1%}:{p['damage']:.3g}"
+                           for p in row["points"])
+        click.echo(f"{row['type']:<10} {row['groups']:>6} {row['channels']:>9}  {points}")
 
 
 def _plot(curves: dict, path: Path) -> None:

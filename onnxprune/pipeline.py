@@ -23,6 +23,7 @@ from .calibrate import Calibration, Statistics, collect_stats
 from .criteria import ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
+from .group_types import place_groups
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
 from .layers import constant_values, refittable
@@ -31,7 +32,7 @@ from .plan_io import plan_to_dict, read_plan
 from .recover import recover_bias, recover_lsq, require_finite_weights
 from .regression import ContributionGram
 from .report import PruneReport, channel_groups, frozen_reasons, target_outcome, unreachable_reason
-from .sensitivity import sensitivity_counts, sensitivity_curves
+from .sensitivity import sensitivity_counts, sensitivity_curves, type_damage
 from .sparsity.sparsify import count_nonzeros
 from .sparsity.spec import Request, parse_pattern
 from .sparsity.step import sparsity_step
@@ -213,6 +214,17 @@ def group_curves(inputs: Inputs, scores: dict[int, np.ndarray], round_to: int,
     """Each group pruned alone at the candidate ratios: damage on the first calibration samples, MACs saved."""
     feeds = list(inputs.calibration.batches(SENSITIVITY_SAMPLES))
     return sensitivity_curves(inputs.model, inputs.analysis, scores, feeds, round_to, mac_model)
+
+
+def type_report(inputs: Inputs, scores: dict[int, np.ndarray], round_to: int, mac_model: MacModel) -> dict:
+    """Each prunable group's place in the network and, per group type, its groups pruned together: damage on the
+    first calibration samples, MACs saved (sensitivity --types)."""
+    placements = place_groups(inputs.analysis, inputs.shapes)
+    feeds = list(inputs.calibration.batches(SENSITIVITY_SAMPLES))
+    kinds = {gid: p.kind for gid, p in placements.items()}
+    rows = type_damage(inputs.model, inputs.analysis, scores, feeds, round_to, mac_model, kinds)
+    groups = [{"id": g.id, "channels": g.size, **placements[g.id].to_dict()} for g in inputs.analysis.prunable]
+    return {"groups": groups, "types": rows}
 
 
 def recover(pruned: onnx.ModelProto, original: onnx.ModelProto, inputs: Inputs, plan: Plan, options: Options,

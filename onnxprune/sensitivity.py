@@ -111,3 +111,28 @@ def sensitivity_counts(analysis: Analysis, curves: dict[int, list[dict]], mac_mo
         position[best] += 1
         counts[best] = curves[best][position[best]]["kept"]
     return counts
+
+
+TYPE_RATIOS = (0.25, 0.5, 0.75)
+
+
+def type_damage(model: onnx.ModelProto, analysis: Analysis, scores: dict[int, np.ndarray],
+                feeds: list[dict[str, np.ndarray]], round_to: int, mac_model: MacModel, kinds: dict[int, str],
+                ratios: tuple[float, ...] = TYPE_RATIOS) -> list[dict]:
+    """Per group type (`kinds`: group id -> type, group_types.place_groups), all its groups pruned together at each
+    ratio: the MACs saved and the output damage, as sensitivity_curves measures it. Which part of a network (a
+    detector's head, neck, upsampling paths or backbone) its outputs depend on most."""
+    reference = _require_finite(model, model_outputs(model, feeds))
+    full = mac_model.cost({})
+    rows = []
+    for kind in dict.fromkeys(kinds.values()):
+        groups = [g for g in analysis.prunable if kinds.get(g.id) == kind]
+        points = []
+        for ratio in ratios:
+            counts = {g.id: keep_count(g, ratio, round_to) for g in groups}
+            pruned = apply_plan(copy.deepcopy(model), analysis, plan_from_counts(analysis, scores, counts))
+            points.append({"ratio": ratio, "macs_saved": float(full - mac_model.cost(counts)),
+                           "damage": output_damage(reference, model_outputs(pruned, feeds))})
+        rows.append({"type": kind, "groups": len(groups), "channels": sum(g.size for g in groups), "points": points})
+        log.info("sensitivity: type %s (%d groups)", kind, len(groups))
+    return rows
