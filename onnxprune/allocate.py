@@ -103,19 +103,31 @@ def global_counts(analysis: Analysis, scores: dict[int, np.ndarray], threshold: 
     return {g.id: round_count(g, int(np.sum(scores[g.id] > threshold)), round_to) for g in analysis.prunable}
 
 
-def ranked_scores(scores: dict[int, np.ndarray], allocation: str) -> dict[int, np.ndarray]:
+def ranked_scores(analysis: Analysis, scores: dict[int, np.ndarray], allocation: str) -> dict[int, np.ndarray]:
     """The scores one threshold ranks across groups: `global` divides each group's by their mean; `standardised`
-    takes per-group z-scores (FLAP's adaptive structure, An et al. 2024)."""
+    takes z-scores within each kind of group (FLAP's adaptive structure, An et al. 2024)."""
     if allocation == "standardised":
-        return standardised_scores(scores)
+        return standardised_scores(scores, {g.id: shape_kind(g) for g in analysis.prunable})
     return {gid: v / (float(np.mean(v)) or 1.0) for gid, v in scores.items()}
 
 
-def standardised_scores(scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Each group's scores as z-scores ((s - mean) / std; 0 where a group's scores are all equal), shifted by one
-    constant so the lowest is 1 (a threshold of 0 removes nothing): a group whose channels matter unevenly loses
-    more, whatever the scale of its scores (a head's sum over 32 features against a neuron's one)."""
-    z = {gid: (v - np.mean(v)) / (float(np.std(v)) or 1.0) for gid, v in scores.items()}
+def shape_kind(group: Group) -> tuple:
+    """Groups of one shape (channel count, and values per channel in each weight: every layer's attention heads,
+    every layer's MLP neurons) are one kind, which FLAP standardises together."""
+    return group.size, tuple(sorted({m.inner for m in group.members if m.constant}))
+
+
+def standardised_scores(scores: dict[int, np.ndarray], kinds: dict[int, object]) -> dict[int, np.ndarray]:
+    """Scores as z-scores ((s - mean) / std, 0 where all are equal) over all the groups of one kind, shifted by one
+    constant so the lowest is 1 (a threshold of 0 removes nothing): layers of one kind compare by their raw scores,
+    while kinds whose scores differ in scale (a head's sum over 32 features, a neuron's one) compare by how far a
+    channel stands out among its kind."""
+    z: dict[int, np.ndarray] = {}
+    for kind in set(kinds.values()):
+        members = [gid for gid in scores if kinds[gid] == kind]
+        pooled = np.concatenate([scores[gid] for gid in members])
+        mean, std = float(np.mean(pooled)), float(np.std(pooled)) or 1.0
+        z.update({gid: (scores[gid] - mean) / std for gid in members})
     lowest = min((float(v.min()) for v in z.values() if len(v)), default=0.0)
     return {gid: v - lowest + 1.0 for gid, v in z.items()}
 
@@ -228,7 +240,7 @@ def counts_for_target(analysis: Analysis, scores: dict[int, np.ndarray], allocat
     cost jump because many groups switch width at once (equal groups move in lockstep under a uniform ratio: the
     latency table), the budget left is filled group by group afterwards (`fill_gaps`)."""
     model = budget[0] if budget is not None else None
-    scores = scores if allocation == "uniform" else ranked_scores(scores, allocation)
+    scores = scores if allocation == "uniform" else ranked_scores(analysis, scores, allocation)
 
     def counts_at(x: float) -> dict[int, int]:  # x grows with pruning
         counts = uniform_counts(analysis, x, round_to, reference) if allocation == "uniform" else \

@@ -86,16 +86,23 @@ class Analysis:
         self.prunable = list(groups)
 
 
-def test_standardised_scores_are_per_group_z_scores_ranked_across_groups():
-    scores = {1: np.array([1.0, 1.1, 1.2, 10.0]), 2: np.array([1.0, 2.0, 3.0, 4.0]), 3: np.full(2, 7.0)}
-    ranked = standardised_scores(scores)
-    for gid in (1, 2):
-        z = (scores[gid] - scores[gid].mean()) / scores[gid].std()
-        np.testing.assert_allclose(ranked[gid] - ranked[gid][0], z - z[0])
+def test_standardised_scores_are_z_scores_within_each_kind_of_group():
+    scores = {1: np.array([1.0, 2.0, 3.0, 4.0]), 2: np.array([10.0, 20.0, 30.0, 40.0]), 3: np.array([1e3, 1e3 + 1]),
+              4: np.full(3, 7.0)}
+    ranked = standardised_scores(scores, {1: "a", 2: "a", 3: "b", 4: "c"})
+    pooled = np.concatenate([scores[1], scores[2]])
+    z = (pooled - pooled.mean()) / pooled.std()
+    np.testing.assert_allclose(np.concatenate([ranked[1], ranked[2]]) - ranked[1][0], z - z[0])
+    np.testing.assert_allclose(ranked[3] - ranked[3][0], [0.0, 2.0])  # z = -1, 1
+    np.testing.assert_allclose(ranked[4], ranked[4][0])  # all equal: z = 0
     assert min(v.min() for v in ranked.values()) == pytest.approx(1.0)
-    np.testing.assert_allclose(ranked[3], ranked[3][0])  # equal scores: z = 0 for all
+
+
+def test_standardised_allocation_compares_layers_of_a_kind_by_score_and_kinds_by_z_score():
+    """Two of ten channels go. Groups 1 and 2 are one kind (4 channels): by score / group mean they look alike and
+    each gives one; standardised together, group 2's channels all score higher, so group 1 gives, along with the
+    lowest channel of group 3, another kind whose scores are on another scale."""
+    scores = {1: np.array([1.0, 2.0, 3.0, 4.0]), 2: np.array([10.0, 20.0, 30.0, 40.0]), 3: np.array([1e3, 1e3 + 1])}
     analysis = Analysis(Group(1, 4), Group(2, 4), Group(3, 2))
-    # Three of ten channels go. By score / mean, group 1's three small scores are far below its mean (pulled up by
-    # the 10): all three go. By z-score, group 2's lowest (-1.34) goes before group 1's second and third (-0.58).
-    assert counts_for_target(analysis, scores, "global", 1, 0.3) == {1: 1, 2: 4, 3: 2}
-    assert counts_for_target(analysis, scores, "standardised", 1, 0.3) == {1: 2, 2: 3, 3: 2}
+    assert counts_for_target(analysis, scores, "global", 1, 0.2) == {1: 3, 2: 3, 3: 2}
+    assert counts_for_target(analysis, scores, "standardised", 1, 0.2) == {1: 3, 2: 4, 3: 1}
