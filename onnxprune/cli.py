@@ -173,6 +173,9 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--recipe-budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_RECIPE_BUDGET,
               show_default=True, metavar="SECONDS",
               help="With --recipe accurate: stop trying candidates when the next would pass this time.")
+@click.option("--slice", "slice_share", type=float, default=0.0, show_default=True, metavar="F",
+              help="Slice this share of a transformer's hidden width first (SliceGPT: norms made RMS norms, the "
+                   "residual stream rotated onto its principal directions on --calib, the weakest dropped).")
 @calibration_options
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Statistics written by `onnxprune calibrate` (or merge-stats) instead of a calibration pass: they "
@@ -249,6 +252,7 @@ class PruneArgs:
     recover: str
     recipe: str
     recipe_budget: float
+    slice_share: float
     calib: Path | None
     preprocess: str | None
     calib_size: int | None
@@ -264,7 +268,7 @@ def _prune_options(a: PruneArgs) -> Options:
                    latency_table=a.latency_table, quiet=a.quiet,
                    calib=_calibration(a.calib, a.calib_size, a.batch_size, a.preprocess), recipe=a.recipe,
                    recipe_budget=a.recipe_budget, granularity=a.granularity, then=a.then,
-                   then_criterion=a.then_criterion, stats=a.stats_path)
+                   then_criterion=a.then_criterion, stats=a.stats_path, slice=a.slice_share)
 
 
 def _refusal(result: PruneReport, gate: CheckReport | None, strict_target: bool) -> OnnxPruneError | None:

@@ -82,6 +82,7 @@ class Options:
     stats: str | os.PathLike | None = None
     recipe: str = "fast"
     recipe_budget: float = DEFAULT_RECIPE_BUDGET
+    slice: float = 0.0  # share of a transformer's hidden width removed before the channel steps (slicing/)
 
 
 def statistics_needed(target: Target, options: Options) -> frozenset[str]:
@@ -126,6 +127,8 @@ def validate(target: Target, options: Options) -> None:
         _validate_sparsity(target, options)
     if options.recipe != "fast":
         _validate_recipe(target, options)
+    if options.slice:
+        _validate_slice(target, options)
     if options.latency_table is not None and target.kind != "latency":
         raise UsageError("--latency-table needs --target-latency")
     if target.kind == "plan" and options.schedule == "iterative":
@@ -175,6 +178,16 @@ def _validate_recipe(target: Target, options: Options) -> None:
         raise UsageError("--recipe accurate runs one-shot on --calib: no --schedule iterative, no --stats")
     if options.recipe_budget <= 0:
         raise UsageError(f"recipe-budget must be positive, got {options.recipe_budget}")
+
+
+def _validate_slice(target: Target, options: Options) -> None:
+    """--slice F: a share in [0, 1), principal directions from --calib, one step before channels to a ratio or MACs."""
+    if not 0 <= options.slice < 1:
+        raise UsageError(f"slice must be in [0, 1), got {options.slice}")
+    if options.calib is None:
+        raise UsageError("--slice needs calibration data (--calib): the directions kept are measured on it")
+    if target.kind in ("latency", "plan") or options.schedule != "oneshot":
+        raise UsageError("--slice takes --ratio, --target-macs or --target-params and a one-shot schedule")
 
 
 def _validate_target(target: Target, allocation: str) -> None:

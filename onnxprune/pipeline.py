@@ -12,7 +12,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -33,6 +33,7 @@ from .recover import recover_bias, recover_lsq, require_finite_weights
 from .regression import ContributionGram
 from .report import PruneReport, channel_groups, frozen_reasons, target_outcome, unreachable_reason
 from .sensitivity import sensitivity_counts, sensitivity_curves, type_damage
+from .slicing import SLICED, Sliced, normalised, slice_hidden
 from .sparsity.sparsify import count_nonzeros
 from .sparsity.spec import Request, parse_pattern
 from .sparsity.step import sparsity_step
@@ -274,19 +275,47 @@ def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target,
     start = time.perf_counter()
     sparse = sparsity_request(target, options)
     channels = Target.plan(Plan()) if parse_pattern(options.granularity) is not None else target
-    inputs = open_inputs(model_or_path, channels, options)
-    choice = choose(inputs, channels, options, reference)
+    sliced = slice_first(model_or_path, options)
+    options = replace(options, exclude=(*options.exclude, SLICED)) if sliced and sliced.sliced else options
+    inputs = open_inputs(sliced.model if sliced else model_or_path, after_slicing(channels, sliced), options)
+    choice = choose(inputs, after_slicing(channels, sliced), options, reference)
     before = (count_params(inputs.model), count_macs(inputs.model, inputs.shapes))
+    before = (sliced.params_before, sliced.macs_before) if sliced and sliced.sliced else before
     nonzeros = count_nonzeros(inputs.model) if sparse is not None else 0
-    original = copy.deepcopy(inputs.model) if options.recover != "none" else None
+    original = _recovery_reference(inputs, sliced) if options.recover != "none" else None
     pruned = apply_plan(inputs.model, inputs.analysis, choice.plan)
     recovered = recover(pruned, original, inputs, choice.plan, options, choice.stats)
     require_finite_weights(pruned, inputs.analysis, choice.plan, options.recover)
     sparsity = sparsify(pruned, inputs, sparse, nonzeros, options.quiet) if sparse is not None else None
     report = build_report(inputs, channels, options, choice, pruned, before)
     report.recovered_layers, report.seconds = recovered, time.perf_counter() - start
-    report.sparsity = sparsity
+    report.sparsity, report.slicing = sparsity, sliced.description if sliced else None
     return pruned, report
+
+
+def slice_first(model_or_path: onnx.ModelProto | str | os.PathLike, options: Options) -> Sliced | None:
+    """With --slice, the hidden width of a transformer sliced before the channel steps (slicing.slice_hidden, on
+    its own pass over the calibration data; the channel steps then leave the sliced stream whole); None without.
+    A model without a recognised residual stream comes back unchanged, `sliced` False, with the reason."""
+    if not options.slice:
+        return None
+    model = normalised(model_or_path)
+    sliced = slice_hidden(model, Calibration(options.calib, model, replayable=True).batches, options.slice)
+    log.info("slicing: %s", sliced.description)
+    return sliced
+
+
+def after_slicing(target: Target, sliced: Sliced | None) -> Target:
+    """The channel steps' target: a MAC fraction of the original becomes one of the sliced model."""
+    if sliced is None or not sliced.sliced or target.kind != "macs":
+        return target
+    return Target.macs(min(1.0, target.value / sliced.macs_kept))
+
+
+def _recovery_reference(inputs: Inputs, sliced: Sliced | None) -> onnx.ModelProto:
+    """What recovery fits to: the original model (for a sliced one, with the stream writers' outputs projected into
+    the sliced basis, so that least squares fits them to the original's)."""
+    return sliced.reference if sliced is not None and sliced.sliced else copy.deepcopy(inputs.model)
 
 
 def sparsify(pruned: onnx.ModelProto, inputs: Inputs, request: Request, nonzeros: int, quiet: bool) -> dict:

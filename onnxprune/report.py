@@ -41,6 +41,7 @@ class PruneReport:
     sparsity: dict | None = None  # sparsity.step.sparsity_step: zeros per layer, non-zeros before and after
     sparse_storage: dict | None = None  # sparsity.packed.PackReport.to_dict(), with --sparse-storage packed
     recipe: dict | None = None  # recipe.run_recipe, with --recipe accurate: candidates tried, chosen, why
+    slicing: str | None = None  # with --slice: the hidden width before and after, or why it was not sliced
 
     @property
     def pruned_groups(self) -> list[dict]:
@@ -95,6 +96,8 @@ class PruneReport:
                          (f"; positions where '{self.padding_mask}' is 0 left out" if self.padding_mask else ""))
         if self.recipe:
             lines.append(recipe_line(self.recipe))
+        if self.slicing:
+            lines.append(f"slicing     {self.slicing}")
         if self.target_latency:
             t = self.target_latency
             lines.append(f"latency     {t['measured_kept']:.1%} of the original measured here, for a target of "

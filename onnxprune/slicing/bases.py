@@ -1,0 +1,45 @@
+"""The principal directions of each sum of the residual stream, from a Gram matrix of its values streamed over the
+calibration data (real positions only: padding that a mask input marks is left out, as everywhere in onnxprune)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from ..calibrate import mask_input, padding_of, with_outputs
+from ..errors import OnnxPruneError, first_line
+from ..layers import real_positions
+from ..verify import session
+from .stream import Stream
+
+
+def stream_grams(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Per sum, the float64 Gram matrix of its values along the hidden axis (mean-free rows for a centred sum)."""
+    names = sorted(stream.sums)
+    probed = with_outputs(model, names)
+    runner = session(probed)
+    mask = mask_input(model)
+    grams = {name: np.zeros((stream.width, stream.width)) for name in names}
+    for feed in feeds:
+        try:
+            values = runner.run(names, feed)
+        except Exception as exc:
+            raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+        for name, value in zip(names, values):
+            grams[name] += _gram(real_positions(value, padding_of(feed, mask)), stream.sums[name].centred)
+    return grams
+
+
+def _gram(value: np.ndarray, centred: bool) -> np.ndarray:
+    rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
+    if centred:
+        rows = rows - rows.mean(axis=1, keepdims=True)
+    return rows.T @ rows
+
+
+def principal_directions(gram: np.ndarray, kept: int) -> np.ndarray:
+    """The `kept` leading eigenvectors of a Gram matrix, (width, kept), strongest first. With every direction kept
+    the matrix is orthogonal, so rotating by it changes nothing."""
+    values, vectors = np.linalg.eigh(gram)
+    return vectors[:, np.argsort(values)[::-1][:kept]]

@@ -1,0 +1,194 @@
+"""Slicing the hidden width (onnxprune.slicing): on pre-LN and post-LN transformer encoders built in code
+(LayerNormalization, its decomposed form, RMSNorm), nothing sliced gives the original outputs (the folded means and
+affine parameters and the rotations are exact), more sliced loses more, the output is always a valid model with the
+same inputs and outputs, a model without a residual stream is left as it is with the reason, and the CLI runs it
+end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from builders import DIGITS, DIGITS_CALIB, GraphBuilder, invoke, one_line_error
+
+import onnxprune
+from onnxprune import CalibrationSource, Options, Target
+from onnxprune.slicing import slice_hidden
+from onnxprune.verify import check_valid, count_macs, count_params, io_signature, run
+
+WIDTH, LENGTH = 16, 6
+
+
+def layer_norm(b: GraphBuilder, x: str, form: str) -> str:
+    """LayerNorm over the last axis as one op or decomposed, or an RMSNorm, with a random scale and shift."""
+    gamma = b.const(b.rng.uniform(0.5, 1.5, WIDTH).astype(np.float32))
+    beta = b.const((b.rng.standard_normal(WIDTH) * 0.1).astype(np.float32))
+    if form == "op":
+        return b.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
+    centred = x
+    if form == "decomposed":
+        centred = b.op("Sub", [x, b.op("ReduceMean", [x], axes=[-1], keepdims=1)])
+    variance = b.op("ReduceMean", [b.op("Pow", [centred, b.const(np.array(2.0, np.float32))])], axes=[-1])
+    root = b.op("Sqrt", [b.op("Add", [variance, b.const(np.array(1e-5, np.float32))])])
+    scaled = b.op("Mul", [b.op("Div", [centred, root]), gamma])
+    return scaled if form == "rms" else b.op("Add", [scaled, beta])
+
+
+def attention(b: GraphBuilder, h: str) -> str:
+    """One-head self-attention over the sequence axis, then the output projection (with bias)."""
+    q, k, v = (b.matmul(h, WIDTH, WIDTH) for _ in range(3))
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])
+    weights = b.op("Softmax", [b.op("Mul", [scores, b.const(np.array(WIDTH ** -0.5, np.float32))])], axis=-1)
+    return b.matmul(b.op("MatMul", [weights, v]), WIDTH, WIDTH)
+
+
+def mlp(b: GraphBuilder, h: str) -> str:
+    return b.matmul(b.op("Relu", [b.matmul(h, WIDTH, 4 * WIDTH)]), 4 * WIDTH, WIDTH)
+
+
+def post_ln_encoder(form: str = "op", layers: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """BERT's layout: token and position embeddings, a norm, then per block LN(x + attention(x)) and
+    LN(x + mlp(x)); the last norm's output is the graph output (rebuilt at full width)."""
+    b = GraphBuilder(seed)
+    ids = b.input(["N", LENGTH], "ids", onnx.TensorProto.INT64)
+    words = b.op("Gather", [b.weight(50, WIDTH, scale=1.0), ids], axis=0)
+    positions = b.const((b.rng.standard_normal((1, LENGTH, WIDTH)) * 0.5).astype(np.float32))
+    h = layer_norm(b, b.op("Add", [words, positions]), form)
+    for _ in range(layers):
+        h = layer_norm(b, b.op("Add", [attention(b, h), h]), form)
+        h = layer_norm(b, b.op("Add", [mlp(b, h), h]), form)
+    return b.model(h)
+
+
+def pre_ln_encoder(form: str = "op", layers: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """GPT's / ViT's layout: an input projection, per block x + attention(LN(x)) and x + mlp(LN(x)), a final norm
+    read by a classifier head (a folded reader, not an exit)."""
+    b = GraphBuilder(seed)
+    x = b.matmul(b.input(["N", LENGTH, 8]), 8, WIDTH)
+    for _ in range(layers):
+        x = b.op("Add", [x, attention(b, layer_norm(b, x, form))])
+        x = b.op("Add", [x, mlp(b, layer_norm(b, x, form))])
+    return b.model(b.matmul(layer_norm(b, x, form), WIDTH, 3))
+
+
+MODELS = {f"{name}-{form}": (build, form) for name, build in (("post_ln", post_ln_encoder), ("pre_ln", pre_ln_encoder))
+          for form in ("op", "decomposed", "rms")}
+
+
+def model_named(name: str, seed: int = 0) -> onnx.ModelProto:
+    build, form = MODELS[name]
+    return build(form, seed=seed)
+
+
+def feeds_of(model: onnx.ModelProto, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """`count` batches of 4 random samples for the model's one input (token ids, or features)."""
+    rng = np.random.default_rng(seed)
+    vi = model.graph.input[0]
+    if vi.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+        return [{vi.name: rng.integers(0, 50, (4, LENGTH))} for _ in range(count)]
+    return [{vi.name: rng.standard_normal((4, LENGTH, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def relative_error(model: onnx.ModelProto, other: onnx.ModelProto, feeds: list[dict]) -> float:
+    expected = np.concatenate([run(model, f)[0] for f in feeds])
+    got = np.concatenate([run(other, f)[0] for f in feeds])
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def require_valid(sliced: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    check_valid(sliced)
+    onnx.shape_inference.infer_shapes(sliced, check_type=True, strict_mode=True)
+    assert io_signature(sliced) == io_signature(original)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_nothing_sliced_gives_the_original_outputs(name):
+    model = model_named(name)
+    result = slice_hidden(model, lambda: feeds_of(model, 4, 0), 0.0)
+    assert result.sliced and result.kept == WIDTH, result.description
+    require_valid(result.model, model)
+    held_out = feeds_of(model, 2, 1)
+    for feed in held_out:
+        np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-4, atol=2e-5)
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "LayerNormalization" not in ops and "ReduceMean" not in ops  # every norm is now an RMS norm
+
+
+@pytest.mark.parametrize("name", ["post_ln-op", "pre_ln-decomposed", "pre_ln-rms"])
+def test_slicing_more_loses_more_and_is_smaller(name):
+    model = model_named(name, seed=3)
+    calibration, held_out = feeds_of(model, 8, 0), feeds_of(model, 4, 1)
+    errors, macs = [], []
+    for fraction in (0.0, 0.25, 0.5, 0.75):
+        result = slice_hidden(model, lambda: calibration, fraction)
+        require_valid(result.model, model)
+        errors.append(relative_error(model, result.model, held_out))
+        macs.append(count_macs(result.model))
+        assert fraction == 0 or count_params(result.model) < count_params(model)
+    assert errors[0] < 1e-5 and all(a < b for a, b in zip(errors, errors[1:])), errors
+    assert macs[-1] < macs[1] < count_macs(model), macs
+
+
+def test_principal_directions_of_real_positions_only():
+    """Padded positions (attention_mask 0) are left out of the Gram matrices: huge values there change nothing."""
+    model = post_ln_encoder()
+    graph = model.graph
+    graph.input.append(onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["N", LENGTH]))
+    graph.output.append(onnx.helper.make_tensor_value_info("mask_out", onnx.TensorProto.INT64, None))
+    graph.node.append(onnx.helper.make_node("Identity", ["attention_mask"], ["mask_out"]))
+    rng = np.random.default_rng(0)
+    mask = np.ones((4, LENGTH), np.int64)
+    mask[:, 4:] = 0
+    clean = [{"ids": rng.integers(0, 50, (4, LENGTH)), "attention_mask": mask} for _ in range(4)]
+    noisy = [{"ids": np.where(mask == 1, f["ids"], 49), "attention_mask": mask} for f in clean]
+    first = slice_hidden(model, lambda: clean, 0.5).model
+    second = slice_hidden(model, lambda: noisy, 0.5).model
+    weights = lambda m: [i for i in m.graph.initializer if i.name.startswith("slicing/")]  # noqa: E731
+    for a, b in zip(weights(first), weights(second)):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), atol=1e-5)
+
+
+def test_model_without_a_stream_is_left_as_it_is():
+    model = onnx.load(DIGITS)
+    result = slice_hidden(model, lambda: [], 0.5)
+    assert not result.sliced and result.description.startswith("not sliced: no LayerNormalization")
+    assert count_params(result.model) == count_params(model)
+
+
+def test_pipeline_slices_then_prunes_channels_to_a_mac_target():
+    """--slice composes with channel pruning: the MAC target is the original's, met by both together; lsq
+    recovery fits the pruned writers to the original's outputs projected into the sliced basis."""
+    model = post_ln_encoder(layers=2, seed=5)
+    calibration = feeds_of(model, 8, 0)
+    options = Options(criterion="l1", recover="lsq", round_to=1, slice=0.25,
+                      calib=CalibrationSource(calibration))
+    pruned, report = onnxprune.prune(model, Target.macs(0.6), options)
+    require_valid(pruned, model)
+    assert report.slicing.startswith(f"hidden width {WIDTH} -> 12")
+    assert report.target["met"] and report.macs_after <= 0.62 * report.macs_before, report.target
+    assert report.macs_before == count_macs(model) and report.recovered_layers > 0
+    assert relative_error(model, pruned, feeds_of(model, 2, 1)) < 1.0
+
+
+def test_cli_end_to_end(tmp_path):
+    model = pre_ln_encoder(layers=1)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, LENGTH, 8)).astype(np.float32))
+    result = invoke(tmp_path / "m.onnx", "--ratio", 0.25, "--slice", 0.25, "--calib", tmp_path / "calib.npz",
+                    "--round-to", 1, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert f"slicing     hidden width {WIDTH} -> 12 at 3 norms" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["slicing"].startswith("hidden width")
+    require_valid(onnx.load(tmp_path / "out.onnx"), model)
+
+
+def test_cli_slice_needs_calibration(tmp_path):
+    onnx.save(pre_ln_encoder(layers=1), tmp_path / "m.onnx")
+    one_line_error(invoke(tmp_path / "m.onnx", "--ratio", 0.25, "--slice", 0.25), 2, "--slice needs calibration")
+
+
+def test_cli_model_without_stream_says_why(tmp_path):
+    result = invoke(DIGITS, "--ratio", 0.25, "--slice", 0.25, "--calib", DIGITS_CALIB, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.output
+    assert "slicing     not sliced: no LayerNormalization" in result.output
