@@ -30,6 +30,7 @@ from .sparsity.spec import Pattern
 from .errors import OnnxPruneError, TargetNotMet, UsageError, first_line
 from .files import Named, atomic_path, check_paths, write_text
 from .external_data import external_data_files
+from .group_types import GROUP_TYPES
 from .graph import EXTERNAL_DATA_ABOVE, external_data_path, load_model, save_model
 from .check import CheckReport, check as check_models, load_data
 from .distributed import CalibrationRequest, calibrate as calibrate_statistics
@@ -138,6 +139,9 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: the same ratio in every group; global: one ranking of normalised scores across groups; "
                    "standardised: one ranking of per-group z-scores (FLAP); sensitivity: by measured output damage.")
+@click.option("--protect", multiple=True, type=click.Choice(GROUP_TYPES), metavar="TYPE",
+              help="Leave whole every group of this type (head, upsample, neck, backbone; see sensitivity --types): "
+                   "--protect head keeps a detector's boxes. Repeatable.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True,
               help="iterative: reach the target in --steps steps of growing ratio, recovering and re-scoring between.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Steps of --schedule iterative.")
@@ -231,6 +235,7 @@ class PruneArgs:
     then_criterion: str
     latency_table: Path | None
     allocation: str
+    protect: tuple[str, ...]
     schedule: str
     steps: int
     sparse_storage: str
@@ -268,7 +273,8 @@ def _prune_options(a: PruneArgs) -> Options:
                    latency_table=a.latency_table, quiet=a.quiet,
                    calib=_calibration(a.calib, a.calib_size, a.batch_size, a.preprocess), recipe=a.recipe,
                    recipe_budget=a.recipe_budget, granularity=a.granularity, then=a.then,
-                   then_criterion=a.then_criterion, stats=a.stats_path, slice=a.slice_share)
+                   then_criterion=a.then_criterion, stats=a.stats_path, slice=a.slice_share,
+                   protect=a.protect)
 
 
 def _refusal(result: PruneReport, gate: CheckReport | None, strict_target: bool) -> OnnxPruneError | None:

@@ -177,3 +177,18 @@ def _strides(index: GraphIndex, shapes: dict) -> dict[str, float]:
         return {}
     return {name: heights[0] / dims[2] for name, dims in shapes.items()
             if name not in index.initializers and _positions(name, shapes) is not None}
+
+
+def protect_groups(analysis: Analysis, shapes: dict, kinds: tuple[str, ...]) -> int:
+    """Freeze every prunable group placed in one of `kinds` (--protect), with the reason; the allocation then
+    meets a MAC target on the other groups. A DB detector's head groups feed ConvTranspose layers, which
+    least-squares recovery cannot re-fit, and each of them costs more output per MAC saved than any other type
+    (BENCHMARKS.md, Detectors). Returns the number of groups frozen."""
+    placements = place_groups(analysis, shapes)
+    frozen = 0
+    for group in analysis.prunable:
+        kind = placements[group.id].kind
+        if kind in kinds:
+            group.frozen.append(f"protected: a {kind} group (--protect {kind})")
+            frozen += 1
+    return frozen

@@ -12,6 +12,7 @@ from .allocate import ALLOCATIONS, Plan
 from .calibrate import CalibrationSource
 from .criteria import CRITERIA, STATISTICS, get_criterion, needs_data
 from .errors import UsageError
+from .group_types import GROUP_TYPES
 from .recover import RECOVERY
 from .sparsity.spec import SPARSE_ALLOCATIONS, SPARSE_CRITERIA, Request, parse_pattern
 
@@ -82,6 +83,7 @@ class Options:
     stats: str | os.PathLike | None = None
     recipe: str = "fast"
     recipe_budget: float = DEFAULT_RECIPE_BUDGET
+    protect: tuple[str, ...] = ()  # group types (group_types.GROUP_TYPES) left whole: a detector's "head"
     slice: float = 0.0  # share of a transformer's hidden width removed before the channel steps (slicing/)
 
 
@@ -129,6 +131,9 @@ def validate(target: Target, options: Options) -> None:
         _validate_recipe(target, options)
     if options.slice:
         _validate_slice(target, options)
+    if set(options.protect) - set(GROUP_TYPES):
+        raise UsageError(f"--protect takes group types ({', '.join(GROUP_TYPES)}), got "
+                         f"{', '.join(sorted(set(options.protect) - set(GROUP_TYPES)))}")
     if options.latency_table is not None and target.kind != "latency":
         raise UsageError("--latency-table needs --target-latency")
     if target.kind == "plan" and options.schedule == "iterative":

@@ -23,7 +23,7 @@ from .calibrate import Calibration, Statistics, collect_stats
 from .criteria import ScoringContext, consumers, get_criterion, probes
 from .errors import UsageError
 from .graph import GraphIndex
-from .group_types import place_groups
+from .group_types import place_groups, protect_groups
 from .groups import Analysis, analyze as analyze_graph
 from .latency import counts_for_latency
 from .layers import constant_values, refittable
@@ -113,6 +113,8 @@ def open_inputs(model_or_path: onnx.ModelProto | str | os.PathLike, target: Targ
         replayable = options.recover != "none" or options.allocation == "sensitivity" or runtime_sized or sparse
         calibration = Calibration(options.calib, prepared.model, replayable)
     sample, shapes = counted_at(prepared, calibration, target)
+    if options.protect:
+        protect_groups(prepared.analysis, shapes, options.protect)
     return Inputs(prepared, calibration, sample, shapes)
 
 

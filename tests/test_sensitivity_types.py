@@ -9,7 +9,7 @@ import pytest
 
 import onnxprune
 from builders import GraphBuilder, conv_bn_relu_chain, invoke, one_line_error
-from onnxprune import CalibrationSource, Options
+from onnxprune import CalibrationSource, Options, Target
 from onnxprune.group_types import GROUP_TYPES, place_groups
 
 
@@ -134,3 +134,28 @@ def test_detector_prunes_exactly(ratio):
     from exactness import prune_exact
     model, _ = detector()
     prune_exact(model, ratio)
+
+
+def test_protect_head_leaves_the_head_whole_and_meets_the_target():
+    model, expected = detector()
+    head = {g.id for g in onnxprune.analyze(model).prunable for m in g.members
+            if m.role == "w_out" and expected.get(m.space[0]) == "head"}
+    _, report = onnxprune.prune(model, Target.macs(0.6), Options(round_to=1, protect=("head",)))
+    groups = {g["id"]: g for g in report.to_dict()["groups"]}
+    assert len(head) == 2
+    assert all(groups[gid]["frozen"] == ["protected: a head group (--protect head)"] for gid in head)
+    assert report.target["met"] and any(g["kept"] < g["channels"] for g in groups.values())
+    _, unprotected = onnxprune.prune(model, Target.macs(0.6), Options(round_to=1))
+    assert all(g["prunable"] for g in unprotected.to_dict()["groups"] if g["id"] in head)
+
+
+def test_protect_refuses_an_unknown_type(tmp_path):
+    with pytest.raises(onnxprune.UsageError, match="--protect takes group types"):
+        onnxprune.prune(detector()[0], 0.5, Options(protect=("tail",)))
+    model, _ = detector()
+    onnx.save(model, tmp_path / "det.onnx")
+    result = invoke(tmp_path / "det.onnx", "--ratio", 0.5, "--protect", "head", "--round-to", 1, "--report",
+                    tmp_path / "r.json", "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.output
+    reasons = [r["reason"] for r in json.loads((tmp_path / "r.json").read_text())["frozen_reasons"]]
+    assert "protected: a head group (--protect head)" in reasons
