@@ -456,6 +456,38 @@ def padding_of(feed: Feed, mask_name: str | None) -> np.ndarray | None:
     return np.asarray(feed[mask_name]) != 0 if mask_name and mask_name in feed else None
 
 
+def without_padding(model: onnx.ModelProto, feeds: list[Feed]) -> list[Feed]:
+    """The same samples, sorted by how far their real positions reach (the padding mask's last non-zero) and batched
+    as before, each batch cut to its longest: a model whose padding mask keeps padded positions out of every real
+    one gives the same outputs there, at a fraction of the cost (MiniLM's calibration sentences fill 15 of 64
+    positions on average). The feeds as they are where that cannot be done: no mask, or an input that shares the
+    mask's sequence size is not declared with the same run-time dimension."""
+    mask, cut = mask_input(model), sequence_inputs(model)
+    if mask not in cut or not feeds or any(set(f) != set(feeds[0]) or f[mask].shape[1] != feeds[0][mask].shape[1]
+                                           for f in feeds):
+        return feeds
+    merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+    real = merged[mask] != 0
+    reach = np.where(real.any(1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
+    order, step = np.argsort(reach, kind="stable"), len(feeds[0][mask])
+    batches = [order[start:start + step] for start in range(0, len(order), step)]
+    return [{name: a[rows][:, :reach[rows].max()] if name in cut else a[rows] for name, a in merged.items()}
+            for rows in batches]
+
+
+def sequence_inputs(model: onnx.ModelProto) -> set[str]:
+    """The inputs whose axis 1 is the padding mask's run-time sequence dimension (the same dim_param); empty when
+    the mask's is fixed or unnamed, or another input of rank >= 2 leaves it open whether it shares it."""
+    mask = mask_input(model)
+    specs = input_specs(model)
+    dims = {s.name: s.dims[1] if len(s.dims) > 1 else None for s in specs}
+    if mask is None or not isinstance(dims.get(mask), str):
+        return set()
+    if any(len(s.dims) > 1 and s.dims[1] is None for s in specs):
+        return set()
+    return {name for name, dim in dims.items() if dim == dims[mask]}
+
+
 @dataclass
 class ChannelStats:
     """Running per-channel sums of one (tensor, axis): memory is O(channels), whatever the number of samples."""

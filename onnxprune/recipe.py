@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import onnx
 
 from .allocate import TARGET_TOLERANCE
-from .calibrate import Calibration, CalibrationSource, Statistics
+from .calibrate import Calibration, CalibrationSource, Statistics, without_padding
 from .criteria import consumers
 from .errors import OnnxPruneError, UsageError, first_line
 from .groups import Analysis
@@ -165,12 +165,12 @@ class Search:
 
 
 def open_search(model_or_path, target: Target, options: Options) -> Search:
-    """Prepare the model once, split the calibration data, and run the original on the held-out samples (which
-    gives a first estimate of a sensitivity curve's point)."""
+    """Prepare the model once, split the calibration data, and run the original on the held-out samples, padding
+    cut away (which gives a first estimate of a sensitivity curve's point)."""
     opened = open_inputs(model_or_path, target, replace(options, recover="lsq"))  # replayable data
     fit, held = holdout_split(options.calib, stored_samples(opened.calibration))
     inputs = Inputs(opened.prepared, Calibration(fit, opened.model, replayable=True), opened.sample, opened.shapes)
-    feeds = list(Calibration(held, opened.model, replayable=True).batches())
+    feeds = without_padding(opened.model, list(Calibration(held, opened.model, replayable=True).batches()))
     begun = time.perf_counter()
     reference = model_outputs(opened.model, feeds)
     scale = min(SENSITIVITY_SAMPLES, fit.size) / held.size

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .allocate import MacModel, keep_count, plan_from_counts
+from .calibrate import without_padding
 from .errors import OnnxPruneError
 from .groups import Analysis, Group
 from .surgery import apply_plan
@@ -23,7 +24,8 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
                        feeds: list[dict[str, np.ndarray]], round_to: int, mac_model: MacModel,
                        ratios: tuple[float, ...] = CANDIDATE_RATIOS) -> dict[int, list[dict]]:
     """Per prunable group: for each candidate ratio, the channels kept, the MACs saved and the damage (relative
-    squared error of all outputs against the original, on `feeds`)."""
+    squared error of all outputs against the original, on `feeds`, padding cut away where the model has a mask)."""
+    feeds = without_padding(model, feeds)
     reference = _require_finite(model, model_outputs(model, feeds))
     full = mac_model.cost({})
     curves: dict[int, list[dict]] = {}

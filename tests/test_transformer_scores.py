@@ -1,13 +1,15 @@
 """Transformer head and neuron scores (issue 14): FLAP's fluctuation criterion against a direct numpy computation,
-and the standardised allocation (per-group z-scores ranked across groups)."""
+the standardised allocation (z-scores within each kind of group ranked across groups), and the padding the
+sensitivity curves cut from their samples."""
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, padded_tokens
+import builders
+from builders import GraphBuilder, padded_tokens, token_mlp
 
 from onnxprune import CalibrationSource, Options, Target
 from onnxprune.allocate import counts_for_target, standardised_scores
-from onnxprune.calibrate import ChannelStats
+from onnxprune.calibrate import ChannelStats, without_padding
 from onnxprune.pipeline import choose, open_inputs
 from onnxprune.verify import run
 
@@ -106,3 +108,27 @@ def test_standardised_allocation_compares_layers_of_a_kind_by_score_and_kinds_by
     analysis = Analysis(Group(1, 4), Group(2, 4), Group(3, 2))
     assert counts_for_target(analysis, scores, "global", 1, 0.2) == {1: 3, 2: 3, 3: 2}
     assert counts_for_target(analysis, scores, "standardised", 1, 0.2) == {1: 3, 2: 4, 3: 1}
+
+
+def test_padding_is_cut_from_sorted_batches_and_real_positions_keep_their_outputs():
+    model, data = token_mlp(), padded_tokens()
+    feeds = [{k: v[i:i + 4] for k, v in data.items()} for i in range(0, 10, 4)]
+    cut = without_padding(model, feeds)
+    assert [len(f["x"]) for f in cut] == [4, 4, 2]
+    reach = [int(f["attention_mask"].sum(1).max()) for f in cut]
+    assert [f["x"].shape[1] for f in cut] == reach == sorted(reach) and sum(reach) < 3 * 6
+    lengths = data["attention_mask"].sum(1)
+    rows = np.argsort(lengths, kind="stable")
+    got = np.concatenate([run(model, f)[0][f["attention_mask"] == 1] for f in cut])
+    expected = run(model, {k: v[rows] for k, v in data.items()})[0][data["attention_mask"][rows] == 1]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_padding_is_kept_without_a_mask_or_with_a_fixed_sequence():
+    feeds = [{"x": np.zeros((2, 5, 16), np.float32)}]
+    assert without_padding(builders.matmul_mlp(), feeds) is feeds
+    fixed = token_mlp()
+    for vi in fixed.graph.input:
+        vi.type.tensor_type.shape.dim[1].dim_value = 6
+    feeds = [padded_tokens()]
+    assert without_padding(fixed, feeds) is feeds
