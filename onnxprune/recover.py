@@ -21,6 +21,7 @@ from .criteria import consumers
 from .errors import OnnxPruneError
 from .groups import Analysis
 from .layers import Layer, StoredTensors, constant_values, real_positions, refittable
+from .least_squares import HOLDOUT_EVERY, NormalEquations
 from .sweep import MEMORY_BUDGET, ForwardSweep, SpillStore, spill_store
 from .verify import session
 
@@ -138,10 +139,11 @@ def refit_layers(analysis: Analysis, plan: Plan) -> list[Layer]:
 
 
 def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, plan: Plan,
-                batches, ridge: float = 1e-5, positions: int = 64, quiet: bool = True,
+                batches, positions: int = 64, quiet: bool = True,
                 budget: int = MEMORY_BUDGET) -> int:
     """Re-fit, layer by layer in graph order, each layer that lost input channels so that its outputs on the
-    calibration data match the original model's: ridge-regularised least squares on the pruned model's own inputs
+    calibration data match the original model's: least squares on the pruned model's own inputs, with a ridge towards
+    the current weights chosen on held-out calibration rows (least_squares.NormalEquations.fit),
     to that layer, so errors made upstream are compensated too. `batches()` yields the calibration feeds; both
     models are run once, in one forward sweep (see LayerSweep), keeping up to `budget` bytes of activations in
     memory. A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
@@ -154,7 +156,7 @@ def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: An
             if not system.finite:
                 raise OnnxPruneError(f"least-squares statistics of '{layer.node.input[0]}' are not finite: the "
                                      "model's activations overflow or are NaN on the calibration data")
-            changed += _apply_fit(tensors, layer, system, ridge)
+            changed += _apply_fit(tensors, layer, system)
     return changed
 
 
@@ -180,9 +182,10 @@ class LayerSweep:
         self.progress.show(f"{self.label} {self.done}/{self.total} {layer.node.name}")
         system = NormalEquations()
         inputs, targets = self.inputs.values(layer.node.input[0]), self.outputs.values(layer.node.output[0])
+        numbered = len(self.real) >= HOLDOUT_EVERY  # enough batches to hold whole ones out
         for batch, real in enumerate(self.real):
             target = targets[batch] if kept is None else np.take(targets[batch], kept, axis=layer.output_axis)
-            system.add(*_rows(layer, inputs[batch], target, rng, positions, real))
+            system.add(*_rows(layer, inputs[batch], target, rng, positions, real), batch if numbered else None)
         return system
 
 
@@ -213,49 +216,7 @@ def _rows(layer: Layer, inputs: np.ndarray, target: np.ndarray, rng: np.random.G
     return np.concatenate([features, ones], axis=1).astype(np.float64), target.astype(np.float64)
 
 
-class NormalEquations:
-    """Running F^T F, F^T T and ||T||^2: memory fixed by the layer's size, not by the samples."""
-
-    def __init__(self) -> None:
-        self.gram = self.cross = None
-        self.target_energy = 0.0
-
-    def add(self, features: np.ndarray, target: np.ndarray) -> None:
-        if self.gram is None:
-            self.gram = np.zeros((features.shape[1],) * 2)
-            self.cross = np.zeros((features.shape[1], target.shape[1]))
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow leaves an Inf, refused by `finite`
-            self.gram += features.T @ features
-            self.cross += features.T @ target
-            self.target_energy += float((target ** 2).sum())
-
-    @property
-    def finite(self) -> bool:
-        """Nothing seen, or sums without NaN or Inf."""
-        return self.gram is None or bool(np.isfinite(self.gram).all() and np.isfinite(self.cross).all()
-                                         and np.isfinite(self.target_energy))
-
-    def drop_bias(self) -> None:
-        self.gram, self.cross = self.gram[:-1, :-1], self.cross[:-1]
-
-    def error(self, weights: np.ndarray) -> float:
-        """Squared error of `weights` (features x outputs) on everything seen."""
-        return float(np.einsum("ij,ik,kj->", weights, self.gram, weights) - 2 * (weights * self.cross).sum()
-                     + self.target_energy)
-
-    def solve(self, ridge: float) -> np.ndarray | None:
-        size = len(self.gram)
-        damping = ridge * max(float(np.trace(self.gram)) / size, 1e-12)
-        try:
-            return np.linalg.solve(self.gram + damping * np.eye(size), self.cross)
-        except np.linalg.LinAlgError:
-            try:
-                return np.linalg.lstsq(self.gram, self.cross, rcond=None)[0]
-            except np.linalg.LinAlgError:
-                return None
-
-
-def _apply_fit(tensors: StoredTensors, layer: Layer, system: NormalEquations, ridge: float) -> int:
+def _apply_fit(tensors: StoredTensors, layer: Layer, system: NormalEquations) -> int:
     if system.gram is None:
         return 0
     weight = tensors.stored_value(layer.weight)  # a QDQ weight dequantized
@@ -267,7 +228,7 @@ def _apply_fit(tensors: StoredTensors, layer: Layer, system: NormalEquations, ri
         current = as_rows
     else:
         current = np.concatenate([as_rows, bias[None, :]], axis=0)
-    fitted = _as_stored_rows(tensors, layer, system.solve(ridge), weight, len(as_rows))
+    fitted = _as_stored_rows(tensors, layer, _held_out_fit(system, current), weight, len(as_rows))
     lowers = _lowers_error(system, fitted, current)
     update = _fitted_update(layer, fitted, weight, bias, len(as_rows)) if lowers else None
     # A QDQ weight is re-quantized with its scale and zero point; integer data shared with other nodes stays.
@@ -278,6 +239,12 @@ def _apply_fit(tensors: StoredTensors, layer: Layer, system: NormalEquations, ri
     if bias_delta is not None:
         tensors.add_to_bias(layer, bias_delta)
     return 1
+
+
+def _held_out_fit(system: NormalEquations, current: np.ndarray) -> np.ndarray | None:
+    """The fit of the outputs it improves on held-out rows, the current weights of the others; None if none."""
+    fit = system.fit(current)
+    return np.where(fit.better[None, :], fit.weights, current) if fit.better.any() else None
 
 
 def _as_stored_rows(tensors: StoredTensors, layer: Layer, fitted: np.ndarray | None, weight: np.ndarray,

@@ -2,6 +2,7 @@
 weight layouts (not through onnxprune.layers), shares met, --exclude honoured, composition with channel pruning,
 data-driven criteria and masked least squares doing what they claim, and the CLI end to end."""
 import json
+from functools import partial
 
 import numpy as np
 import onnx
@@ -11,7 +12,8 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import CalibrationSource, Options, Target
-from onnxprune.recover import NormalEquations
+from onnxprune import least_squares
+from onnxprune.least_squares import NormalEquations
 from onnxprune.sparsity import refit
 from onnxprune.sparsity.refit import masked_refit
 from onnxprune.sparsity.sparsegpt import sparsegpt
@@ -256,26 +258,30 @@ def test_sparsegpt_compensates_correlated_inputs():
 
 
 def test_masked_refit_is_least_squares_on_each_rows_kept_features():
+    """Each row's target a function of its kept features alone, many more rows than unknowns: the held-out error
+    falls down to the weakest ridge (1e-5 of each feature's energy), so each row's fit is its least-squares
+    solution on its kept features."""
     rng = np.random.default_rng(2)
-    features = np.concatenate([rng.standard_normal((200, 6)), np.ones((200, 1))], axis=1)
-    target = rng.standard_normal((200, 3))
+    features = np.concatenate([rng.standard_normal((400, 6)), np.ones((400, 1))], axis=1)
+    keep = np.array([[1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1]], bool)
+    target = features @ (rng.standard_normal((7, 3)) * np.append(keep, np.ones((3, 1), bool), axis=1).T)
     system = NormalEquations()
     system.add(features, target)
-    keep = np.array([[1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1]], bool)
-    fitted = masked_refit(system, np.zeros((7, 3)), keep, ridge=0.0)
+    fitted = masked_refit(system, np.zeros((7, 3)), keep)
     for row, kept in enumerate(keep):
         columns = np.append(np.flatnonzero(kept), 6)
         expected = np.linalg.lstsq(features[:, columns], target[:, row], rcond=None)[0]
-        assert np.allclose(fitted[columns, row], expected)
+        np.testing.assert_allclose(fitted[columns, row], expected, rtol=1e-3, atol=1e-6)
         assert (fitted[np.flatnonzero(~kept), row] == 0).all()
-
 
 
 def test_batched_refit_of_a_wide_layer_matches_each_rows_direct_solve(monkeypatch):
     """The batched conjugate-gradient path (forced: this layer is small enough for the direct one) stops on a
     relative residual of CG_TOLERANCE (1e-7), which on this well-conditioned Gram matrix (condition number ~10)
-    bounds each row's relative solution error far below 1e-4."""
+    bounds each row's relative solution error far below 1e-4. One ridge only, so the expected solve is known:
+    (G[S, S] + diag(r[S])) w = c[S] + r[S] w0[S], r the ridge weights, w0 the row's current weights."""
     monkeypatch.setattr(refit, "DIRECT_MAX_WORK", 0)
+    monkeypatch.setattr(least_squares, "RIDGES", (1e-5,))
     rng = np.random.default_rng(3)
     features = np.concatenate([rng.standard_normal((2000, 512)), np.ones((2000, 1))], axis=1)
     target = features[:, :512] @ rng.standard_normal((512, 64)) + 0.1 * rng.standard_normal((2000, 64))
@@ -283,14 +289,38 @@ def test_batched_refit_of_a_wide_layer_matches_each_rows_direct_solve(monkeypatc
     system.add(features, target)
     keep = rng.random((64, 512)) < 0.6
     start = np.concatenate([rng.standard_normal((512, 64)) * keep.T, np.zeros((1, 64))])
-    fitted = masked_refit(system, start, keep, ridge=1e-5)
-    damping = 1e-5 * np.trace(system.gram) / len(system.gram)
+    fitted = masked_refit(system, start, keep)
+    ridge = system.total.ridge_weights(1e-5)
     for row, kept in enumerate(keep):
         columns = np.append(np.flatnonzero(kept), 512)
-        matrix = system.gram[np.ix_(columns, columns)] + damping * np.eye(len(columns))
-        expected = np.linalg.solve(matrix, system.cross[columns, row])
+        matrix = system.gram[np.ix_(columns, columns)] + np.diag(ridge[columns])
+        expected = np.linalg.solve(matrix, system.cross[columns, row] + ridge[columns] * start[columns, row])
         assert np.linalg.norm(fitted[columns, row] - expected) <= 1e-4 * np.linalg.norm(expected)
         assert (fitted[np.flatnonzero(~kept), row] == 0).all()
+
+
+def test_masked_refit_from_few_rows_does_not_fit_the_noise():
+    """240 noisy rows for about 100 kept features per row (the dropped features add to the noise), current weights
+    far from the best: the fit with the ridge chosen on held-out rows does better on fresh rows of the same layer
+    than the current weights and than the weakest-ridge fit judged on the calibration rows (the old behaviour,
+    which follows the noise)."""
+    rng = np.random.default_rng(0)
+    truth, keep = rng.standard_normal((200, 16)), rng.random((16, 200)) < 0.5
+
+    def rows(count):
+        x = rng.standard_normal((count, 200))
+        return x, x @ truth + 3.0 * rng.standard_normal((count, 16))
+    system = NormalEquations()
+    system.add(*rows(240))
+    current = (truth + rng.standard_normal((200, 16))) * keep.T
+    chosen = masked_refit(system, current, keep)
+    old = least_squares.fit_held_out(system.total, None, current, partial(refit._direct, keep))
+    plain = np.where(old.better[None, :], np.where(keep.T, old.weights, 0.0), current)
+    x, y = rows(4000)
+    error = lambda weights: np.sum((x @ weights - y) ** 2)  # noqa: E731
+    assert error(chosen) < 0.8 * error(current)
+    assert error(chosen) < 0.9 * error(plain)
+
 
 # ------------------------------------------------------------------------------------------------ CLI
 

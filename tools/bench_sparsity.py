@@ -133,9 +133,9 @@ def time_refits() -> None:
     from onnxprune.sparsity import sparsify
     inner = sparsify.masked_refit
 
-    def timed(system, current, keep, ridge):
+    def timed(system, current, keep):
         start = time.perf_counter()
-        fitted = inner(system, current, keep, ridge)
+        fitted = inner(system, current, keep)
         print(f"refit {current.shape[0]} features x {current.shape[1]} outputs, at most {keep.sum(1).max()} kept:"
               f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
         return fitted

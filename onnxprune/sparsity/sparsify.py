@@ -3,8 +3,8 @@ layer in graph order, as a `Request` says.
 
 Data-driven criteria and least-squares recovery read each layer's inputs from the model as sparsified so far
 (errors made upstream are seen, and compensated by the re-fit) and its outputs from the `reference` model: the
-Gram matrix and cross terms of recovery's normal equations (`recover.NormalEquations`), from one forward sweep of
-each model over the calibration data (`recover.layer_sweep`).
+Gram matrix and cross terms of recovery's normal equations (`least_squares.NormalEquations`), from one forward
+sweep of each model over the calibration data (`recover.layer_sweep`).
 Layers whose inputs are not cut into rows (ConvTranspose, grouped convolutions, batched MatMul weights) are
 sparsified by magnitude and not re-fitted; the report says so per layer.
 """
@@ -21,7 +21,8 @@ from onnx import numpy_helper
 from ..graph import GraphIndex
 from ..groups import name_matches
 from ..layers import Layer, StoredTensors, describe
-from ..recover import LayerSweep, NormalEquations, layer_sweep
+from ..least_squares import NormalEquations
+from ..recover import LayerSweep, layer_sweep
 from .masks import keep_mask
 from .refit import masked_refit
 from .sparsegpt import sparsegpt
@@ -30,7 +31,6 @@ from .spec import DATA_CRITERIA, Request
 log = logging.getLogger("onnxprune")
 
 Batches = Callable[[], Iterator[dict]]
-RIDGE = 1e-5  # as recovery's least squares
 POSITIONS = 64  # sampled output positions per image, as recovery's least squares
 
 
@@ -145,7 +145,7 @@ def _refit(tensors: StoredTensors, layer: Layer, system: NormalEquations, rows: 
     if bias is None:
         system.drop_bias()
     current = rows.T if bias is None else np.concatenate([rows.T, bias[None, :]])
-    fitted = masked_refit(system, current, keep, RIDGE)
+    fitted = masked_refit(system, current, keep)
     changed = not np.array_equal(fitted, current)
     if changed and bias is not None and np.any(fitted[-1] != bias):
         tensors.add_to_bias(layer, (fitted[-1] - bias).astype(np.float32))
