@@ -10,26 +10,32 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import DIGITS, DIGITS_CALIB, GraphBuilder, invoke, one_line_error
+from builders import DIGITS, DIGITS_CALIB, ROOT, GraphBuilder, invoke, one_line_error
 
 import onnxprune
 from onnxprune import CalibrationSource, Options, Target
 from onnxprune.slicing import slice_hidden
-from onnxprune.verify import check_valid, count_macs, count_params, io_signature, run
+from onnxprune.testing.skeleton import materialize
+from onnxprune.verify import check_valid, count_macs, count_params, io_signature, random_feeds, run
 
 WIDTH, LENGTH = 16, 6
 
 
 def layer_norm(b: GraphBuilder, x: str, form: str) -> str:
-    """LayerNorm over the last axis as one op or decomposed, or an RMSNorm, with a random scale and shift."""
+    """LayerNorm over the last axis as one op or decomposed (the variance as the mean of squared deviations, or of
+    squares less the squared mean), or an RMSNorm, with a random scale and shift."""
     gamma = b.const(b.rng.uniform(0.5, 1.5, WIDTH).astype(np.float32))
     beta = b.const((b.rng.standard_normal(WIDTH) * 0.1).astype(np.float32))
     if form == "op":
         return b.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
-    centred = x
-    if form == "decomposed":
-        centred = b.op("Sub", [x, b.op("ReduceMean", [x], axes=[-1], keepdims=1)])
-    variance = b.op("ReduceMean", [b.op("Pow", [centred, b.const(np.array(2.0, np.float32))])], axes=[-1])
+    centred, mean = x, b.op("ReduceMean", [x], axes=[-1], keepdims=1) if form != "rms" else None
+    if form in ("decomposed", "moments"):
+        centred = b.op("Sub", [x, mean])
+    if form == "moments":  # jax2onnx's: E[x^2] - E[x]^2, clipped at 0
+        moments = b.op("Sub", [b.op("ReduceMean", [b.op("Mul", [x, x])], axes=[-1]), b.op("Mul", [mean, mean])])
+        variance = b.op("Max", [moments, b.const(np.array(0.0, np.float32))])
+    else:
+        variance = b.op("ReduceMean", [b.op("Pow", [centred, b.const(np.array(2.0, np.float32))])], axes=[-1])
     root = b.op("Sqrt", [b.op("Add", [variance, b.const(np.array(1e-5, np.float32))])])
     scaled = b.op("Mul", [b.op("Div", [centred, root]), gamma])
     return scaled if form == "rms" else b.op("Add", [scaled, beta])
@@ -73,7 +79,7 @@ def pre_ln_encoder(form: str = "op", layers: int = 2, seed: int = 0) -> onnx.Mod
 
 
 MODELS = {f"{name}-{form}": (build, form) for name, build in (("post_ln", post_ln_encoder), ("pre_ln", pre_ln_encoder))
-          for form in ("op", "decomposed", "rms")}
+          for form in ("op", "decomposed", "moments", "rms")}
 
 
 def model_named(name: str, seed: int = 0) -> onnx.ModelProto:
@@ -147,6 +153,21 @@ def test_principal_directions_of_real_positions_only():
     weights = lambda m: [i for i in m.graph.initializer if i.name.startswith("slicing/")]  # noqa: E731
     for a, b in zip(weights(first), weights(second)):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["jax_vit_encoder.jax2onnx"])
+def test_zoo_transformers_slice_valid(name):
+    """Exported transformers as a new user gives them: exact with nothing sliced, valid when sliced (or left as
+    they are, with the reason)."""
+    model = materialize(onnx.load(ROOT / "models" / "zoo" / f"{name}.onnx"))
+    feeds = [random_feeds(model, seed=s) for s in range(2)]
+    exact = slice_hidden(model, lambda: feeds, 0.0)
+    require_valid(exact.model, model)
+    for got, expected in zip(run(exact.model, feeds[0]), run(model, feeds[0])):
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+    sliced = slice_hidden(model, lambda: feeds, 0.25)
+    require_valid(sliced.model, model)
+    assert sliced.sliced or sliced.description.startswith("not sliced: ")
 
 
 def test_model_without_a_stream_is_left_as_it_is():

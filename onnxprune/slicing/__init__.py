@@ -84,6 +84,9 @@ def slice_hidden(model: onnx.ModelProto | str | os.PathLike, feeds: Feeds, fract
     feed = next(iter(feeds()))
     result.params_before, result.macs_before, result.macs_after = (
         count_params(original), _macs(original, feed), _macs(sliced, feed))
+    if kept < stream.width and result.macs_after >= result.macs_before:
+        return Sliced(original, f"not sliced: {text} would keep {result.macs_kept:.0%} of the MACs (the k x k skips, "
+                      "projections and rebuilds cost more than the narrower layers save)", False)
     return result
 
 

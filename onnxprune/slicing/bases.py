@@ -2,7 +2,7 @@
 calibration data (real positions only: padding that a mask input marks is left out, as everywhere in onnxprune)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -14,20 +14,27 @@ from ..verify import session
 from .stream import Stream
 
 
-def stream_grams(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Per sum, the float64 Gram matrix of its values along the hidden axis (mean-free rows for a centred sum)."""
+def stream_rows(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict]) -> Iterator[dict[str, np.ndarray]]:
+    """Per calibration batch, each sum's values at the real positions as float64 rows (positions, width)."""
     names = sorted(stream.sums)
-    probed = with_outputs(model, names)
-    runner = session(probed)
+    runner = session(with_outputs(model, names))
     mask = mask_input(model)
-    grams = {name: np.zeros((stream.width, stream.width)) for name in names}
     for feed in feeds:
         try:
             values = runner.run(names, feed)
         except Exception as exc:
             raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
-        for name, value in zip(names, values):
-            grams[name] += _gram(real_positions(value, padding_of(feed, mask)), stream.sums[name].centred)
+        real = padding_of(feed, mask)
+        yield {name: real_positions(value, real).reshape(-1, value.shape[-1]).astype(np.float64)
+               for name, value in zip(names, values)}
+
+
+def stream_grams(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Per sum, the Gram matrix of its values along the hidden axis (mean-free rows for a centred sum)."""
+    grams = {name: np.zeros((stream.width, stream.width)) for name in stream.sums}
+    for rows in stream_rows(model, stream, feeds):
+        for name, values in rows.items():
+            grams[name] += _gram(values, stream.sums[name].centred)
     return grams
 
 
@@ -43,3 +50,4 @@ def principal_directions(gram: np.ndarray, kept: int) -> np.ndarray:
     the matrix is orthogonal, so rotating by it changes nothing."""
     values, vectors = np.linalg.eigh(gram)
     return vectors[:, np.argsort(values)[::-1][:kept]]
+

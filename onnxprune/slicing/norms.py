@@ -58,30 +58,58 @@ def layer_normalization(node: onnx.NodeProto, index: GraphIndex) -> Norm | None:
 
 
 def decomposed(mean: onnx.NodeProto, index: GraphIndex) -> Norm | None:
-    """LayerNorm spelled out from `mean` = ReduceMean(x): Sub(x, mean) -> Pow 2 (or Mul by itself) -> ReduceMean
-    -> Add eps -> Sqrt -> Div, then optional Mul gamma and Add beta; or RMSNorm when `mean` reads Pow(x, 2)."""
+    """LayerNorm spelled out from `mean` = ReduceMean(x) over the last axis: Sub(x, mean), a variance, then Add eps
+    -> Sqrt -> Div(x - mean, .) and optional Mul gamma and Add beta; the variance as ReduceMean((x - mean)^2) (Pow 2
+    or a Mul by itself) or as ReduceMean(x * x) - mean * mean (jax2onnx, clipped at 0 by a Max). An RMSNorm
+    (`mean` reads Pow(x, 2) or x * x, and nothing is subtracted) otherwise."""
     squared = index.producer.get(mean.input[0])
     if squared is not None and _squares(squared, index):
         return _rms_norm(squared, mean, index)
-    centred = _only_reader(index, mean.output[0], "Sub")
-    if (centred is None or list(centred.input) != [mean.input[0], mean.output[0]]
-            or not _last_axis_mean(mean, index)):
+    if not _last_axis_mean(mean, index):
         return None
-    readers = index.consumers.get(centred.output[0], [])
+    readers = _readers(index, mean.output[0])
+    centred = next((n for n in readers if n.op_type == "Sub" and list(n.input) == [mean.input[0], mean.output[0]]),
+                   None)
+    if centred is None or mean.output[0] in index.graph_outputs:
+        return None
+    variance = (_squared_deviation(centred, index) if len(readers) == 1
+                else _moments(mean, readers, index) if len(readers) == 2 else None)
+    tail = _root_and_divide(variance[-1], centred.output[0], index) if variance else None
+    if tail is None:
+        return None
+    return _with_affine((mean, centred, *variance, *tail[1]), centred.input[0], tail[0], index, True)
+
+
+def _squared_deviation(centred: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, ...] | None:
+    """ReduceMean((x - mean)^2): the square and the mean of it, the centred values read by it and the Div only."""
+    readers = _readers(index, centred.output[0])
     squared = next((n for n in readers if _squares(n, index)), None)
     variance = _only_reader(index, squared.output[0], "ReduceMean") if squared is not None else None
     if variance is None or len(readers) != 2 or not _last_axis_mean(variance, index):
         return None
-    tail = _root_and_divide(variance, centred.output[0], index)
-    if tail is None:
+    return squared, variance
+
+
+def _moments(mean: onnx.NodeProto, readers: list[onnx.NodeProto], index: GraphIndex
+             ) -> tuple[onnx.NodeProto, ...] | None:
+    """ReduceMean(x * x) - mean * mean: the nodes from the squares to the Sub."""
+    x = mean.input[0]
+    mean_squared = next((n for n in readers if n.op_type == "Mul" and list(n.input) == [mean.output[0]] * 2), None)
+    difference = _only_reader(index, mean_squared.output[0], "Sub") if mean_squared is not None else None
+    second = index.producer.get(difference.input[0]) if difference is not None else None
+    if second is None or second.op_type != "ReduceMean" or difference.input[1] != mean_squared.output[0]:
         return None
-    return _with_affine((mean, centred, squared, variance, *tail[1]), centred.input[0], tail[0], index, True)
+    squares = index.producer.get(second.input[0])
+    if (squares is None or not _squares(squares, index) or squares.input[0] != x or not _last_axis_mean(second, index)
+            or len(_readers(index, squares.output[0])) != 1 or len(_readers(index, second.output[0])) != 1):
+        return None
+    return squares, second, mean_squared, difference
 
 
 def _rms_norm(squared: onnx.NodeProto, mean: onnx.NodeProto, index: GraphIndex) -> Norm | None:
     """x * x (or Pow(x, 2)) -> ReduceMean -> Add eps -> Sqrt -> Div(x, .), then optional Mul gamma."""
     x = squared.input[0]
-    if len(index.consumers.get(squared.output[0], [])) != 1 or not _last_axis_mean(mean, index):
+    if len(_readers(index, squared.output[0])) != 1 or not _last_axis_mean(mean, index):
         return None
     tail = _root_and_divide(mean, x, index)
     if tail is None:
@@ -91,17 +119,21 @@ def _rms_norm(squared: onnx.NodeProto, mean: onnx.NodeProto, index: GraphIndex) 
 
 def _root_and_divide(variance: onnx.NodeProto, numerator: str, index: GraphIndex
                      ) -> tuple[float, tuple[onnx.NodeProto, ...]] | None:
-    """Add eps -> Sqrt -> Div(numerator, .) after the mean of squares: (epsilon, the three nodes)."""
-    add_eps = _only_reader(index, variance.output[0], "Add")
-    eps = _scalar(index, add_eps.input[1 - list(add_eps.input).index(variance.output[0])]) if add_eps else None
+    """[Max(., 0)] -> Add eps -> Sqrt -> Div(numerator, .) after the variance: (epsilon, those nodes)."""
+    clip = _only_reader(index, variance.output[0], "Max")
+    clipped = clip is not None and _scalar(index, clip.input[1]) == 0.0 and clip.input[0] == variance.output[0]
+    start = clip if clipped else variance
+    add_eps = _only_reader(index, start.output[0], "Add")
+    eps = _scalar(index, add_eps.input[1 - list(add_eps.input).index(start.output[0])]) if add_eps else None
     root = _only_reader(index, add_eps.output[0], "Sqrt") if eps is not None else None
     divide = _only_reader(index, root.output[0], "Div") if root is not None else None
     if divide is None or list(divide.input) != [numerator, root.output[0]]:
         return None
-    return eps, (add_eps, root, divide)
+    return eps, ((clip,) if clipped else ()) + (add_eps, root, divide)
 
 
-def _with_affine(nodes: tuple[onnx.NodeProto, ...], x: str, eps: float, index: GraphIndex, centers: bool) -> Norm | None:
+def _with_affine(nodes: tuple[onnx.NodeProto, ...], x: str, eps: float, index: GraphIndex,
+                 centers: bool) -> Norm | None:
     """The norm with the Mul by gamma and Add of beta that follow its Div, where they do."""
     width = (index.shapes.get(x) or (None,))[-1]
     if not isinstance(width, int) or nodes[-1].output[0] in index.body_values:
@@ -114,6 +146,10 @@ def _with_affine(nodes: tuple[onnx.NodeProto, ...], x: str, eps: float, index: G
             break
         gamma, beta = (value, beta) if kind == "gamma" else (gamma, value)
         nodes.append(follower)
+    inside = {id(n) for n in nodes}
+    if any(o in index.graph_outputs or any(id(r) not in inside for r in index.consumers.get(o, []))
+           for n in nodes[:-1] for o in n.output):
+        return None  # a value inside the norm is read elsewhere: the norm cannot be replaced
     return Norm(tuple(nodes), x, nodes[-1].output[0], gamma, beta, eps, centers)
 
 
@@ -158,7 +194,12 @@ def _last_axis_mean(node: onnx.NodeProto, index: GraphIndex) -> bool:
 
 def _only_reader(index: GraphIndex, tensor: str, op_type: str) -> onnx.NodeProto | None:
     """The single node reading `tensor`, where it is an `op_type` and the tensor is no graph output."""
-    readers = index.consumers.get(tensor, [])
+    readers = _readers(index, tensor)
     if len(readers) != 1 or readers[0].op_type != op_type or tensor in index.graph_outputs:
         return None
     return readers[0]
+
+
+def _readers(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
+    """The nodes reading `tensor`, each once (x * x reads it twice)."""
+    return list({id(n): n for n in index.consumers.get(tensor, [])}.values())

@@ -74,6 +74,11 @@ class Rewriter:
         for tensor, readers in self.stream.readers.items():
             for layer in readers.layers:
                 self._fold_reader(layer, tensor)
+            for chain, layers in readers.moved:
+                chain[0].input[0] = self.sliced(tensor)
+                self._narrow(chain)
+                for layer in layers:
+                    self._fold_reader(layer, tensor, rewire=False)
             for shape in readers.shapes:
                 self._full_shape(shape, tensor)
             if readers.exits:
@@ -84,15 +89,15 @@ class Rewriter:
     # ------------------------------------------------------------------------------------------------ sums
 
     def _write_sum(self, found: Sum) -> None:
-        encoder = self.bases[found.tensor].encoder
         for term in found.terms:
-            made = getattr(self, f"_{term.kind}")(term, encoder)
+            made = getattr(self, f"_{term.kind}")(term, found.tensor)
             if term.reader is not None and made is not None:
                 term.reader[0].input[term.reader[1]] = made
         if found.adds:
             self.index.producer[found.tensor].output[0] = self.sliced(found.tensor)
 
-    def _writer(self, term: Term, encoder: np.ndarray) -> None:
+    def _writer(self, term: Term, into: str) -> None:
+        encoder = self.bases[into].encoder
         layer = term.layer
         kernels = layer.kernels(self.value(layer.weight))  # (width, features)
         self.replace_input(layer.node, 1, _from_kernels(layer, encoder.T @ kernels))
@@ -102,31 +107,37 @@ class Rewriter:
             self.replace_input(layer.node, 2, self.value(layer.node.input[2]).reshape(-1) @ encoder)
         self.counts.folded += 1
         original = layer.node.output[0]
+        self._narrow(term.movers)
         if term.reader is None:
-            (term.bias[0] if term.bias is not None else layer.node).output[0] = self.sliced(term.tensor)
+            last = term.movers[-1] if term.movers else term.bias[0] if term.bias is not None else layer.node
+            last.output[0] = self.sliced(term.tensor)
         self.projected.append((layer.node.output[0], original, encoder))
 
-    def _table(self, term: Term, encoder: np.ndarray) -> None:
+    def _table(self, term: Term, into: str) -> None:
+        encoder = self.bases[into].encoder
         self.replace_input(term.gather, 0, self.value(term.gather.input[0]) @ encoder)
         self.counts.folded += 1
         if term.reader is None:
             term.gather.output[0] = self.sliced(term.tensor)
 
-    def _constant(self, term: Term, encoder: np.ndarray) -> str:
+    def _constant(self, term: Term, into: str) -> str:
         """A constant added to the stream (a position embedding), rotated; a sum of one constant stays one."""
+        encoder = self.bases[into].encoder
         self.counts.folded += 1
         if term.reader is not None:
             return self.constant(self.value(term.tensor) @ encoder, "constant")
         return self.node("Identity", [self.constant(self.value(term.tensor) @ encoder, "constant")], "constant",
                          self.sliced(term.tensor))
 
-    def _stream(self, term: Term, encoder: np.ndarray) -> str:
+    def _stream(self, term: Term, into: str) -> str:
         """The source's sliced values in this sum's basis: z_source (A^T E) + c E."""
+        encoder = self.bases[into].encoder
         source = self.coordinates[term.tensor]
         self.counts.skips += 1
         return self.affine(self.sliced(term.tensor), source.a.T @ encoder, source.c @ encoder, "skip")
 
-    def _entry(self, term: Term, encoder: np.ndarray) -> str:
+    def _entry(self, term: Term, into: str) -> str:
+        encoder = self.bases[into].encoder
         self.counts.entries += 1
         out = self.sliced(term.tensor) if term.reader is None else None
         return self.affine(term.tensor, encoder, None, "entry", out)
@@ -151,13 +162,22 @@ class Rewriter:
 
     # ------------------------------------------------------------------------------------------------ readers
 
-    def _fold_reader(self, layer: Layer, tensor: str) -> None:
-        """W' = A^T W on the input axis; what the constant c adds goes to the layer's bias (an Add if none)."""
+    def _narrow(self, movers) -> None:
+        """Reshapes and Transposes that keep the hidden axis last, made to keep the sliced one."""
+        for reshape in (n for n in movers if n.op_type == "Reshape"):
+            shape = numpy_helper.to_array(self.inits[reshape.input[1]]).copy()
+            shape.reshape(-1)[-1] = next(iter(self.bases.values())).q.shape[1]
+            reshape.input[1] = self.constant(shape, "shape")
+
+    def _fold_reader(self, layer: Layer, tensor: str, rewire: bool = True) -> None:
+        """W' = A^T W on the input axis; what the constant c adds goes to the layer's bias (an Add if none).
+        `rewire`: the layer reads the sliced tensor itself (not through a Reshape)."""
         where = self.coordinates[tensor]
         kernels = layer.kernels(self.value(layer.weight))  # (outputs, width)
         delta = layer.alpha * (kernels.astype(np.float64) @ where.c)
         self.replace_input(layer.node, 1, _from_kernels(layer, kernels @ where.a))
-        layer.node.input[0] = self.sliced(tensor)
+        if rewire:
+            layer.node.input[0] = self.sliced(tensor)
         self.counts.folded += 1
         if not np.any(delta) or StoredTensors(self.model).add_to_bias(layer, delta.astype(np.float32)):
             return

@@ -31,6 +31,7 @@ class Term:
     layer: Layer | None = None  # writer: the linear layer
     bias: tuple[onnx.NodeProto, int] | None = None  # writer: the Add after a MatMul and its constant input
     gather: onnx.NodeProto | None = None  # table: the Gather of rows
+    movers: tuple[onnx.NodeProto, ...] = ()  # writer: Reshapes / Transposes after it that keep the last axis
 
 
 @dataclass(eq=False)
@@ -46,6 +47,8 @@ class Readers:
     """Who reads a stream tensor besides its own norms and sums."""
 
     layers: list[Layer] = field(default_factory=list)
+    moved: list[tuple[list[onnx.NodeProto], list[Layer]]] = field(default_factory=list)  # chains of Reshapes and
+    # Transposes that keep the last axis (a Gemm's 2-D rows, a sequence-first layout) ending at linear layers
     shapes: list[onnx.NodeProto] = field(default_factory=list)  # Shape nodes: they read the sliced tensor's shape
     exits: bool = False
 
@@ -76,7 +79,7 @@ def find_stream(index: GraphIndex) -> Stream:
     for norm in norms:
         builder.sum_of(norm.input)
     stream = Stream(width, norms, builder.sums, {})
-    stream.readers = {t: _readers(t, stream, index) for t in [*builder.sums, *builder.norm_outputs]}
+    stream.readers = {t: _stream_readers(t, stream, index) for t in [*builder.sums, *builder.norm_outputs]}
     _mark_uncentred(stream)
     return stream
 
@@ -128,9 +131,15 @@ class _Builder:
             return Term("constant", tensor, reader)
         if producer is None or shared:
             return Term("entry", tensor, reader)
-        writer = self._writer(producer, tensor)
+        movers = []
+        while producer is not None and keeps_last_axis(producer, self.index, self.width) \
+                and len(_nodes_reading(self.index, producer.input[0])) == 1:
+            movers.insert(0, producer)
+            producer = self.index.producer.get(producer.input[0])
+        writer = self._writer(producer, movers[0].input[0] if movers else tensor) if producer is not None else None
         if writer is not None:
-            return Term("writer", tensor, reader, layer=writer[0], bias=writer[1])
+            return Term("writer", tensor, reader, layer=writer[0], bias=writer[1], movers=tuple(movers))
+        producer = self.index.producer.get(tensor)
         if self._table(producer):
             return Term("table", tensor, reader, gather=producer)
         return Term("entry", tensor, reader)
@@ -167,7 +176,7 @@ def _matrix_layer(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
     return layer
 
 
-def _readers(tensor: str, stream: Stream, index: GraphIndex) -> Readers:
+def _stream_readers(tensor: str, stream: Stream, index: GraphIndex) -> Readers:
     """The linear layers reading `tensor` on its last axis, and whether anything else (an exit) reads it."""
     own = {id(n) for norm in stream.norm_reading(tensor) for n in norm.nodes}
     own |= {id(t.reader[0]) for s in stream.sums.values() for t in s.terms
@@ -178,14 +187,54 @@ def _readers(tensor: str, stream: Stream, index: GraphIndex) -> Readers:
         if id(node) in own:
             continue
         layer = _matrix_layer(node, index)
+        behind = _layers_behind(node, index, stream.width)
         if layer is not None and list(node.input).count(tensor) == 1 and node.input[0] == tensor \
                 and _reads_last_axis(layer, rank):
             found.layers.append(layer)
+        elif behind[1]:
+            found.moved.append(behind)
         elif node.op_type == "Shape" and not node.attribute and (ai_onnx_opset(index.model) or 0) >= 10:
             found.shapes.append(node)
         else:
             found.exits = True
     return found
+
+
+def keeps_last_axis(node: onnx.NodeProto, index: GraphIndex, width: int) -> bool:
+    """A Transpose that leaves the last axis last, or a Reshape to a constant shape that ends in it: rows of the
+    hidden axis moved or regrouped (a sequence-first layout, a Gemm's 2-D input), which commutes with rotating it."""
+    before = index.shapes.get(node.input[0]) if node.input else None
+    if not before or before[-1] != width or node.output[0] in index.graph_outputs:
+        return False
+    if node.op_type == "Transpose":
+        perm = node_attr(node, "perm")
+        return perm is not None and list(perm)[-1] == len(before) - 1
+    if node.op_type != "Reshape" or int(node_attr(node, "allowzero", 0)):
+        return False
+    shape = index.array(node.input[1])
+    return shape is not None and shape.size > 0 and int(shape.reshape(-1)[-1]) == width
+
+
+def _layers_behind(node: onnx.NodeProto, index: GraphIndex, width: int) -> tuple[list[onnx.NodeProto], list[Layer]]:
+    """From a node reading the stream: a chain of last-axis-keeping Reshapes and Transposes, each read by the next
+    alone, and the linear layers that alone read its end; nothing where it ends elsewhere."""
+    chain = []
+    while keeps_last_axis(node, index, width):
+        chain.append(node)
+        readers = _nodes_reading(index, node.output[0])
+        rank = len(index.shapes.get(node.output[0]) or ())
+        layers = [_matrix_layer(n, index) for n in readers]
+        if readers and all(layer is not None and layer.node.input[0] == node.output[0] and _reads_last_axis(layer, rank)
+                           and list(layer.node.input).count(node.output[0]) == 1 for layer in layers):
+            return chain, layers
+        if len(readers) != 1:
+            break
+        node = readers[0]
+    return [], []
+
+
+def _nodes_reading(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
+    return list({id(n): n for n in index.consumers.get(tensor, [])}.values())
 
 
 def _reads_last_axis(layer: Layer, rank: int) -> bool:
