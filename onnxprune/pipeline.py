@@ -277,8 +277,7 @@ def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target,
     start = time.perf_counter()
     sparse = sparsity_request(target, options)
     channels = Target.plan(Plan()) if parse_pattern(options.granularity) is not None else target
-    sliced = slice_first(model_or_path, options)
-    options = replace(options, exclude=(*options.exclude, SLICED)) if sliced and sliced.sliced else options
+    sliced, options = slice_first(model_or_path, options)
     inputs = open_inputs(sliced.model if sliced else model_or_path, after_slicing(channels, sliced), options)
     choice = choose(inputs, after_slicing(channels, sliced), options, reference)
     before = (count_params(inputs.model), count_macs(inputs.model, inputs.shapes))
@@ -295,16 +294,23 @@ def run_once(model_or_path: onnx.ModelProto | str | os.PathLike, target: Target,
     return pruned, report
 
 
-def slice_first(model_or_path: onnx.ModelProto | str | os.PathLike, options: Options) -> Sliced | None:
+def slice_first(model_or_path: onnx.ModelProto | str | os.PathLike,
+                options: Options) -> tuple[Sliced | None, Options]:
     """With --slice, the hidden width of a transformer sliced before the channel steps (slicing.slice_hidden, on
-    its own pass over the calibration data; the channel steps then leave the sliced stream whole); None without.
-    A model without a recognised residual stream comes back unchanged, `sliced` False, with the reason."""
+    its own pass over the calibration data), and the options for those steps: they leave the sliced stream whole,
+    and a Python reader's batches, read here, are handed on. None (and the options) without --slice. A model
+    without a recognised residual stream comes back unchanged, `sliced` False, with the reason."""
     if not options.slice:
-        return None
+        return None, options
     model = normalised(model_or_path)
-    sliced = slice_hidden(model, Calibration(options.calib, model, replayable=True).batches, options.slice)
+    calibration = Calibration(options.calib, model, replayable=True)
+    sliced = slice_hidden(model, calibration.batches, options.slice)
     log.info("slicing: %s", sliced.description)
-    return sliced
+    calib = options.calib
+    if not isinstance(calib.data, (str, os.PathLike)):  # a reader is read once: its batches are kept
+        calib = replace(calib, data=list(calibration.batches()))
+    exclude = (*options.exclude, SLICED) if sliced.sliced else options.exclude
+    return sliced, replace(options, calib=calib, exclude=exclude)
 
 
 def after_slicing(target: Target, sliced: Sliced | None) -> Target:

@@ -192,6 +192,17 @@ def test_pipeline_slices_then_prunes_channels_to_a_mac_target():
     assert relative_error(model, pruned, feeds_of(model, 2, 1)) < 1.0
 
 
+def test_pipeline_reads_a_python_reader_once():
+    """A get_next() reader is read once: slicing keeps its batches for the channel steps and recovery."""
+    model = pre_ln_encoder(layers=1)
+    batches = iter(feeds_of(model, 4, 0))
+    reader = type("Reader", (), {"get_next": lambda self: next(batches, None)})()
+    options = Options(criterion="activation", recover="bias", round_to=1, slice=0.25, calib=CalibrationSource(reader))
+    pruned, report = onnxprune.prune(model, Target.ratio(0.25), options)
+    require_valid(pruned, model)
+    assert report.calibration_samples == 16 and report.slicing.startswith("hidden width")
+
+
 def test_cli_end_to_end(tmp_path):
     model = pre_ln_encoder(layers=1)
     onnx.save(model, tmp_path / "m.onnx")
