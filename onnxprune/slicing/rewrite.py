@@ -76,7 +76,7 @@ class Rewriter:
                 self._fold_reader(layer, tensor)
             for chain, layers in readers.moved:
                 chain[0].input[0] = self.sliced(tensor)
-                self._narrow(chain)
+                self._narrow(chain, self.coordinates[tensor].a.shape[1])
                 for layer in layers:
                     self._fold_reader(layer, tensor, rewire=False)
             for shape in readers.shapes:
@@ -107,7 +107,7 @@ class Rewriter:
             self.replace_input(layer.node, 2, self.value(layer.node.input[2]).reshape(-1) @ encoder)
         self.counts.folded += 1
         original = layer.node.output[0]
-        self._narrow(term.movers)
+        self._narrow(term.movers, encoder.shape[1])
         if term.reader is None:
             last = term.movers[-1] if term.movers else term.bias[0] if term.bias is not None else layer.node
             last.output[0] = self.sliced(term.tensor)
@@ -162,11 +162,11 @@ class Rewriter:
 
     # ------------------------------------------------------------------------------------------------ readers
 
-    def _narrow(self, movers) -> None:
-        """Reshapes and Transposes that keep the hidden axis last, made to keep the sliced one."""
+    def _narrow(self, movers, kept: int) -> None:
+        """Reshapes and Transposes that keep the hidden axis last, made to keep the `kept` sliced ones."""
         for reshape in (n for n in movers if n.op_type == "Reshape"):
             shape = numpy_helper.to_array(self.inits[reshape.input[1]]).copy()
-            shape.reshape(-1)[-1] = next(iter(self.bases.values())).q.shape[1]
+            shape.reshape(-1)[-1] = kept
             reshape.input[1] = self.constant(shape, "shape")
 
     def _fold_reader(self, layer: Layer, tensor: str, rewire: bool = True) -> None:
