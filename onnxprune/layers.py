@@ -271,6 +271,34 @@ class ConvLayer(Layer):
         return y[sample.where]
 
 
+@dataclass(frozen=True, eq=False)
+class TiledConvTranspose(Layer):
+    """A ConvTranspose whose kernel equals its strides (no pads, dilations or output padding, one group), as a DB
+    text detector's head upsamples: each input position writes its own k x k tile, so output position p reads
+    input p // k through kernel tap p % k alone. A row is (C, kernel...) with the input's channels at that tap and
+    zeros elsewhere: the rows and the weight's rows (weight_rows) are those of a convolution, so least squares
+    re-fits it as it re-fits a Conv."""
+
+    kernel: tuple[int, ...] = ()
+
+    def sample(self, x: np.ndarray, rng: np.random.Generator, positions: int,
+               real: np.ndarray | None = None) -> Sample:
+        """Rows at up to `positions` random output positions per image."""
+        out = [n * k for n, k in zip(x.shape[2:], self.kernel)]
+        count = min(positions, math.prod(out))
+        flat = np.stack([rng.choice(math.prod(out), count, replace=False) for _ in range(len(x))]).reshape(-1)
+        images = np.repeat(np.arange(len(x)), count)
+        coords = np.unravel_index(flat, out)
+        rows, channels = np.arange(len(images))[:, None], np.arange(x.shape[1])[None, :]
+        patches = np.zeros((len(images), x.shape[1], *self.kernel), x.dtype)
+        taps = tuple((c % k)[:, None] for c, k in zip(coords, self.kernel))
+        patches[(rows, channels, *taps)] = x[(images, slice(None), *(c // k for c, k in zip(coords, self.kernel)))]
+        return Sample(patches, (images, slice(None), *coords))
+
+    def output_rows(self, y: np.ndarray, sample: Sample) -> np.ndarray:
+        return y[sample.where]
+
+
 def _along(values: np.ndarray, axis: int, rank: int, leading: bool = False) -> np.ndarray:
     """`values` (and, with `leading`, their first axis kept first) reshaped to lie along `axis` of `rank` axes."""
     shape = [-1 if a == axis else 1 for a in range(rank)]
@@ -323,7 +351,19 @@ def _conv(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Lay
 
 
 def _conv_transpose(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer:
-    return Layer(node, 1, 0, 1, int(node_attr(node, "group", 1)), bias=_input_bias(node))
+    groups, kernel = int(node_attr(node, "group", 1)), tuple(dims[2:])
+    if groups == 1 and _tiles(node, kernel):
+        return TiledConvTranspose(node, 1, 0, 1, groups, refittable=True, bias=_input_bias(node), kernel=kernel)
+    return Layer(node, 1, 0, 1, groups, bias=_input_bias(node))
+
+
+def _tiles(node: onnx.NodeProto, kernel: tuple[int, ...]) -> bool:
+    """Whether a ConvTranspose writes one tile per input position: kernel == strides, nothing padded or dilated, the
+    output's size not set by hand."""
+    geometry, padding = ConvGeometry.of(node, kernel), _ints(node, "output_padding", (0,))
+    return (geometry.kernel == kernel == geometry.strides and not any(geometry.pads) and not any(padding)
+            and set(geometry.dilations) == {1} and geometry.auto_pad == "NOTSET"
+            and node_attr(node, "output_shape", None) is None)
 
 
 def _gemm(node: onnx.NodeProto, index: GraphIndex, dims: tuple[int, ...]) -> Layer:

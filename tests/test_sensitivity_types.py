@@ -159,3 +159,64 @@ def test_protect_refuses_an_unknown_type(tmp_path):
     assert result.exit_code == 0, result.output
     reasons = [r["reason"] for r in json.loads((tmp_path / "r.json").read_text())["frozen_reasons"]]
     assert "protected: a head group (--protect head)" in reasons
+
+
+def test_a_tiled_conv_transpose_is_cut_into_conv_rows():
+    """kernel == strides: each output position is its tap's weights times one input position, so the rows and the
+    weight's rows reproduce the outputs (what least squares fits); overlapping kernels are still not refitted."""
+    from onnx import helper, numpy_helper
+
+    from onnxprune.graph import GraphIndex
+    from onnxprune.layers import describe
+    from onnxprune.verify import session
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((4, 3, 2, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    for strides, refittable in (([2, 3], True), ([1, 1], False)):
+        node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], kernel_shape=[2, 3], strides=strides)
+        graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", 1, [2, 4, 5, 6])],
+                                  [helper.make_tensor_value_info("y", 1, None)],
+                                  [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        layer = describe(model.graph.node[0], GraphIndex.build(model))
+        assert layer.refittable == refittable
+    x = rng.standard_normal((2, 4, 5, 6)).astype(np.float32)
+    sample = layer_of_tiles(w, bias).sample(x, rng, 40)
+    y = session(tiles_model(w, bias)).run(None, {"x": x})[0]
+    predicted = sample.patches.reshape(len(sample.patches), -1) @ layer_of_tiles(w, bias).weight_rows(w) + bias
+    assert np.abs(predicted - layer_of_tiles(w, bias).output_rows(y, sample)).max() < 1e-4
+
+
+def tiles_model(w: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    from onnx import helper, numpy_helper
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], kernel_shape=list(w.shape[2:]),
+                            strides=list(w.shape[2:]))
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", 1, [2, w.shape[0], 5, 6])],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def layer_of_tiles(w: np.ndarray, bias: np.ndarray):
+    from onnxprune.graph import GraphIndex
+    from onnxprune.layers import describe
+    model = tiles_model(w, bias)
+    return describe(model.graph.node[0], GraphIndex.build(model))
+
+
+def test_lsq_recovers_a_pruned_head_through_conv_transpose():
+    """Only the head's groups pruned (the others protected): least squares now re-fits the two ConvTranspose layers
+    that read them (it left them as they were), and brings the probability map on held-out inputs closer."""
+    from onnxprune.sensitivity import model_outputs, output_damage
+    model, _ = detector()
+    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    calib, held_out = [{"x": images[:12]}], [{"x": images[12:]}]
+    reference = model_outputs(model, held_out)
+    damage, refitted = {}, {}
+    for recover in ("none", "lsq"):
+        options = Options(round_to=1, recover=recover, protect=("backbone", "upsample", "neck"),
+                          calib=CalibrationSource(calib))
+        pruned, report = onnxprune.prune(model, 0.5, options)
+        damage[recover] = output_damage(reference, model_outputs(pruned, held_out))
+        refitted[recover] = report.recovered_layers
+    assert refitted == {"none": 0, "lsq": 2}
+    assert damage["lsq"] < damage["none"], damage
