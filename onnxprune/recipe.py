@@ -28,9 +28,9 @@ from .options import Options, Target, statistics_needed
 from .pipeline import (SENSITIVITY_SAMPLES, Inputs, allocate, collect_statistics, mac_model_of, open_inputs, recover,
                        run_once, score)
 from .report import PruneReport
-from .sensitivity import curve_points, model_outputs, output_damage
+from .sensitivity import curve_points, flattened_outputs, model_outputs, output_damage
 from .surgery import apply_plan
-from .verify import count_macs, sample_shapes
+from .verify import count_macs, sample_shapes, session
 
 HOLDOUT = 4  # one calibration sample in HOLDOUT judges the candidates, the others fit them
 
@@ -124,31 +124,40 @@ def stored_samples(calibration: Calibration) -> int:
 @dataclass
 class Costs:
     """Seconds the search has measured, to estimate a candidate's before it starts: the slowest candidate so far of
-    each recovery (allocation not by sensitivity), and one point of a sensitivity curve (a pruned model built and run
-    on the sensitivity samples), of which --allocation sensitivity needs `points`."""
+    each recovery (allocation not by sensitivity), and what the sensitivity curves add (curve_seconds)."""
 
-    points: int  # pruned models the sensitivity curves build (sensitivity.curve_points)
-    scale: float  # sensitivity samples per held-out sample: a run on these costs `scale` runs on the held-out ones
-    point: float = 0.0
+    curve_seconds: float = 0.0
     by_recovery: dict[str, float] = field(default_factory=dict)
 
     def estimate(self, candidate: Candidate) -> float:
         """The candidate's seconds: as the slowest one with its recovery (the slowest of any where none ran yet),
-        plus the sensitivity curves' points where it allocates by sensitivity."""
+        plus the sensitivity curves where it allocates by sensitivity."""
         base = self.by_recovery.get(candidate.recover, max(self.by_recovery.values(), default=0.0))
-        return base + (self.points * self.point if candidate.allocation == "sensitivity" else 0.0)
+        return base + (self.curve_seconds if candidate.allocation == "sensitivity" else 0.0)
 
-    def record(self, candidate: Candidate, seconds: float, timing: tuple[float, float] | None = None) -> None:
-        """Learn from a candidate that ran for `seconds`, of which `timing` built the pruned model and ran it on the
-        held-out samples: without recovery that is one curve point (built once, run on `scale` times the samples);
-        a sensitivity candidate says what its points cost."""
+    def record(self, candidate: Candidate, seconds: float) -> None:
+        """Learn from a candidate that ran for `seconds`; a sensitivity candidate says what its curves cost."""
+        base = self.by_recovery.get(candidate.recover, 0.0)
         if candidate.allocation == "sensitivity":
-            base = self.by_recovery.get(candidate.recover, 0.0)
-            self.point = max(self.point, (seconds - base) / max(self.points, 1))
-            return
-        self.by_recovery[candidate.recover] = max(seconds, self.by_recovery.get(candidate.recover, 0.0))
-        if candidate.recover == "none" and timing is not None:
-            self.point = timing[0] + timing[1] * self.scale
+            self.curve_seconds = max(self.curve_seconds, seconds - base)
+        else:
+            self.by_recovery[candidate.recover] = max(seconds, base)
+
+
+def curve_seconds(analysis: Analysis, round_to: int, run: float, start: float) -> float:
+    """The sensitivity curves' seconds: a run on the sensitivity samples per point of an exact group, and a session
+    started for each point of an inexact one (see sensitivity.ZeroedRuns)."""
+    exact, inexact = curve_points(analysis, round_to)
+    return exact * run + inexact * (run + start)
+
+
+def timed_outputs(model: onnx.ModelProto, feeds: list[dict]) -> tuple[list, float, float]:
+    """The model's outputs on `feeds` (see model_outputs), and the seconds its session took to start and to run."""
+    begun = time.perf_counter()
+    sess = session(model, threads=0)
+    started = time.perf_counter()
+    outputs = flattened_outputs([sess.run(None, feed) for feed in feeds])
+    return outputs, started - begun, time.perf_counter() - started
 
 
 @dataclass
@@ -166,16 +175,14 @@ class Search:
 
 def open_search(model_or_path, target: Target, options: Options) -> Search:
     """Prepare the model once, split the calibration data, and run the original on the held-out samples, padding
-    cut away (which gives a first estimate of a sensitivity curve's point)."""
+    cut away (timed: the sensitivity curves' cost is estimated from it)."""
     opened = open_inputs(model_or_path, target, replace(options, recover="lsq"))  # replayable data
     fit, held = holdout_split(options.calib, stored_samples(opened.calibration))
     inputs = Inputs(opened.prepared, Calibration(fit, opened.model, replayable=True), opened.sample, opened.shapes)
     feeds = without_padding(opened.model, list(Calibration(held, opened.model, replayable=True).batches()))
-    begun = time.perf_counter()
-    reference = model_outputs(opened.model, feeds)
-    scale = min(SENSITIVITY_SAMPLES, fit.size) / held.size
-    costs = Costs(curve_points(inputs.analysis, options.round_to), scale)
-    costs.point = (time.perf_counter() - begun) * scale
+    reference, start, run = timed_outputs(opened.model, feeds)
+    run *= min(SENSITIVITY_SAMPLES, fit.size) / held.size  # the sensitivity samples: the first of the fit ones
+    costs = Costs(curve_seconds(inputs.analysis, options.round_to, run, start))
     return Search(inputs, feeds, held.size, reference, costs)
 
 
@@ -208,7 +215,7 @@ def try_candidates(search: Search, target: Target, options: Options, candidates:
                                f"{estimate:.0f} s would pass the {options.recipe_budget:g} s budget")
             continue
         found = judge(search, target, candidate.options(options))
-        search.costs.record(candidate, found["seconds"], found.pop("timing", None))
+        search.costs.record(candidate, found["seconds"])
         tried.append(found | candidate.to_dict())
         _progress(options, f"recipe accurate: {position + 1}/{len(candidates)} {candidate}: " + _outcome(tried[-1]))
     if all(t["error"] is None for t in tried):
@@ -217,17 +224,13 @@ def try_candidates(search: Search, target: Target, options: Options, candidates:
 
 
 def judge(search: Search, target: Target, options: Options) -> dict:
-    """One candidate's held-out error and MACs kept, its seconds, and (`timing`) those spent building the model and
-    running it on the held-out samples; a candidate the data or the model defeats (an OnnxPruneError: a non-finite
-    fit, too little memory) is recorded with its reason and left out of the choice."""
+    """One candidate's held-out error, MACs kept and seconds; a candidate the data or the model defeats (an
+    OnnxPruneError: a non-finite fit, too little memory) is recorded with its reason and left out of the choice."""
     begun = time.perf_counter()
     try:
         pruned = trial(search, target, options)
-        built = time.perf_counter()
-        outputs = model_outputs(pruned, search.held)
-        timing = (built - begun, time.perf_counter() - built)
-        found = {"error": output_damage(search.reference, outputs), "macs_kept": macs_kept(search, pruned),
-                 "timing": timing}
+        found = {"error": output_damage(search.reference, model_outputs(pruned, search.held)),
+                 "macs_kept": macs_kept(search, pruned)}
     except OnnxPruneError as exc:
         found = {"error": None, "macs_kept": None, "failed": first_line(exc)}
     return found | {"seconds": round(time.perf_counter() - begun, 3)}

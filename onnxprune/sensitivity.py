@@ -7,13 +7,14 @@ import logging
 
 import numpy as np
 import onnx
+from onnx import helper
 
-from .allocate import MacModel, keep_count, plan_from_counts
+from .allocate import MacModel, Plan, keep_count, plan_from_counts
 from .calibrate import without_padding
 from .errors import OnnxPruneError
 from .groups import Analysis, Group
 from .surgery import apply_plan
-from .verify import session
+from .verify import NO_NUMPY_TYPES, session, zeroed_constants
 
 log = logging.getLogger("onnxprune")
 
@@ -28,15 +29,16 @@ def sensitivity_curves(model: onnx.ModelProto, analysis: Analysis, scores: dict[
     feeds = without_padding(model, feeds)
     reference = _require_finite(model, model_outputs(model, feeds))
     full = mac_model.cost({})
+    runs = ZeroedRuns(model, analysis)
     curves: dict[int, list[dict]] = {}
     for position, group in enumerate(analysis.prunable):
         points = []
         for ratio, kept in curve_counts(group, round_to, ratios):
             counts = {group.id: kept}
-            pruned = apply_plan(copy.deepcopy(model), analysis, plan_from_counts(analysis, scores, counts))
+            outputs = runs.outputs(group, plan_from_counts(analysis, scores, counts), feeds)
             points.append({"ratio": ratio, "kept": kept, "channels": group.size,
                            "macs_saved": float(full - mac_model.cost(counts)),
-                           "damage": output_damage(reference, model_outputs(pruned, feeds))})
+                           "damage": output_damage(reference, outputs)})
         curves[group.id] = points
         log.info("sensitivity: group %d (%d/%d)", group.id, position + 1, len(analysis.prunable))
     return curves
@@ -53,17 +55,50 @@ def curve_counts(group: Group, round_to: int, ratios: tuple[float, ...] = CANDID
     return [(ratio, kept) for kept, ratio in points.items()]
 
 
-def curve_points(analysis: Analysis, round_to: int) -> int:
-    """How many pruned models the sensitivity curves build and run: the cost of --allocation sensitivity."""
-    return sum(len(curve_counts(group, round_to)) for group in analysis.prunable)
+def curve_points(analysis: Analysis, round_to: int) -> tuple[int, int]:
+    """How many points the sensitivity curves measure, the cost of --allocation sensitivity: those of exact groups
+    (runs of one shared session, see ZeroedRuns) and those of inexact ones (each pruned, in a session of its own)."""
+    counts = [(len(curve_counts(group, round_to)), bool(group.inexact)) for group in analysis.prunable]
+    return sum(n for n, inexact in counts if not inexact), sum(n for n, inexact in counts if inexact)
+
+
+class ZeroedRuns:
+    """The outputs of the model with one group pruned, from one onnxruntime session for all the points of the exact
+    groups: their constants are overridable inputs of a copy of the model, fed the original's values with the
+    removed channels zeroed, which gives the outputs pruning gives (the exactness invariant: zero the channels a
+    plan removes, then prune, and the outputs match). A group marked inexact, or one whose constants are not
+    top-level initializers numpy can hold (in a subgraph, bfloat16), is pruned and run in a session of its own."""
+
+    def __init__(self, model: onnx.ModelProto, analysis: Analysis):
+        self.model, self.analysis = model, analysis
+        inits = {i.name: i for i in model.graph.initializer if i.data_type not in NO_NUMPY_TYPES}
+        names = {m.space[0] for g in analysis.prunable if not g.inexact for m in g.members if m.constant}
+        self.names = names & set(inits) - {i.name for i in model.graph.input}
+        self.session = None
+        if self.names:
+            overridable = copy.deepcopy(model)
+            overridable.graph.input.extend(helper.make_tensor_value_info(n, inits[n].data_type, inits[n].dims)
+                                           for n in sorted(self.names))
+            self.session = session(overridable, threads=0)
+
+    def outputs(self, group: Group, plan: Plan, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Each output over all feeds (see model_outputs) with the plan applied."""
+        zeroed = zeroed_constants(self.analysis, plan) if not group.inexact else None
+        if zeroed is None or not set(zeroed) <= self.names:
+            return model_outputs(apply_plan(copy.deepcopy(self.model), self.analysis, plan), feeds)
+        return flattened_outputs([self.session.run(None, f | zeroed) for f in feeds])
 
 
 def model_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Each output over all feeds, flattened: batches may differ in run-time sizes (a sequence length), and the
     damage sums over elements anyway."""
     sess = session(model, threads=0)
-    return [np.concatenate([sess.run(None, f)[k].ravel() for f in feeds]).astype(np.float64)
-            for k in range(len(model.graph.output))]
+    return flattened_outputs([sess.run(None, f) for f in feeds])
+
+
+def flattened_outputs(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Output k of every run, flattened and concatenated, as float64."""
+    return [np.concatenate([run[k].ravel() for run in runs]).astype(np.float64) for k in range(len(runs[0]))]
 
 
 def _require_finite(model: onnx.ModelProto, outputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -139,6 +139,16 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
     """A copy of the analysed model in which every channel the plan removes is exactly zero where it is produced
     (weights, bias, norm scale and shift, per-channel constants). Pruning this copy must not change its outputs."""
     zeroed = copy.deepcopy(model)
+    arrays = zeroed_constants(analysis, plan)
+    for graph in [zeroed.graph, *nested_graphs(zeroed.graph)]:
+        for init in graph.initializer:
+            if init.name in arrays:
+                init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+    return zeroed
+
+
+def zeroed_constants(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
+    """The constants zero_removed_channels changes, by name, as they are with the plan's removed channels zeroed."""
     removed = {gid: np.setdiff1d(np.arange(analysis.groups[gid].size), keep) for gid, keep in plan.keep.items()}
     arrays: dict[str, np.ndarray] = {}
     for gid, channels in removed.items():
@@ -156,11 +166,7 @@ def zero_removed_channels(model: onnx.ModelProto, analysis: Analysis, plan: Plan
             index = [slice(None)] * array.ndim
             index[axis] = idx
             array[tuple(index)] = stored_zero(name, analysis.index)[tuple(index)]  # a QDQ weight: its zero point
-    for graph in [zeroed.graph, *nested_graphs(zeroed.graph)]:
-        for init in graph.initializer:
-            if init.name in arrays:
-                init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
-    return zeroed
+    return arrays
 
 
 # ------------------------------------------------------------------------------------------------ onnxruntime

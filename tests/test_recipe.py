@@ -148,10 +148,9 @@ def test_a_python_reader_is_refused():
 
 
 def costs_measured() -> Costs:
-    """84 curve points (MiniLM's 12 groups at 7 ratios), sensitivity samples 3x the held-out ones; the defaults
-    built in 1 s and ran in 0.5 s (a point: 1 + 3 x 0.5 s), a bias candidate took 14 s and an lsq one 60 s."""
-    costs = Costs(points=84, scale=3.0)
-    costs.record(Candidate("l1", "uniform", "none"), 2.0, (1.0, 0.5))
+    """Sensitivity curves estimated at 200 s; the defaults ran in 2 s, a bias candidate in 14 s, an lsq one in 60 s."""
+    costs = Costs(curve_seconds=200.0)
+    costs.record(Candidate("l1", "uniform", "none"), 2.0)
     costs.record(Candidate("fluctuation", "uniform", "bias"), 14.0)
     costs.record(Candidate("regression", "uniform", "lsq"), 60.0)
     return costs
@@ -159,34 +158,38 @@ def costs_measured() -> Costs:
 
 def test_a_candidate_is_estimated_from_those_before_it():
     costs = costs_measured()
-    assert costs.point == 2.5
     assert costs.estimate(Candidate("activation", "uniform", "bias")) == 14.0
     assert costs.estimate(Candidate("l1", "global", "lsq")) == 60.0
-    assert costs.estimate(Candidate("regression", "sensitivity", "lsq")) == 60.0 + 84 * 2.5
+    assert costs.estimate(Candidate("regression", "sensitivity", "lsq")) == 260.0
     assert costs.estimate(Candidate("l1", "uniform", "other")) == 60.0  # nothing like it yet: the slowest
-    costs.record(Candidate("regression", "sensitivity", "lsq"), 60.0 + 84 * 4.0)  # its points cost 4 s each
-    assert costs.estimate(Candidate("activation", "sensitivity", "lsq")) == 60.0 + 84 * 4.0
+    costs.record(Candidate("regression", "sensitivity", "lsq"), 400.0)  # its curves took 340 s
+    assert costs.estimate(Candidate("activation", "sensitivity", "lsq")) == 400.0
+
+
+def test_the_curves_cost_a_run_per_exact_point_and_a_session_more_per_inexact_one(monkeypatch):
+    monkeypatch.setattr(recipe, "curve_points", lambda analysis, round_to: (80, 4))
+    assert recipe.curve_seconds(None, 16, run=2.0, start=3.0) == 80 * 2.0 + 4 * 5.0
 
 
 def test_what_would_pass_the_budget_is_skipped_and_cheaper_candidates_still_run(monkeypatch):
     """75 s of a 100 s budget spent before the search (injected): the first lsq candidate is estimated as the
-    slowest bias one (10 s) and runs (30 s); the next lsq ones (30 s) and the sensitivity ones (30 + 84 x 2 s) would
+    slowest bias one (10 s) and runs (30 s); the next lsq ones (30 s) and the sensitivity ones (30 + 168 s) would
     pass the budget and are skipped; nothing is timed."""
     seconds = {"none": 1.0, "bias": 10.0, "lsq": 30.0}
     judged = []
 
     def injected(search, target, options):
         judged.append(options.allocation)
-        return {"error": 0.5, "macs_kept": 0.5, "seconds": seconds[options.recover], "timing": (0.5, 0.5)}
+        return {"error": 0.5, "macs_kept": 0.5, "seconds": seconds[options.recover]}
 
     monkeypatch.setattr(recipe, "judge", injected)
-    search = type("Search", (), {"costs": Costs(points=84, scale=3.0)})()
+    search = type("Search", (), {"costs": Costs(curve_seconds=168.0)})()
     options = Options(recipe_budget=100.0, quiet=True)
     tried, skipped = recipe.try_candidates(search, Target.macs(0.5), options, list(STRONG), time.perf_counter() - 75)
     assert [recipe_candidate(t) for t in tried] == list(STRONG[:6])
     assert [recipe_candidate(s) for s in skipped] == list(STRONG[6:])
-    assert [s["estimated_seconds"] for s in skipped] == [30.0, 30.0, 30.0 + 84 * 2.0, 30.0 + 84 * 2.0]
-    assert "sensitivity" not in judged and all("timing" not in t for t in tried)
+    assert [s["estimated_seconds"] for s in skipped] == [30.0, 30.0, 198.0, 198.0]
+    assert "sensitivity" not in judged
     why = why_chosen(tried, Target.macs(0.5), skipped, 100.0, 6)
     assert "4 of 10 candidates not tried, estimated to pass the 100 s budget" in why
     assert "regression/sensitivity/lsq ~198 s" in why

@@ -1,16 +1,20 @@
 """Transformer head and neuron scores (issue 14): FLAP's fluctuation criterion against a direct numpy computation,
 the standardised allocation (z-scores within each kind of group ranked across groups), and the padding the
 sensitivity curves cut from their samples."""
+import copy
+import sys
+
+import builders
 import numpy as np
 import onnx
 import pytest
-import builders
 from builders import GraphBuilder, padded_tokens, token_mlp
 
 from onnxprune import CalibrationSource, Options, Target
-from onnxprune.allocate import counts_for_target, standardised_scores
+from onnxprune.allocate import Plan, counts_for_target, standardised_scores
 from onnxprune.calibrate import ChannelStats, without_padding
-from onnxprune.pipeline import choose, open_inputs
+from onnxprune.pipeline import choose, open_inputs, prepare
+from onnxprune.sensitivity import ZeroedRuns, model_outputs
 from onnxprune.verify import run
 
 
@@ -132,3 +136,31 @@ def test_padding_is_kept_without_a_mask_or_with_a_fixed_sequence():
         vi.type.tensor_type.shape.dim[1].dim_value = 6
     feeds = [padded_tokens()]
     assert without_padding(fixed, feeds) is feeds
+
+
+def layer_norm_mlp() -> onnx.ModelProto:
+    """matmul -> LayerNormalization (its 16 channels: an inexact group) -> matmul -> relu (24: exact) -> matmul."""
+    b = GraphBuilder(seed=4)
+    h = b.matmul(b.input(["N", 5, 16]), 16, 16)
+    h = b.op("LayerNormalization", [h, b.const(np.ones(16, np.float32)), b.const(np.zeros(16, np.float32))], axis=-1)
+    return b.model(b.matmul(b.op("Relu", [b.matmul(h, 16, 24)]), 24, 8))
+
+
+def test_one_session_with_zeroed_constants_gives_the_pruned_outputs_and_inexact_groups_are_pruned(monkeypatch):
+    prepared = prepare(layer_norm_mlp())
+    analysis = prepared.analysis
+    feeds = [{"x": np.random.default_rng(s).standard_normal((3, 5, 16)).astype(np.float32)} for s in range(2)]
+    runs = ZeroedRuns(prepared.model, analysis)
+    sensitivity = sys.modules["onnxprune.sensitivity"]  # onnxprune.sensitivity is also the API's function
+    real_prune = sensitivity.apply_plan
+    pruned_groups = []
+    monkeypatch.setattr(sensitivity, "apply_plan", lambda m, a, plan: pruned_groups.append(*plan.keep) or
+                        real_prune(m, a, plan))
+    for group in analysis.prunable:
+        for kept in (1, group.size // 2, group.size - 1):
+            plan = Plan({group.id: np.arange(group.size)[::-1][:kept][::-1].copy()})
+            expected = model_outputs(real_prune(copy.deepcopy(prepared.model), analysis, plan), feeds)
+            for got, want in zip(runs.outputs(group, plan, feeds), expected):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    inexact = [g.id for g in analysis.prunable if g.inexact]
+    assert inexact and set(pruned_groups) == set(inexact) and len(pruned_groups) == 3 * len(inexact)
