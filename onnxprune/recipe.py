@@ -59,15 +59,16 @@ SEARCHED = tuple(f.name for f in fields(Candidate))
 
 # Cheapest first (BENCHMARKS.md, issues 4, 5 and 14), so a budget cuts the slow ones. Today's defaults (seconds, no
 # statistics: the search is never worse on the held-out samples than --recipe fast); then bias compensation, one
-# statistics pass and two runs of the model: FLAP's fluctuation and the reconstruction criterion, which won on
-# MiniLM; then least-squares re-fits (regression + lsq won on CNNs), and last sensitivity allocation, which prunes
-# each group alone at several ratios (seconds on the digits CNN, minutes on a transformer: estimated first, skipped
-# where it would not fit).
+# statistics pass and two runs of the model: FLAP's fluctuation (with its standardised allocation the best on
+# MiniLM) and the reconstruction criterion; then least-squares re-fits (regression + lsq won on CNNs), and last
+# sensitivity allocation, which prunes each group alone at several ratios (seconds on the digits CNN, minutes on a
+# transformer, where fluctuation + bias with it was best of all: estimated first, skipped where it would not fit).
 STRONG = (Candidate("l1", "uniform", "none"), Candidate("fluctuation", "uniform", "bias"),
           Candidate("regression", "uniform", "bias"), Candidate("fluctuation", "standardised", "bias"),
           Candidate("activation", "uniform", "bias"), Candidate("regression", "uniform", "lsq"),
           Candidate("l1", "uniform", "lsq"), Candidate("regression", "global", "lsq"),
-          Candidate("regression", "sensitivity", "lsq"), Candidate("activation", "sensitivity", "lsq"))
+          Candidate("fluctuation", "sensitivity", "bias"), Candidate("regression", "sensitivity", "lsq"),
+          Candidate("activation", "sensitivity", "lsq"))
 
 
 def fixed_choices(options: Options) -> dict[str, str]:
