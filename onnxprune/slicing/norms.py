@@ -36,6 +36,7 @@ def find_norms(index: GraphIndex) -> list[Norm]:
             continue
         norm = layer_normalization(node, index) if node.op_type == "LayerNormalization" else None
         norm = norm or (decomposed(node, index) if node.op_type == "ReduceMean" else None)
+        norm = norm or (tf_layer_norm(node, index) if node.op_type == "GlobalAveragePool" else None)
         if norm is not None:
             found.append(norm)
             claimed.update(id(n) for n in norm.nodes)
@@ -146,11 +147,56 @@ def _with_affine(nodes: tuple[onnx.NodeProto, ...], x: str, eps: float, index: G
             break
         gamma, beta = (value, beta) if kind == "gamma" else (gamma, value)
         nodes.append(follower)
+    return Norm(tuple(nodes), x, nodes[-1].output[0], gamma, beta, eps, centers) if _closed(nodes, index) else None
+
+
+def _closed(nodes: list[onnx.NodeProto], index: GraphIndex) -> bool:
+    """Nothing outside the norm's nodes reads a value inside it (the last node's output is the norm's)."""
     inside = {id(n) for n in nodes}
-    if any(o in index.graph_outputs or any(id(r) not in inside for r in index.consumers.get(o, []))
-           for n in nodes[:-1] for o in n.output):
-        return None  # a value inside the norm is read elsewhere: the norm cannot be replaced
-    return Norm(tuple(nodes), x, nodes[-1].output[0], gamma, beta, eps, centers)
+    return not any(o in index.graph_outputs or any(id(r) not in inside for r in index.consumers.get(o, []))
+                   for n in nodes[:-1] for o in n.output)
+
+
+def tf_layer_norm(mean: onnx.NodeProto, index: GraphIndex) -> Norm | None:
+    """tf2onnx's LayerNorm of a (batch, sequence, width) tensor: the means by GlobalAveragePool, the variance of
+    x - mean, then x * s + (beta - mean * s) with s = gamma / sqrt(variance + eps) (Reciprocal of a Sqrt)."""
+    x, shape = mean.input[0], index.shapes.get(mean.input[0]) or ()
+    readers = _readers(index, mean.output[0])
+    negative = next((n for n in readers if n.op_type == "Neg"), None)
+    centred = next((n for n in readers if n.op_type == "Sub" and list(n.input) == [x, mean.output[0]]), None)
+    if len(shape) != 3 or not isinstance(shape[-1], int) or len(readers) != 2 or negative is None or centred is None:
+        return None
+    squared = _only_reader(index, centred.output[0], "Mul")
+    variance = _only_reader(index, squared.output[0], "GlobalAveragePool") if squared is not None else None
+    tail = _chain(index, variance, ("Add", "Sqrt", "Reciprocal", "Mul")) if variance is not None else None
+    if tail is None or not _squares(squared, index):
+        return None
+    eps, gamma = _scalar(index, tail[0].input[1]), _operand(tail[3], tail[2].output[0], index, shape[-1])
+    scaled = [n for n in _readers(index, tail[3].output[0]) if n.op_type == "Mul"]
+    shifted = [_only_reader(index, n.output[0], "Add") for n in scaled]
+    if eps is None or gamma is None or len(scaled) != 2 or None in shifted:
+        return None
+    by_mean = next((i for i, n in enumerate(scaled) if negative.output[0] in n.input), None)
+    if by_mean is None or list(scaled[1 - by_mean].input).count(x) != 1 or shifted[1 - by_mean] is None:
+        return None
+    out = shifted[1 - by_mean]
+    beta = _operand(shifted[by_mean], scaled[by_mean].output[0], index, shape[-1])
+    if beta is None or _only_reader(index, shifted[by_mean].output[0], "Add") is not out:
+        return None
+    nodes = [mean, negative, centred, squared, variance, *tail, scaled[by_mean], shifted[by_mean],
+             scaled[1 - by_mean], out]
+    return Norm(tuple(nodes), x, out.output[0], gamma, beta, eps, True) if _closed(nodes, index) else None
+
+
+def _chain(index: GraphIndex, start: onnx.NodeProto, ops: tuple[str, ...]) -> list[onnx.NodeProto] | None:
+    """The nodes of `ops` after `start`, each the only reader of the one before; None where it differs."""
+    found, node = [], start
+    for op in ops:
+        node = _only_reader(index, node.output[0], op)
+        if node is None:
+            return None
+        found.append(node)
+    return found
 
 
 def _operand(node: onnx.NodeProto, tensor: str, index: GraphIndex, width: int) -> np.ndarray | None:

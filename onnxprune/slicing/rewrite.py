@@ -186,6 +186,12 @@ class Rewriter:
         self.node("Add", [layer.node.output[0], self.constant(delta, "bias")], "bias", output)
 
     def _rebuild(self, tensor: str) -> None:
+        """The full width again, under the tensor's own name, for what else reads it; nothing where the tensor is
+        still there as it was (a graph input, or a sum of one term projected in: its readers read the original)."""
+        producer = self.index.producer.get(tensor)
+        if tensor in self.index.graph_inputs or (producer is not None and tensor in producer.output
+                                                  and id(producer) not in self.removed):
+            return
         where = self.coordinates[tensor]
         self.counts.exits += 1
         self.affine(self.sliced(tensor), where.a.T, where.c if np.any(where.c) else None, "exit", tensor)
