@@ -101,13 +101,14 @@ def moved_rows_encoder(form: str = "op", seed: int = 0) -> onnx.ModelProto:
 
 
 def shared_input_encoder(form: str = "op", seed: int = 0) -> onnx.ModelProto:
-    """A norm reading the graph input and a Transpose's output that other nodes read too: sums of one term,
-    projected in, whose other readers keep reading the original tensors."""
+    """Norms reading the graph input (a sum of one term, projected in) and a sum that a Transpose pair also reads
+    (rebuilt at full width for it) and hands back into the next sum (projected in again)."""
     b = GraphBuilder(seed)
     x = b.input(["N", LENGTH, WIDTH])
     h = b.op("Add", [x, mlp(b, layer_norm(b, x, form))])
     moved = b.op("Transpose", [b.op("Transpose", [h], perm=[0, 2, 1])], perm=[0, 2, 1])
-    return b.model(b.op("Add", [moved, b.matmul(layer_norm(b, moved, form), WIDTH, WIDTH)]))
+    h = b.op("Add", [moved, mlp(b, layer_norm(b, h, form))])
+    return b.model(b.matmul(layer_norm(b, h, form), WIDTH, 3))
 
 
 MODELS = {f"{name}-{form}": (build, form) for name, build in (("post_ln", post_ln_encoder), ("pre_ln", pre_ln_encoder))
@@ -226,6 +227,16 @@ def test_pipeline_slices_then_prunes_channels_to_a_mac_target():
     assert report.target["met"] and report.macs_after <= 0.62 * report.macs_before, report.target
     assert report.macs_before == count_macs(model) and report.recovered_layers > 0
     assert relative_error(model, pruned, feeds_of(model, 2, 1)) < 1.0
+
+
+def test_lsq_after_slicing_fits_projections_in_to_the_original():
+    """A layer slicing adds (a projection into a sum) that loses input channels is re-fitted against the original's
+    values projected the same way: the reference computes it too."""
+    model = shared_input_encoder(seed=2)
+    options = Options(recover="lsq", round_to=1, slice=0.5, calib=CalibrationSource(feeds_of(model, 4, 0)))
+    pruned, report = onnxprune.prune(model, Target.ratio(0.5), options)
+    require_valid(pruned, model)
+    assert report.slicing.startswith("hidden width") and report.recovered_layers > 0
 
 
 def test_pipeline_reads_a_python_reader_once():

@@ -61,7 +61,8 @@ class Rewriter:
         self.coordinates = {name: Coordinates(b.q, np.zeros(len(b.q))) for name, b in bases.items()}
         self.counts = Counts()
         self.removed: set[int] = set()  # the norms' nodes (ids), dropped when the graph is rebuilt at the end
-        self.projected: list[tuple[str, str, np.ndarray]] = []  # writers: (sliced output, original output, E)
+        self.projected: list[tuple[str, str, np.ndarray]] = []  # writers and projections in: (sliced output,
+        # original output, E), what the reference for least squares computes (see slicing._reference)
 
     def run(self) -> Counts:
         for norm in self.stream.norms:
@@ -140,7 +141,9 @@ class Rewriter:
         encoder = self.bases[into].encoder
         self.counts.entries += 1
         out = self.sliced(term.tensor) if term.reader is None else None
-        return self.affine(term.tensor, encoder, None, "entry", out)
+        made = self.affine(term.tensor, encoder, None, "entry", out)
+        self.projected.append((made, term.tensor, encoder))  # a layer: recovery may re-fit it
+        return made
 
     # ------------------------------------------------------------------------------------------------ norms
 
