@@ -181,8 +181,8 @@ def _strides(index: GraphIndex, shapes: dict) -> dict[str, float]:
 
 def protect_groups(analysis: Analysis, shapes: dict, kinds: tuple[str, ...]) -> int:
     """Freeze every prunable group placed in one of `kinds` (--protect), with the reason; the allocation then
-    meets a MAC target on the other groups. A DB detector's head groups feed ConvTranspose layers, which
-    least-squares recovery cannot re-fit, and each of them costs more output per MAC saved than any other type
+    meets a MAC target on the other groups. For a head whose consumers least squares cannot re-fit (an overlapping
+    ConvTranspose, a grouped conv): a DB detector's head costs more output per MAC saved than any other type
     (BENCHMARKS.md, Detectors). Returns the number of groups frozen."""
     placements = place_groups(analysis, shapes)
     frozen = 0
