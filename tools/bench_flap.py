@@ -47,7 +47,8 @@ def row(bench: MiniLM, config: str, fraction: float, calib_size: int) -> str:
     pruned, report = onnxprune.prune(bench.model, Target.macs(fraction), options)
     seconds = time.perf_counter() - start
     kept = bench.macs(pruned) / bench.macs(bench.model)
-    return f"| {fraction} | {config} | {bench.measure(pruned)} | {kept:.1%} | {seconds:.1f} | {report.recovered_layers} |"
+    cells = (fraction, config, bench.measure(pruned), f"{kept:.1%}", f"{seconds:.1f}", report.recovered_layers)
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def curves(bench: MiniLM, fractions: list[float], calib_size: int, pruned: bool) -> tuple[dict, dict, float, float]:
@@ -94,8 +95,8 @@ def main() -> None:
     if args.curves:
         return compare_curves(bench, [float(f) for f in args.fractions.split(",")], args.calib_size)
     print(f"calibration: first {args.calib_size} sentences; evaluation: first {args.eval_size} held-out sentences\n")
-    print("| MACs target | criterion/allocation/recover | cos / top-1 agree | MACs kept | seconds | layers recovered |\n"
-          "|---|---|---|---|---|---|", flush=True)
+    print("| MACs target | criterion/allocation/recover | cos / top-1 agree | MACs kept | seconds | layers recovered |",
+          "|---|---|---|---|---|---|", sep="\n", flush=True)
     for fraction in (float(f) for f in args.fractions.split(",")):
         for config in args.configs.split(","):
             print(row(bench, config, fraction, args.calib_size), flush=True)
