@@ -173,6 +173,21 @@ def test_slicing_more_loses_more_and_is_smaller(name):
     assert macs[-1] < macs[1] < count_macs(model), macs
 
 
+def test_gemm_with_one_bias_for_all_outputs_is_projected_not_rotated():
+    """A Gemm writing the stream with a scalar C cannot have its outputs rotated: it is projected in, exactly."""
+    b = GraphBuilder(0)
+    x = b.input([4, LENGTH, WIDTH])
+    rows = b.op("Reshape", [layer_norm(b, x, "op"), b.const(np.array([-1, WIDTH], np.int64))])
+    gemm = b.op("Gemm", [rows, b.weight(WIDTH, WIDTH), b.const(np.array([0.3], np.float32))], transB=1)
+    h = b.op("Add", [x, b.op("Reshape", [gemm, b.const(np.array([4, LENGTH, WIDTH], np.int64))])])
+    model = b.model(b.matmul(layer_norm(b, h, "op"), WIDTH, 3))
+    feeds = feeds_of(model, 3, 0)
+    result = slice_hidden(model, lambda: feeds, 0.0)
+    assert "2 projections in" in result.description
+    require_valid(result.model, model)
+    np.testing.assert_allclose(run(result.model, feeds[1])[0], run(model, feeds[1])[0], rtol=1e-4, atol=2e-5)
+
+
 def test_principal_directions_of_real_positions_only():
     """Padded positions (attention_mask 0) are left out of the Gram matrices: huge values there change nothing."""
     model = post_ln_encoder()

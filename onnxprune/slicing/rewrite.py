@@ -104,7 +104,8 @@ class Rewriter:
         self.replace_input(layer.node, 1, _from_kernels(layer, encoder.T @ kernels))
         if term.bias is not None:
             self.replace_input(term.bias[0], term.bias[1], self.value(term.bias[0].input[term.bias[1]]) @ encoder)
-        elif layer.bias is not None and len(layer.node.input) > 2 and layer.node.input[2]:
+        elif layer.bias is not None and layer.bias.node == layer.node.name and len(layer.node.input) > 2 \
+                and layer.node.input[2]:
             self.replace_input(layer.node, 2, self.value(layer.node.input[2]).reshape(-1) @ encoder)
         self.counts.folded += 1
         original = layer.node.output[0]

@@ -157,9 +157,17 @@ class _Builder:
             bias, node = (node, constant[0]), self.index.producer.get(inner)
         layer = _matrix_layer(node, self.index) if node is not None else None
         rank = len(self.index.shapes.get(tensor) or ())
-        if layer is None or layer.output_axis != rank - 1:
+        if layer is None or layer.output_axis != rank - 1 or not self._own_bias_per_output(layer):
             return None
         return layer, bias
+
+    def _own_bias_per_output(self, layer: Layer) -> bool:
+        """No bias inside the layer (Gemm's C), or one value per output: what rotating the outputs can rotate."""
+        inputs = layer.node.input
+        if layer.bias is None or layer.bias.node != layer.node.name or len(inputs) <= 2 or not inputs[2]:
+            return True
+        value = self.index.array(inputs[2])
+        return value is not None and value.size == self.width and value.shape[-1] == self.width
 
     def _table(self, node: onnx.NodeProto) -> bool:
         """A Gather of whole rows from a constant 2-D table of the stream's width."""
