@@ -53,6 +53,8 @@ class Counts:
 
 
 class Rewriter:
+    """Rewrites `model` in place (its `stream`, found on `index`) with a basis per sum; `run` once."""
+
     def __init__(self, model: onnx.ModelProto, index: GraphIndex, stream: Stream, bases: dict[str, Basis]):
         self.model, self.index, self.stream, self.bases = model, index, stream, bases
         self.inits = {i.name: i for i in model.graph.initializer}
