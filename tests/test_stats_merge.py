@@ -77,7 +77,7 @@ def test_shard_ranges_are_contiguous_whole_batches(total, step, shards):
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
-@pytest.mark.parametrize("criterion", ["apoz", "activation", "regression"])
+@pytest.mark.parametrize("criterion", ["apoz", "activation", "fluctuation", "regression"])
 def test_two_halves_merged_prune_like_one_calibration(tmp_path, kind, criterion):
     """Same statistics to float64 rounding, same kept channels, same weights (bias recovery included)."""
     model, data = saved(tmp_path, kind)
