@@ -10,7 +10,7 @@
 
 Setups (SETUPS): `l1` (the defaults: l1, uniform, no recovery), `reg+lsq` (regression, uniform, lsq),
 `reg+sens+lsq` (sensitivity allocation), `l1+protect` and `reg+lsq+protect` (`--protect head`: the groups
-`sensitivity --types` places in the head are left whole).
+`sensitivity --types` places in the head are left whole), `accurate` (`--recipe accurate`, which it chose).
 
 Images: 320 x 320, white to light-grey background, 2 to 5 text lines each (one to three words from Python's own
 names and numbers, DejaVu Sans / Sans Bold / Serif / Mono at 14 to 40 px, dark ink, random positions, lines never
@@ -185,14 +185,18 @@ SETUPS = {  # name -> options: the default recipe, the best recipe for classifie
     "reg+sens+lsq": dict(criterion="regression", allocation="sensitivity", recover="lsq"),
     "l1+protect": dict(criterion="l1", allocation="uniform", recover="none", protect=("head",)),
     "reg+lsq+protect": dict(criterion="regression", allocation="uniform", recover="lsq", protect=("head",)),
+    "accurate": dict(recipe="accurate"),  # --recipe accurate at its default budget: the setup it chose is printed
 }
 
 
 def run(bench: "Bench", setup: str, fraction: float, calib_size: int) -> str:
     options = Options(calib=CalibrationSource(str(CALIB), size=calib_size), **SETUPS[setup])
     start = time.perf_counter()
-    pruned, _ = onnxprune.prune(bench.model, Target.macs(fraction), options)
+    pruned, report = onnxprune.prune(bench.model, Target.macs(fraction), options)
     seconds = time.perf_counter() - start
+    if report.recipe:
+        chosen = report.recipe["chosen"]
+        setup = f"{setup}: {chosen['criterion']}/{chosen['allocation']}/{chosen['recover']}"
     recall, agree, kept = bench.measure(pruned)
     return (f"| {bench.name} | {fraction} | {setup} | {recall:.3f} | {recall / bench.base_recall:.1%} | {agree:.3f} "
             f"| {kept:.1%} | {seconds:.0f} |")
