@@ -180,9 +180,6 @@ def _run_check(original, pruned, data: Path | None, labels: str | None, min_agre
 @click.option("--slice", "slice_share", type=float, default=0.0, show_default=True, metavar="F",
               help="Slice this share of a transformer's hidden width first (SliceGPT: norms made RMS norms, the "
                    "residual stream rotated onto its principal directions on --calib, the weakest dropped).")
-@click.option("--slice-keep", "slice_keep", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              help="With --slice: keep the width of the N residual sums whose slicing alone damages the outputs "
-                   "most on --calib.")
 @calibration_options
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Statistics written by `onnxprune calibrate` (or merge-stats) instead of a calibration pass: they "
@@ -261,7 +258,6 @@ class PruneArgs:
     recipe: str
     recipe_budget: float
     slice_share: float
-    slice_keep: int
     calib: Path | None
     preprocess: str | None
     calib_size: int | None
@@ -278,7 +274,7 @@ def _prune_options(a: PruneArgs) -> Options:
                    calib=_calibration(a.calib, a.calib_size, a.batch_size, a.preprocess), recipe=a.recipe,
                    recipe_budget=a.recipe_budget, granularity=a.granularity, then=a.then,
                    then_criterion=a.then_criterion, stats=a.stats_path, slice=a.slice_share,
-                   slice_keep=a.slice_keep, protect=a.protect)
+                   protect=a.protect)
 
 
 def _refusal(result: PruneReport, gate: CheckReport | None, strict_target: bool) -> OnnxPruneError | None:

@@ -85,7 +85,6 @@ class Options:
     recipe_budget: float = DEFAULT_RECIPE_BUDGET
     protect: tuple[str, ...] = ()  # group types (group_types.GROUP_TYPES) left whole: a detector's "head"
     slice: float = 0.0  # share of a transformer's hidden width removed before the channel steps (slicing/)
-    slice_keep: int = 0  # residual sums kept whole: those whose slicing alone damages the outputs most
 
 
 def statistics_needed(target: Target, options: Options) -> frozenset[str]:
@@ -130,7 +129,7 @@ def validate(target: Target, options: Options) -> None:
         _validate_sparsity(target, options)
     if options.recipe != "fast":
         _validate_recipe(target, options)
-    if options.slice or options.slice_keep:
+    if options.slice:
         _validate_slice(target, options)
     if set(options.protect) - set(GROUP_TYPES):
         raise UsageError(f"--protect takes group types ({', '.join(GROUP_TYPES)}), got "
@@ -190,8 +189,6 @@ def _validate_slice(target: Target, options: Options) -> None:
     """--slice F: a share in [0, 1), principal directions from --calib, one step before channels to a ratio or MACs."""
     if not 0 <= options.slice < 1:
         raise UsageError(f"slice must be in [0, 1), got {options.slice}")
-    if options.slice_keep < 0 or (options.slice_keep and not options.slice):
-        raise UsageError(f"--slice-keep takes a non-negative count with --slice, got {options.slice_keep}")
     if options.calib is None:
         raise UsageError("--slice needs calibration data (--calib): the directions kept are measured on it")
     if target.kind in ("latency", "plan") or options.schedule != "oneshot":

@@ -304,7 +304,7 @@ def slice_first(model_or_path: onnx.ModelProto | str | os.PathLike,
         return None, options
     model = normalised(model_or_path)
     calibration = Calibration(options.calib, model, replayable=True)
-    sliced = slice_hidden(model, calibration.batches, options.slice, options.slice_keep)
+    sliced = slice_hidden(model, calibration.batches, options.slice)
     log.info("slicing: %s", sliced.description)
     calib = options.calib
     if not isinstance(calib.data, (str, os.PathLike)):  # a reader is read once: its batches are kept

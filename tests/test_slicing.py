@@ -188,20 +188,6 @@ def test_gemm_with_one_bias_for_all_outputs_is_projected_not_rotated():
     np.testing.assert_allclose(run(result.model, feeds[1])[0], run(model, feeds[1])[0], rtol=1e-4, atol=2e-5)
 
 
-def test_sums_kept_whole_are_the_most_damaging():
-    """keep_whole: the sums whose slicing alone damages the outputs most keep their width; all of them kept whole
-    is the original again, and keeping the worst one loses less than slicing every sum."""
-    model = post_ln_encoder(seed=4)
-    calibration = feeds_of(model, 4, 0)
-    errors = []
-    for keep in (0, 1, 5):
-        result = slice_hidden(model, lambda: calibration, 0.5, keep_whole=keep)
-        require_valid(result.model, model)
-        assert (f"{keep} kept whole" in result.description) == (keep > 0), result.description
-        errors.append(relative_error(model, result.model, calibration))
-    assert errors[2] < 1e-5 and errors[1] < errors[0], errors
-
-
 def test_principal_directions_of_real_positions_only():
     """Padded positions (attention_mask 0) are left out of the Gram matrices: huge values there change nothing."""
     model = post_ln_encoder()
@@ -289,18 +275,6 @@ def test_cli_end_to_end(tmp_path):
     assert f"slicing     hidden width {WIDTH} -> 12 at 3 norms" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["slicing"].startswith("hidden width")
     require_valid(onnx.load(tmp_path / "out.onnx"), model)
-
-
-def test_cli_slice_keep(tmp_path):
-    model = post_ln_encoder(layers=2, seed=4)
-    onnx.save(model, tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 50, (16, LENGTH)))
-    result = invoke(tmp_path / "m.onnx", "--ratio", 0.0, "--slice", 0.5, "--slice-keep", 1, "--calib",
-                    tmp_path / "calib.npz", "-o", tmp_path / "out.onnx")
-    assert result.exit_code == 0, result.output
-    assert "1 kept whole" in result.output
-    one_line_error(invoke(tmp_path / "m.onnx", "--ratio", 0.0, "--slice-keep", 1, "--calib", tmp_path / "calib.npz"),
-                   2, "--slice-keep takes a non-negative count with --slice")
 
 
 def test_cli_slice_needs_calibration(tmp_path):

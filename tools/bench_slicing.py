@@ -2,7 +2,6 @@
 
     python tools/bench_slicing.py [--slices 0.1,0.2,0.3] [--targets 0.67,0.5] [--combined-slices 0.1,0.2]
                                   [--criterion regression] [--recover bias,lsq] [--calib-size 64] [--eval-size 128]
-                                  [--slice-keep N]
 
 Model, data and metrics as tools/bench_minilm.py (export them first, see there): calibration on the first
 `--calib-size` sentences of /tmp/minilm/calib.npz, evaluation on the first `--eval-size` of /tmp/minilm/eval.npz
@@ -38,8 +37,7 @@ def row(label: str, options: Options, target: Target, context: tuple) -> None:
     pruned, report = onnxprune.prune(context[0], target, options)
     seconds = time.perf_counter() - start
     cos, agree, kept = evaluate(pruned, *context[1:])
-    print(f"| {label} | {options.slice or '-'}{f' keep {options.slice_keep}' if options.slice_keep else ''} | "
-          f"{options.recover} | {cos:.4f} | {agree:.4f} | {kept:.1%} | "
+    print(f"| {label} | {options.slice or '-'} | {options.recover} | {cos:.4f} | {agree:.4f} | {kept:.1%} | "
           f"{report.params_after / 1e6:.2f}M | {seconds:.0f} |", flush=True)
 
 
@@ -48,7 +46,6 @@ def main() -> None:
     parser.add_argument("--slices", default="0.1,0.2,0.3")
     parser.add_argument("--targets", default="0.67,0.5")
     parser.add_argument("--combined-slices", default="0.1,0.2")
-    parser.add_argument("--slice-keep", type=int, default=0, help="as onnxprune --slice-keep, on every sliced row")
     parser.add_argument("--criterion", default="regression")
     parser.add_argument("--recover", default="bias,lsq")
     parser.add_argument("--calib-size", type=int, default=64)
@@ -67,13 +64,11 @@ def main() -> None:
     print("| setting | slice | recovery | cos | top-1 agree | MACs kept | params | s |")
     print("|---|---|---|---|---|---|---|---|")
     for share in (float(s) for s in args.slices.split(",") if s):
-        row("slicing alone", Options(slice=share, slice_keep=args.slice_keep, calib=calib), Target.ratio(0.0),
-            context)
+        row("slicing alone", Options(slice=share, calib=calib), Target.ratio(0.0), context)
     for budget in (float(t) for t in args.targets.split(",") if t):
         for recover in args.recover.split(","):
             for share in [0.0, *(float(s) for s in args.combined_slices.split(",") if s)]:
-                options = Options(criterion=args.criterion, recover=recover, slice=share,
-                                  slice_keep=args.slice_keep if share else 0, calib=calib)
+                options = Options(criterion=args.criterion, recover=recover, slice=share, calib=calib)
                 row(f"{args.criterion} to {budget} MACs", options, Target.macs(budget), context)
 
 

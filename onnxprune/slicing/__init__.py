@@ -13,13 +13,11 @@ principal directions) and rewrite.py (the sliced weights and the few nodes added
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -27,7 +25,7 @@ from .. import graph as graph_mod, lazy_tensors
 from ..calibrate import other_floats
 from ..errors import OnnxPruneError
 from ..graph import GraphIndex
-from ..verify import count_macs, count_params, first_sample, sample_shapes, session
+from ..verify import count_macs, count_params, first_sample, sample_shapes
 from .bases import principal_directions, stream_grams
 from .rewrite import SLICED, Basis, Rewriter
 from .stream import NoStream, Stream, find_stream
@@ -58,12 +56,10 @@ class Sliced:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
 
-def slice_hidden(model: onnx.ModelProto | str | os.PathLike, feeds: Feeds, fraction: float,
-                 keep_whole: int = 0) -> Sliced:
+def slice_hidden(model: onnx.ModelProto | str | os.PathLike, feeds: Feeds, fraction: float) -> Sliced:
     """Remove `fraction` of the hidden width of `model`'s residual stream, using the calibration batches
-    `feeds()` yields (feed dicts); `keep_whole` sums, those whose slicing alone damages the outputs most on the
-    calibration data, keep their whole width. A model without a stream slicing recognises comes back unchanged,
-    with the reason as its description. The input is never modified."""
+    `feeds()` yields (feed dicts). A model without a stream slicing recognises comes back unchanged, with the
+    reason as its description. The input is never modified."""
     original = normalised(model)
     try:
         stream = _float_stream(original)
@@ -72,17 +68,15 @@ def slice_hidden(model: onnx.ModelProto | str | os.PathLike, feeds: Feeds, fract
     kept = max(1, stream.width - int(round(fraction * stream.width)))
     grams = stream_grams(original, stream, feeds())
     bases = {name: Basis(principal_directions(gram, kept), stream.sums[name].centred) for name, gram in grams.items()}
-    whole = _most_damaging(original, stream, grams, bases, feeds, keep_whole) if kept < stream.width else []
-    bases.update((name, _full_basis(stream, grams, name)) for name in whole)
     try:
         sliced, rewriter = _rewritten(original, bases)
     except OnnxPruneError as exc:  # a shape slicing did not foresee: say so and keep the model whole
         log.warning("%s; the hidden width is not sliced", exc)
         return Sliced(original, f"not sliced: {exc}", False)
     counts = rewriter.counts
-    text = (f"hidden width {stream.width} -> {kept} at {len(stream.norms)} norms ({len(bases)} bases"
-            f"{f', {len(whole)} kept whole' if whole else ''}, {counts.folded} weights rotated, {counts.skips} skip "
-            f"matrices, {counts.entries} projections in, {counts.exits} rebuilds out)")
+    text = (f"hidden width {stream.width} -> {kept} at {len(stream.norms)} norms ({len(bases)} bases, "
+            f"{counts.folded} weights rotated, {counts.skips} skip matrices, {counts.entries} projections in, "
+            f"{counts.exits} rebuilds out)")
     result = Sliced(sliced, text, True, _reference(original, rewriter.projected), stream.width, kept)
     feed = next(iter(feeds()))
     result.params_before, result.macs_before, result.macs_after = (
@@ -101,29 +95,6 @@ def _rewritten(original: onnx.ModelProto, bases: dict[str, Basis]) -> tuple[onnx
     rewriter.run()
     graph_mod.validate(sliced, "the sliced model")
     return sliced, rewriter
-
-
-def _full_basis(stream: Stream, grams: dict[str, np.ndarray], name: str) -> Basis:
-    return Basis(principal_directions(grams[name], stream.width), stream.sums[name].centred)
-
-
-def _most_damaging(original: onnx.ModelProto, stream: Stream, grams: dict[str, np.ndarray],
-                   bases: dict[str, Basis], feeds: Feeds, count: int) -> list[str]:
-    """The `count` sums whose slicing alone (every other sum whole) changes the outputs most: relative squared
-    error on the first 2 calibration batches."""
-    if count <= 0:
-        return []
-    batches = list(itertools.islice(feeds(), 2))
-    reference = session(original)
-    expected = [reference.run(None, feed) for feed in batches]
-    whole = {name: _full_basis(stream, grams, name) for name in stream.sums}
-    damage = {}
-    for name in stream.sums:
-        runner = session(_rewritten(original, {**whole, name: bases[name]})[0])
-        got = [runner.run(None, feed) for feed in batches]
-        damage[name] = sum(float(np.sum((g - e) ** 2) / max(np.sum(e ** 2), 1e-30))
-                           for outputs, references in zip(got, expected) for g, e in zip(outputs, references))
-    return sorted(damage, key=damage.get, reverse=True)[:count]
 
 
 def _macs(model: onnx.ModelProto, feed: dict) -> int:
