@@ -1,4 +1,5 @@
-"""`--recipe accurate`: the tool chooses criterion, allocation and recovery from measurements on calibration data.
+"""`--recipe accurate`: the tool chooses criterion, allocation, recovery and, for a transformer, the hidden-width
+slicing from measurements on calibration data.
 
 One sample in HOLDOUT of the calibration data is held out to judge. The statistics every candidate reads are
 collected once on the rest; each candidate (criterion, allocation, recovery) is then scored, allocated to the
@@ -6,7 +7,9 @@ target, applied and recovered on that part, and judged by the relative squared e
 the original's on the held-out samples (the damage the sensitivity curves measure). Candidates run in the order of
 STRONG, cheapest first; one whose estimated cost (Costs: measured on the candidates before it) would take the search
 past its time budget is skipped, and the report says so. The one with the lowest error is then redone with all
-samples, as a plain prune with those options.
+samples, as a plain prune with those options. A slicing candidate (`slice` above 0) is tried only where the model
+has a residual stream slicing recognises; it runs the pipeline's `--slice` path (run_once) on the fit samples, the
+sliced model's statistics its own.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .pipeline import (SENSITIVITY_SAMPLES, Inputs, allocate, collect_statistics
                        run_once, score)
 from .report import PruneReport
 from .sensitivity import curve_points, flattened_outputs, model_outputs, output_damage
+from .slicing import has_stream
 from .surgery import apply_plan
 from .verify import count_macs, sample_shapes, session
 
@@ -37,13 +41,14 @@ HOLDOUT = 4  # one calibration sample in HOLDOUT judges the candidates, the othe
 
 @dataclass(frozen=True)
 class Candidate:
-    """One combination the accurate recipe tries: a value for each searched option, named as in Options. Another
-    dimension (the hidden-width slicing of issue 14, `--slice`) is a field here with its default, and the
-    candidates in STRONG that set it; the search, the report and the final prune take it from the fields."""
+    """One combination the accurate recipe tries: a value for each searched option, named as in Options (`slice`:
+    the share of a transformer's hidden width removed first, 0 for none); the search, the report and the final
+    prune take them from the fields."""
 
     criterion: str
     allocation: str
     recover: str
+    slice: float = 0.0
 
     def options(self, base: Options) -> Options:
         return replace(base, **self.to_dict(), recipe="fast")
@@ -52,7 +57,8 @@ class Candidate:
         return asdict(self)
 
     def __str__(self) -> str:
-        return "/".join(str(v) for v in self.to_dict().values())
+        text = f"{self.criterion}/{self.allocation}/{self.recover}"
+        return f"{text}/slice {self.slice:g}" if self.slice else text
 
 
 SEARCHED = tuple(f.name for f in fields(Candidate))
@@ -63,26 +69,33 @@ SEARCHED = tuple(f.name for f in fields(Candidate))
 # MiniLM) and the reconstruction criterion; then least-squares re-fits (regression + lsq won on CNNs), and last
 # sensitivity allocation, which prunes each group alone at several ratios (seconds on the digits CNN, minutes on a
 # transformer, where fluctuation + bias with it was best of all: estimated first, skipped where it would not fit).
+# Before those, on a transformer only: 30% of the hidden width sliced (one more pass over the data and its own
+# statistics), then the best bias candidate and regression + lsq (which beat no slicing on MiniLM with 256
+# calibration sentences, and lost with 64: BENCHMARKS.md, issue 14).
 STRONG = (Candidate("l1", "uniform", "none"), Candidate("fluctuation", "uniform", "bias"),
           Candidate("regression", "uniform", "bias"), Candidate("fluctuation", "standardised", "bias"),
           Candidate("activation", "uniform", "bias"), Candidate("regression", "uniform", "lsq"),
           Candidate("l1", "uniform", "lsq"), Candidate("regression", "global", "lsq"),
+          Candidate("fluctuation", "standardised", "bias", 0.3), Candidate("regression", "uniform", "lsq", 0.3),
           Candidate("fluctuation", "sensitivity", "bias"), Candidate("regression", "sensitivity", "lsq"),
           Candidate("activation", "sensitivity", "lsq"))
 
 
 def fixed_choices(options: Options) -> dict[str, str]:
-    """The dimensions the user fixed: a criterion, allocation or recovery other than its default is kept in every
-    candidate; the others are searched."""
+    """The dimensions the user fixed: a criterion, allocation, recovery or slice other than its default is kept in
+    every candidate; the others are searched."""
     default = Options()
     return {name: getattr(options, name) for name in SEARCHED if getattr(options, name) != getattr(default, name)}
 
 
-def candidate_list(options: Options, can_refit: bool) -> list[Candidate]:
+def candidate_list(options: Options, can_refit: bool, can_slice: bool = False) -> list[Candidate]:
     """STRONG with the fixed dimensions put in, duplicates dropped. Where no layer can be re-fitted, regression and
-    fluctuation become activation and lsq becomes bias, unless fixed."""
+    fluctuation become activation and lsq becomes bias, unless fixed; where the model has no residual stream to
+    slice, the slicing candidates are dropped."""
     fixed, found = fixed_choices(options), []
     for candidate in STRONG:
+        if candidate.slice and not can_slice:
+            continue
         if not can_refit:
             candidate = _without_refit(candidate)
         candidate = replace(candidate, **fixed)
@@ -125,24 +138,31 @@ def stored_samples(calibration: Calibration) -> int:
 @dataclass
 class Costs:
     """Seconds the search has measured, to estimate a candidate's before it starts: the slowest candidate so far of
-    each recovery (allocation not by sensitivity), and what the sensitivity curves add (curve_seconds)."""
+    each kind (its recovery, sliced or not; allocation not by sensitivity), and what the sensitivity curves add
+    (curve_seconds)."""
 
     curve_seconds: float = 0.0
-    by_recovery: dict[str, float] = field(default_factory=dict)
+    by_kind: dict[str, float] = field(default_factory=dict)
 
     def estimate(self, candidate: Candidate) -> float:
-        """The candidate's seconds: as the slowest one with its recovery (the slowest of any where none ran yet),
-        plus the sensitivity curves where it allocates by sensitivity."""
-        base = self.by_recovery.get(candidate.recover, max(self.by_recovery.values(), default=0.0))
+        """The candidate's seconds: as the slowest one of its kind (the slowest of any where none ran yet), plus
+        the sensitivity curves where it allocates by sensitivity."""
+        base = self.by_kind.get(_kind(candidate), max(self.by_kind.values(), default=0.0))
         return base + (self.curve_seconds if candidate.allocation == "sensitivity" else 0.0)
 
     def record(self, candidate: Candidate, seconds: float) -> None:
         """Learn from a candidate that ran for `seconds`; a sensitivity candidate says what its curves cost."""
-        base = self.by_recovery.get(candidate.recover, 0.0)
+        base = self.by_kind.get(_kind(candidate), 0.0)
         if candidate.allocation == "sensitivity":
             self.curve_seconds = max(self.curve_seconds, seconds - base)
         else:
-            self.by_recovery[candidate.recover] = max(seconds, base)
+            self.by_kind[_kind(candidate)] = max(seconds, base)
+
+
+def _kind(candidate: Candidate) -> str:
+    """What a candidate's cost is estimated by: its recovery, and whether it slices first (a pass over the data
+    and the sliced model's own statistics)."""
+    return f"{candidate.recover} sliced" if candidate.slice else candidate.recover
 
 
 def curve_seconds(analysis: Analysis, round_to: int, run: float, start: float) -> float:
@@ -188,18 +208,28 @@ def open_search(model_or_path, target: Target, options: Options) -> Search:
 
 
 def collect_once(search: Search, target: Target, options: Options, candidates: list[Candidate]) -> None:
-    """The statistics any candidate reads, in one pass over the fit samples."""
-    reads = frozenset().union(*(statistics_needed(target, c.options(options)) for c in candidates))
+    """The statistics any candidate reads, in one pass over the fit samples (a slicing candidate reads its sliced
+    model's own)."""
+    reads = frozenset().union(*(statistics_needed(target, c.options(options)) for c in candidates if not c.slice))
     search.stats = collect_statistics(search.inputs, reads, options.quiet) if reads else None
 
 
 def trial(search: Search, target: Target, options: Options) -> onnx.ModelProto:
     """The candidate's pruned and recovered model, chosen and fitted on the fit samples."""
+    if options.slice:
+        return sliced_trial(search, target, options)
     inputs = search.inputs
     scores = score(inputs, options, search.stats)
     plan, _ = allocate(inputs, target, options, scores.values, mac_model=mac_model_of(inputs))
     pruned = apply_plan(copy.deepcopy(inputs.model), inputs.analysis, plan)
     recover(pruned, inputs.model, inputs, plan, options, search.stats)
+    return pruned
+
+
+def sliced_trial(search: Search, target: Target, options: Options) -> onnx.ModelProto:
+    """A slicing candidate's model: the pipeline's --slice path (slice, then score, allocate, apply and recover on
+    the sliced model against the original projected into its basis) on the fit samples."""
+    pruned, _ = run_once(search.inputs.model, target, replace(options, calib=search.inputs.calibration.source))
     return pruned
 
 
@@ -295,7 +325,7 @@ def run_recipe(model_or_path, target: Target, options: Options) -> tuple[onnx.Mo
     options on all samples. The report says what was tried, what was chosen and why (`report.recipe`)."""
     started = time.perf_counter()
     search = open_search(model_or_path, target, options)
-    candidates = candidate_list(options, can_refit(search.inputs.analysis))
+    candidates = candidate_list(options, can_refit(search.inputs.analysis), has_stream(search.inputs.model))
     collect_once(search, target, options, candidates)
     tried, skipped = try_candidates(search, target, options, candidates, started)
     chosen = Candidate(*[best_of(tried, target)[k] for k in SEARCHED])

@@ -116,8 +116,9 @@ class PruneReport:
 def recipe_line(recipe: dict) -> str:
     """'recipe      accurate: regression/uniform/lsq of 7 tried in 12 s (lowest relative output error ...)'."""
     chosen, tried = recipe["chosen"], recipe["candidates"]
-    return (f"recipe      {recipe['name']}: {chosen['criterion']}/{chosen['allocation']}/{chosen['recover']} of "
-            f"{len(tried)} tried in {sum(t['seconds'] for t in tried):.0f} s ({recipe['why']})")
+    sliced = f"/slice {chosen['slice']:g}" if chosen.get("slice") else ""
+    return (f"recipe      {recipe['name']}: {chosen['criterion']}/{chosen['allocation']}/{chosen['recover']}{sliced} "
+            f"of {len(tried)} tried in {sum(t['seconds'] for t in tried):.0f} s ({recipe['why']})")
 
 
 def _change(before: int, after: int) -> str:

@@ -80,7 +80,8 @@ def run(bench, recipe: str, fraction: float, calib_size: int, budget: float) -> 
     chose = "-"
     if report.recipe:
         c, tried = report.recipe["chosen"], report.recipe["candidates"]
-        chose = f"{c['criterion']}/{c['allocation']}/{c['recover']} ({len(tried)} tried)"
+        sliced = f"/slice {c['slice']:g}" if c.get("slice") else ""
+        chose = f"{c['criterion']}/{c['allocation']}/{c['recover']}{sliced} ({len(tried)} tried)"
     return f"| {bench.name} | {fraction} | {recipe} | {bench.measure(pruned)} | {kept:.1%} | {seconds:.1f} | {chose} |"
 
 

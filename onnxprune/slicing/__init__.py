@@ -115,6 +115,16 @@ def normalised(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return copied
 
 
+def has_stream(model: onnx.ModelProto) -> bool:
+    """Whether slice_hidden would find a residual stream to slice in this normalised model: the graph alone, no
+    data read (the accurate recipe tries slicing only there)."""
+    try:
+        _float_stream(model)
+    except NoStream:
+        return False
+    return True
+
+
 def _float_stream(model: onnx.ModelProto) -> Stream:
     if other_floats(model):
         raise NoStream("slicing handles float32 models")
@@ -141,4 +151,4 @@ def _reference(original: onnx.ModelProto, projected: list[tuple[str, str, "objec
     return reference
 
 
-__all__ = ["SLICED", "Sliced", "normalised", "slice_hidden"]
+__all__ = ["SLICED", "Sliced", "has_stream", "normalised", "slice_hidden"]
