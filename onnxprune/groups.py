@@ -487,6 +487,9 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) if any(c in pattern for c in "*?[") else pattern in name
 
 
+SLICED = "__sliced"  # suffix of the stream tensors --slice rewrote; the pipeline adds it to the exclusions
+
+
 def _apply_exclusions(analysis: Analysis, touched_by: dict[str, set[str]], patterns: tuple[str, ...]) -> None:
     """Freeze groups that touch a node or tensor whose name matches a pattern (glob; plain text matches a part)."""
     for group in analysis.groups:
@@ -495,4 +498,5 @@ def _apply_exclusions(analysis: Analysis, touched_by: dict[str, set[str]], patte
             names |= touched_by.get(t, set())
         hit = next((p for p in patterns for n in names if name_matches(n, p)), None)
         if hit is not None:
-            _add_reason(group.frozen, f"excluded by --exclude '{hit}'")
+            _add_reason(group.frozen, "the hidden width --slice sliced stays whole" if hit == SLICED
+                        else f"excluded by --exclude '{hit}'")

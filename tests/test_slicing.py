@@ -242,6 +242,8 @@ def test_pipeline_slices_then_prunes_channels_to_a_mac_target():
     assert report.target["met"] and report.macs_after <= 0.62 * report.macs_before, report.target
     assert report.macs_before == count_macs(model) and report.recovered_layers > 0
     assert relative_error(model, pruned, feeds_of(model, 2, 1)) < 1.0
+    reasons = [item["reason"] for item in report.frozen_reasons]
+    assert "the hidden width --slice sliced stays whole" in reasons, reasons  # not an --exclude the user never gave
 
 
 def test_lsq_after_slicing_fits_projections_in_to_the_original():

@@ -18,11 +18,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph import GraphIndex, outer_scope_names, subgraphs_of
+from ..groups import SLICED
 from ..layers import Layer, StoredTensors
 from .stream import Stream, Sum, Term
 
 
-SLICED = "__sliced"  # the suffix of the sliced stream tensors' names (the channel steps leave them whole)
 
 
 @dataclass(frozen=True)
