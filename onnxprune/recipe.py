@@ -81,7 +81,7 @@ STRONG = (Candidate("l1", "uniform", "none"), Candidate("fluctuation", "uniform"
           Candidate("activation", "sensitivity", "lsq"))
 
 
-def fixed_choices(options: Options) -> dict[str, str]:
+def fixed_choices(options: Options) -> dict[str, str | float]:
     """The dimensions the user fixed: a criterion, allocation, recovery or slice other than its default is kept in
     every candidate; the others are searched."""
     default = Options()
