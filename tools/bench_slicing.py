@@ -1,7 +1,8 @@
 """Slicing the hidden width of all-MiniLM-L6-v2 (--slice, onnxprune/slicing), alone and before head / MLP pruning.
 
     python tools/bench_slicing.py [--slices 0.1,0.2,0.3] [--targets 0.67,0.5] [--combined-slices 0.1,0.2]
-                                  [--criterion regression] [--recover bias,lsq] [--calib-size 64] [--eval-size 128]
+                                  [--criterion regression] [--allocation uniform] [--recover bias,lsq]
+                                  [--calib-size 64] [--eval-size 128]
 
 Model, data and metrics as tools/bench_minilm.py (export them first, see there): calibration on the first
 `--calib-size` sentences of /tmp/minilm/calib.npz, evaluation on the first `--eval-size` of /tmp/minilm/eval.npz
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--targets", default="0.67,0.5")
     parser.add_argument("--combined-slices", default="0.1,0.2")
     parser.add_argument("--criterion", default="regression")
+    parser.add_argument("--allocation", default="uniform")
     parser.add_argument("--recover", default="bias,lsq")
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--eval-size", type=int, default=128)
@@ -68,8 +70,9 @@ def main() -> None:
     for budget in (float(t) for t in args.targets.split(",") if t):
         for recover in args.recover.split(","):
             for share in [0.0, *(float(s) for s in args.combined_slices.split(",") if s)]:
-                options = Options(criterion=args.criterion, recover=recover, slice=share, calib=calib)
-                row(f"{args.criterion} to {budget} MACs", options, Target.macs(budget), context)
+                options = Options(criterion=args.criterion, allocation=args.allocation, recover=recover,
+                                  slice=share, calib=calib)
+                row(f"{args.criterion}/{args.allocation} to {budget} MACs", options, Target.macs(budget), context)
 
 
 if __name__ == "__main__":
