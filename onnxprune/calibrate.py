@@ -550,6 +550,14 @@ class Statistics:
     mask: str | None = None  # the input whose zeros marked padding, left out of the statistics
 
 
+def run_batch(runner, names: list[str], feed: Feed) -> list:
+    """`names` computed by an onnxruntime session on one calibration batch; a failure is one line."""
+    try:
+        return runner.run(names, feed)
+    except Exception as exc:
+        raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+
+
 def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches: Iterable[Feed],
                   quiet: bool = True, threads: int = 0, extra: dict | None = None, first: int = 0) -> Statistics:
     """Run `batches` through `model` and accumulate ChannelStats for every probed (tensor, axis), and feed the
@@ -565,10 +573,7 @@ def collect_stats(model: onnx.ModelProto, probes: set[tuple[str, int]], batches:
     progress = Progress(enabled=not quiet)
     stats.mask = mask_input(model)
     for feed in batches:
-        try:
-            outputs = dict(zip(names, sess.run(names, feed)))
-        except Exception as exc:
-            raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+        outputs = dict(zip(names, run_batch(sess, names, feed)))
         accumulate(stats, outputs, padding_of(feed, stats.mask), first + stats.samples)
         stats.batches += 1
         stats.samples += batch_length(feed)

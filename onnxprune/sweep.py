@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibrate import Feed, element_types, other_floats
-from .errors import OnnxPruneError, first_line
+from .calibrate import Feed, element_types, other_floats, run_batch
+from .errors import OnnxPruneError
 from .files import scratch_folder
 from .graph import outer_scope_names, subgraphs_of
 from .verify import session
@@ -184,11 +184,7 @@ class ForwardSweep:
             self._release_if_read(name)
 
     def _run_batch(self, runner, inputs: list[str], outputs: list[str], batch: int) -> list:
-        feed = {name: self._value(name, batch) for name in inputs}
-        try:
-            return runner.run(outputs, feed)
-        except Exception as exc:
-            raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+        return run_batch(runner, outputs, {name: self._value(name, batch) for name in inputs})
 
     def _value(self, name: str, batch: int) -> object:
         return self.feeds[batch][name] if name in self.fed else self.cache[name][batch]

@@ -7,8 +7,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 
-from ..calibrate import mask_input, padding_of, with_outputs
-from ..errors import OnnxPruneError, first_line
+from ..calibrate import mask_input, padding_of, run_batch, with_outputs
 from ..layers import real_positions
 from ..verify import session
 from .stream import Stream
@@ -20,10 +19,7 @@ def stream_rows(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict]) -
     runner = session(with_outputs(model, names))
     mask = mask_input(model)
     for feed in feeds:
-        try:
-            values = runner.run(names, feed)
-        except Exception as exc:
-            raise OnnxPruneError(f"onnxruntime cannot run the calibration batch: {first_line(exc)}") from None
+        values = run_batch(runner, names, feed)
         real = padding_of(feed, mask)
         yield {name: real_positions(value, real).reshape(-1, value.shape[-1]).astype(np.float64)
                for name, value in zip(names, values)}
@@ -38,8 +34,8 @@ def stream_grams(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict]) 
     return grams
 
 
-def _gram(value: np.ndarray, centred: bool) -> np.ndarray:
-    rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
+def _gram(rows: np.ndarray, centred: bool) -> np.ndarray:
+    """rows: (positions, width) float64, as stream_rows gives them."""
     if centred:
         rows = rows - rows.mean(axis=1, keepdims=True)
     return rows.T @ rows
