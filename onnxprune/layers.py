@@ -590,6 +590,14 @@ class StoredTensors:
             return bias if bias.shape == (outputs,) else None
         return np.zeros(outputs) if site.create and not name else None
 
+    def bias_in_output(self, layer: Layer, outputs: int) -> np.ndarray | None:
+        """The bias least squares fits from and whose change goes to the bias: the current one where the layer's
+        own output (the fit's target) carries it (a Conv's or Gemm's input); zeros where an Add after the layer
+        adds it (a MatMul), as its output is without it and the fit is then an offset added to that bias; None where
+        there is no place for one."""
+        bias = self.current_bias(layer, outputs)
+        return bias if bias is None or layer.bias.node == layer.node.name else np.zeros(outputs)
+
     def add_to_bias(self, layer: Layer, delta: np.ndarray) -> int:
         """Add `delta` to what the layer's outputs get as bias: 1 when done, 0 where there is no place for it. A
         bias shared with other nodes is copied first; a Conv or Gemm without one gets one."""

@@ -221,7 +221,7 @@ def _apply_fit(tensors: StoredTensors, layer: Layer, system: NormalEquations) ->
         return 0
     weight = tensors.stored_value(layer.weight)  # a QDQ weight dequantized
     as_rows = layer.weight_rows(weight)  # (features, outputs)
-    bias = tensors.current_bias(layer, as_rows.shape[1])
+    bias = tensors.bias_in_output(layer, as_rows.shape[1])
     if bias is None:  # nowhere to put a bias (a MatMul without an Add after it): fit without one
         system.drop_bias()
         bias = np.zeros(as_rows.shape[1])

@@ -335,3 +335,29 @@ def test_the_report_names_the_padding_mask():
     assert "positions where 'attention_mask' is 0 left out" in "\n".join(report.summary_lines())
     _, plain = onnxprune.prune(relu_chain(), 0.5, Options(criterion="activation", calib=CalibrationSource([samples()])))
     assert plain.padding_mask is None
+
+
+def matmul_bias_mlp(seed: int = 0) -> onnx.ModelProto:
+    """x (N, 8) -> MatMul + Add -> Relu -> MatMul + Add(bias about 10): biases in Adds after the MatMuls."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    b = GraphBuilder()
+    hidden = b.op("Relu", [b.op("Add", [b.op("MatMul", [b.input(["N", 8]), b.const(f32(8, 16))]),
+                                        b.const(f32(16))])])
+    out = b.op("MatMul", [hidden, b.const(f32(16, 4))])
+    return b.model(b.op("Add", [out, b.const(10 + f32(4))]))
+
+
+@pytest.mark.parametrize("how", ["channels", "unstructured"])
+def test_lsq_keeps_the_bias_an_add_after_a_matmul_holds(how):
+    """The fit's target is the MatMul's output, without the bias the Add after it adds: the fitted bias row is an
+    offset added to that bias, not the bias itself (which once replaced it, and the outputs lost about 10)."""
+    model = matmul_bias_mlp()
+    rng = np.random.default_rng(1)
+    calib = CalibrationSource([{"x": rng.standard_normal((64, 8)).astype(np.float32)} for _ in range(8)])
+    options = Options(round_to=1, recover="lsq", calib=calib, granularity="channel" if how == "channels" else how)
+    pruned, report = onnxprune.prune(model, 0.25, options)
+    test = {"x": rng.standard_normal((256, 8)).astype(np.float32)}
+    before, after = run(model, test)[0], run(pruned, test)[0]
+    assert report.recovered_layers >= 1 or how == "unstructured"  # the sparsity step does not count them
+    np.testing.assert_allclose(after.mean(0), before.mean(0), atol=1.0)

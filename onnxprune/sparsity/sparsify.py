@@ -141,7 +141,7 @@ def _select(rows: np.ndarray, system: NormalEquations | None, criterion: str, re
 def _refit(tensors: StoredTensors, layer: Layer, system: NormalEquations, rows: np.ndarray,
            keep: np.ndarray) -> tuple[np.ndarray, bool]:
     """Masked least squares of the kept weights and the bias; (rows, whether anything changed)."""
-    bias = tensors.current_bias(layer, len(rows))
+    bias = tensors.bias_in_output(layer, len(rows))
     if bias is None:
         system.drop_bias()
     current = rows.T if bias is None else np.concatenate([rows.T, bias[None, :]])
