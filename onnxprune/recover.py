@@ -127,28 +127,57 @@ def _nonfinite_values(array: np.ndarray) -> bool:
 
 # ------------------------------------------------------------------------------------------------ least squares
 
-def refit_layers(analysis: Analysis, plan: Plan) -> list[Layer]:
-    """The layers that lost input channels and can be re-fitted, in graph order."""
+def refit_layers(analysis: Analysis, plan: Plan, reference: onnx.ModelProto | None = None) -> list[Layer]:
+    """The layers least squares re-fits, in graph order: those that lost input channels, and every other re-fittable
+    layer whose input the pruning changed (downstream of a pruned group): its inputs drift from the original's, and
+    fitting it to the original's outputs corrects what was lost upstream (on MiniLM at half the MACs, cosine 0.901
+    -> 0.918). With a `reference`, those others only where it computes the layer's output under the same name
+    (slicing's reference has no projection slicing added)."""
     found: dict[str, Layer] = {}
     for gid in plan.keep:
         for node, _ in consumers(analysis.groups[gid], analysis.index):
             layer = refittable(node, analysis.index, quantized=True)
             if layer is not None:
                 found[node.name] = layer
+    drifted = _downstream_of_removals(analysis, plan)
+    computed = None if reference is None else {name for node in reference.graph.node for name in node.output}
+    for node in analysis.index.model.graph.node:
+        if node.name in found or not node.input or node.input[0] not in drifted:
+            continue
+        layer = refittable(node, analysis.index, quantized=True)
+        if layer is not None and (computed is None or node.output[0] in computed):
+            found[node.name] = layer
     return [found[n.name] for n in analysis.index.model.graph.node if n.name in found]
+
+
+def _downstream_of_removals(analysis: Analysis, plan: Plan) -> set[str]:
+    """Every tensor computed from a tensor of a group that lost channels."""
+    index, frontier = analysis.index, []
+    for gid, keep in plan.keep.items():
+        group = analysis.groups[gid]
+        if len(keep) < group.size:
+            frontier += [m.space[0] for m in group.members if not m.constant]
+    reached = set(frontier)
+    while frontier:
+        for node in index.consumers.get(frontier.pop(), []):
+            fresh = [name for name in node.output if name and name not in reached]
+            reached.update(fresh)
+            frontier += fresh
+    return reached
 
 
 def recover_lsq(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, plan: Plan,
                 batches, positions: int = 64, quiet: bool = True,
                 budget: int = MEMORY_BUDGET) -> int:
-    """Re-fit, layer by layer in graph order, each layer that lost input channels so that its outputs on the
-    calibration data match the original model's: least squares on the pruned model's own inputs, with a ridge towards
-    the current weights chosen on held-out calibration rows (least_squares.NormalEquations.fit),
-    to that layer, so errors made upstream are compensated too. `batches()` yields the calibration feeds; both
-    models are run once, in one forward sweep (see LayerSweep), keeping up to `budget` bytes of activations in
-    memory. A fit that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
+    """Re-fit, layer by layer in graph order, the layers refit_layers names (those that lost input channels and
+    those whose inputs the pruning changed) so that their outputs on the calibration data match the original
+    model's: least squares on the pruned model's own inputs, each with the layers before it already re-fitted, so
+    errors made upstream are compensated too, with a ridge towards the current weights chosen on held-out
+    calibration rows (least_squares.NormalEquations.fit). `batches()` yields the calibration feeds; both models are
+    run once, in one forward sweep (see LayerSweep), keeping up to `budget` bytes of activations in memory. A fit
+    that does not reduce the layer's error leaves the layer as it was. Returns the layers changed."""
     changed, tensors = 0, StoredTensors(pruned)
-    layers = refit_layers(analysis, plan)
+    layers = refit_layers(analysis, plan, original)
     with layer_sweep(pruned, original, layers, batches, "lsq", quiet, budget) as sweep:
         for position, layer in enumerate(layers):
             kept = _kept_outputs(layer, analysis, plan)

@@ -361,3 +361,43 @@ def test_lsq_keeps_the_bias_an_add_after_a_matmul_holds(how):
     before, after = run(model, test)[0], run(pruned, test)[0]
     assert report.recovered_layers >= 1 or how == "unstructured"  # the sparsity step does not count them
     np.testing.assert_allclose(after.mean(0), before.mean(0), atol=1.0)
+
+
+def three_matmuls() -> onnx.ModelProto:
+    """x (N, 8) -> A (8 -> 16) -> Relu -> B (16 -> 16) -> Relu -> C (16 -> 4), each MatMul + Add."""
+    rng = np.random.default_rng(3)
+    b = GraphBuilder()
+    h = b.input(["N", 8])
+    for name, (i, o) in zip("ABC", [(8, 16), (16, 16), (16, 4)]):
+        h = b.op("Add", [b.op("MatMul", [h, b.const(rng.standard_normal((i, o)).astype(np.float32))]),
+                         b.const(rng.standard_normal(o).astype(np.float32))])
+        h = b.op("Relu", [h]) if name != "C" else h
+    return b.model(h)
+
+
+def test_lsq_also_refits_the_layers_whose_inputs_drift(monkeypatch):
+    """Pruning A's outputs changes B's inputs (it lost channels) and, through B's imperfect fit, C's: both are
+    re-fitted, A is not; fitting C too brings the outputs closer than fitting B alone."""
+    import copy
+
+    from onnxprune import recover
+    from onnxprune.surgery import apply_plan
+    model = three_matmuls()
+    prepared = prepare(model)
+    matmuls = [n for n in prepared.model.graph.node if n.op_type == "MatMul"]
+    group = next(g for g in prepared.analysis.prunable if any(m.space[0] == matmuls[0].input[1] for m in g.members))
+    plan = Plan({group.id: np.arange(0, 16, 2)})
+    names = [layer.node.name for layer in recover.refit_layers(prepared.analysis, plan)]
+    assert names == [n.name for n in matmuls[1:]]
+    rng = np.random.default_rng(4)
+    data = [{"x": rng.standard_normal((64, 8)).astype(np.float32)} for _ in range(8)]
+    test = {"x": rng.standard_normal((256, 8)).astype(np.float32)}
+    errors = []
+    for drift in (False, True):
+        if not drift:
+            monkeypatch.setattr(recover, "_downstream_of_removals", lambda analysis, plan: set())
+        pruned = apply_plan(copy.deepcopy(prepared.model), prepared.analysis, plan)
+        assert recover.recover_lsq(pruned, prepared.model, prepared.analysis, plan, lambda: iter(data)) == 1 + drift
+        errors.append(float(np.sum((run(pruned, test)[0] - run(model, test)[0]) ** 2)))
+        monkeypatch.undo()
+    assert errors[1] < errors[0]
