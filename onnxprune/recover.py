@@ -133,21 +133,26 @@ def refit_layers(analysis: Analysis, plan: Plan, reference: onnx.ModelProto | No
     fitting it to the original's outputs corrects what was lost upstream (on MiniLM at half the MACs, cosine 0.901
     -> 0.918). With a `reference`, those others only where it computes the layer's output under the same name
     (slicing's reference has no projection slicing added)."""
+    found = _lost_inputs(analysis, plan)
+    drifted = _downstream_of_removals(analysis, plan)
+    computed = None if reference is None else {name for node in reference.graph.node for name in node.output}
+    for node in analysis.index.model.graph.node:
+        if node.name not in found and node.input and node.input[0] in drifted:
+            layer = refittable(node, analysis.index, quantized=True)
+            if layer is not None and (computed is None or node.output[0] in computed):
+                found[node.name] = layer
+    return [found[n.name] for n in analysis.index.model.graph.node if n.name in found]
+
+
+def _lost_inputs(analysis: Analysis, plan: Plan) -> dict[str, Layer]:
+    """The re-fittable layers that read a group of the plan, by node name."""
     found: dict[str, Layer] = {}
     for gid in plan.keep:
         for node, _ in consumers(analysis.groups[gid], analysis.index):
             layer = refittable(node, analysis.index, quantized=True)
             if layer is not None:
                 found[node.name] = layer
-    drifted = _downstream_of_removals(analysis, plan)
-    computed = None if reference is None else {name for node in reference.graph.node for name in node.output}
-    for node in analysis.index.model.graph.node:
-        if node.name in found or not node.input or node.input[0] not in drifted:
-            continue
-        layer = refittable(node, analysis.index, quantized=True)
-        if layer is not None and (computed is None or node.output[0] in computed):
-            found[node.name] = layer
-    return [found[n.name] for n in analysis.index.model.graph.node if n.name in found]
+    return found
 
 
 def _downstream_of_removals(analysis: Analysis, plan: Plan) -> set[str]:
