@@ -54,14 +54,15 @@ DIR = Path("/tmp/minilm")
 MODEL, CALIB, EVAL = DIR / "minilm.onnx", DIR / "calib.npz", DIR / "eval.npz"
 
 
-def fixed_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 64) -> onnx.ModelProto:
-    """A copy whose (batch, sequence) inputs are fixed, with the stale inferred shapes dropped."""
+def fixed_inputs(model: onnx.ModelProto, batch: int = 1, seq: int | None = 64) -> onnx.ModelProto:
+    """A copy whose (batch, sequence) inputs are fixed (only the batch for `seq` None: an image model), with the
+    stale inferred shapes dropped."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.value_info[:]
     for vi in fixed.graph.input:
         dims = vi.type.tensor_type.shape.dim
-        for axis, size in ((0, batch), (1, seq)):
+        for axis, size in ((0, batch),) + (((1, seq),) if seq is not None else ()):
             dims[axis].ClearField("dim_param")
             dims[axis].dim_value = size
     for vi in fixed.graph.output:

@@ -112,13 +112,7 @@ class VitFocus:
         return f"{float(np.mean(corr)):.4f} / {float(np.mean(iou)):.4f}"
 
     def macs(self, model: onnx.ModelProto) -> int:
-        fixed = onnx.ModelProto()
-        fixed.CopyFrom(model)
-        del fixed.graph.value_info[:]
-        for vi in list(fixed.graph.input) + list(fixed.graph.output):
-            dim = vi.type.tensor_type.shape.dim[0]
-            dim.ClearField("dim_param")
-            dim.dim_value = 1
+        fixed = bench_minilm.fixed_inputs(model, 1, None)
         return onnxprune.verify.count_macs(fixed, onnxprune.analyze(fixed).index.shapes)
 
 
